@@ -1,0 +1,150 @@
+// Top-k expert routing: the selection math shared by the CPU kernel (route_topk_cpu.cpp) and the CUDA kernel
+// (route_topk.cu). Everything here is __host__ __device__ so both builds run the same comparisons and rounding.
+//
+// Semantics (python/dsmath_kernels/reference/routing.py is the readable spec):
+//   scores  = softmax(logits) | sigmoid(logits)            fp32, [E]
+//   choice  = scores + bias (sigmoid with bias) | scores    what selection ranks
+//   groups  (n_group > 1): group score = max(choice in group) for softmax, sum of the group's top-2 for sigmoid;
+//           keep the topk_group best groups, experts of other groups are not eligible
+//   ids     = the top_k eligible experts by choice; weights = scores[ids]
+//   order   : each row sorted by descending weight, ties by lower expert id
+//   weights : / (sum + 1e-20) when renormalize, then * routed_scaling_factor
+// NaN: a NaN score ranks below every number (including -inf); ids stay in range, NaN weights propagate.
+#pragma once
+#include <cmath>
+#include "dsmath/common.h"
+
+namespace dsmath {
+namespace routing {
+
+constexpr int kMaxExperts = 512;
+constexpr int kMaxTopK = 16;
+constexpr int kMaxGroups = 32;
+enum Scoring : int { kSoftmax = 0, kSigmoid = 1 };
+
+struct Params {
+  int64_t T;            // tokens
+  int E;                // experts
+  int K;                // top_k
+  int n_group;          // expert groups (1 = no grouping)
+  int topk_group;       // groups kept
+  int scoring;          // Scoring
+  int renormalize;      // bool
+  float scale;          // routed_scaling_factor
+};
+
+// NaN ranks lowest: map it below -inf by treating it as -inf and relying on the index tie-break.
+DSM_HD float rank_key(float x) { return x != x ? -INFINITY : x; }
+
+// True when (a, ia) ranks strictly before (b, ib): larger value first, then lower index.
+DSM_HD bool better(float a, int ia, float b, int ib) {
+  a = rank_key(a);
+  b = rank_key(b);
+  return a > b || (a == b && ia < ib);
+}
+
+DSM_HD float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Score of one expert group from its choice values [begin, begin + size).
+DSM_HD float group_score(const float* choice, int begin, int size, int scoring) {
+  if (scoring == kSoftmax) {
+    float m = -INFINITY;
+    for (int i = 0; i < size; ++i) m = fmaxf(m, rank_key(choice[begin + i]));
+    return m;
+  }
+  // sum of the two largest (DeepSeek-V3)
+  float b1 = -INFINITY, b2 = -INFINITY;
+  for (int i = 0; i < size; ++i) {
+    float v = rank_key(choice[begin + i]);
+    if (v > b1) {
+      b2 = b1;
+      b1 = v;
+    } else if (v > b2) {
+      b2 = v;
+    }
+  }
+  return b1 + b2;
+}
+
+// Sort the K chosen (weight, id) pairs by descending weight (ties: lower id), then renormalize and scale.
+DSM_HD void sort_and_finalize(float* w, int* ids, int K, int renormalize, float scale) {
+  for (int i = 1; i < K; ++i) {  // insertion sort, K <= 16
+    float wv = w[i];
+    int iv = ids[i];
+    int j = i - 1;
+    while (j >= 0 && better(wv, iv, w[j], ids[j])) {
+      w[j + 1] = w[j];
+      ids[j + 1] = ids[j];
+      --j;
+    }
+    w[j + 1] = wv;
+    ids[j + 1] = iv;
+  }
+  if (renormalize) {
+    float s = 0.f;
+    for (int i = 0; i < K; ++i) s += w[i];
+    float d = s + 1e-20f;
+    for (int i = 0; i < K; ++i) w[i] = w[i] / d;
+  }
+  for (int i = 0; i < K; ++i) w[i] = w[i] * scale;
+}
+
+// Serial routing of one row. `scores` and `choice` are [E] scratch buffers; logits row is read with its dtype.
+// Used by the CPU kernel; the CUDA kernel runs the same steps with a warp (see route_topk.cu).
+DSM_HD void route_row(const void* logits, int64_t row_offset, int dtype, const float* bias, const Params& p,
+                      float* scores, float* choice, float* out_w, int* out_ids) {
+  const int E = p.E;
+  if (p.scoring == kSoftmax) {
+    // A NaN logit is skipped by fmaxf but makes exp() and the sum NaN: the whole row's weights become NaN.
+    float m = -INFINITY;
+    for (int e = 0; e < E; ++e) {
+      float x = load_as_float(logits, row_offset + e, dtype);
+      scores[e] = x;
+      m = fmaxf(m, x);
+    }
+    float s = 0.f;
+    for (int e = 0; e < E; ++e) {
+      scores[e] = expf(scores[e] - m);
+      s += scores[e];
+    }
+    for (int e = 0; e < E; ++e) scores[e] = scores[e] / s;
+  } else {
+    for (int e = 0; e < E; ++e) scores[e] = sigmoidf(load_as_float(logits, row_offset + e, dtype));
+  }
+  for (int e = 0; e < E; ++e) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+
+  // group mask (bit g set = group g eligible)
+  uint32_t group_ok = 0xffffffffu;
+  int gs = E;
+  if (p.n_group > 1) {
+    gs = E / p.n_group;
+    float gscore[kMaxGroups];
+    for (int g = 0; g < p.n_group; ++g) gscore[g] = group_score(choice, g * gs, gs, p.scoring);
+    group_ok = 0u;
+    for (int r = 0; r < p.topk_group; ++r) {
+      int best = -1;
+      for (int g = 0; g < p.n_group; ++g) {
+        if (group_ok & (1u << g)) continue;
+        if (best < 0 || better(gscore[g], g, gscore[best], best)) best = g;
+      }
+      group_ok |= (1u << best);
+    }
+  }
+  // top-k by repeated argmax over eligible, not yet taken experts
+  uint32_t taken[kMaxExperts / 32] = {0};
+  for (int k = 0; k < p.K; ++k) {
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      if (taken[e >> 5] & (1u << (e & 31))) continue;
+      if (p.n_group > 1 && !(group_ok & (1u << (e / gs)))) continue;
+      if (best < 0 || better(choice[e], e, choice[best], best)) best = e;
+    }
+    taken[best >> 5] |= 1u << (best & 31);
+    out_ids[k] = best;
+    out_w[k] = scores[best];
+  }
+  sort_and_finalize(out_w, out_ids, p.K, p.renormalize, p.scale);
+}
+
+}  // namespace routing
+}  // namespace dsmath

@@ -1,0 +1,155 @@
+// CUDA kernel for route_topk: one warp per token row, scores in shared memory, selection by repeated warp argmax
+// with the comparator and group math of dsmath/routing.h. One launch, no host sync, CUDA-graph safe.
+#include <cuda_runtime.h>
+
+#include "dsmath/launchers.h"
+#include "dsmath/routing.h"
+
+namespace dsmath {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kPerLane = routing::kMaxExperts / 32;  // 16 experts per lane at E = 512
+
+struct ArgBest {
+  float v;
+  int i;
+};
+
+__device__ __forceinline__ ArgBest warp_argbest(ArgBest a) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    float ov = __shfl_xor_sync(0xffffffffu, a.v, off);
+    int oi = __shfl_xor_sync(0xffffffffu, a.i, off);
+    // lanes holding no candidate carry i = INT_MAX and never win
+    if (oi != 0x7fffffff && (a.i == 0x7fffffff || routing::better(ov, oi, a.v, a.i))) {
+      a.v = ov;
+      a.i = oi;
+    }
+  }
+  return a;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+    route_topk_kernel(const void* __restrict__ logits, int dtype, int64_t stride_t, const float* __restrict__ bias,
+                      routing::Params p, float* __restrict__ weights, int32_t* __restrict__ ids) {
+  __shared__ float s_scores[kWarps][routing::kMaxExperts];
+  __shared__ float s_choice[kWarps][routing::kMaxExperts];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= p.T) return;  // whole warp exits together
+  const int E = p.E;
+  float* scores = s_scores[warp];
+  float* choice = s_choice[warp];
+  const int64_t row = t * stride_t;
+
+  // 1. scores in fp32
+  float x[kPerLane];
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    int e = lane + 32 * j;
+    x[j] = e < E ? load_as_float(logits, row + e, dtype) : -INFINITY;
+    m = fmaxf(m, x[j]);
+  }
+  if (p.scoring == routing::kSoftmax) {
+    m = warp_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      int e = lane + 32 * j;
+      x[j] = e < E ? expf(x[j] - m) : 0.f;
+      s += x[j];
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) x[j] = x[j] / s;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) x[j] = routing::sigmoidf(x[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    int e = lane + 32 * j;
+    if (e < E) {
+      scores[e] = x[j];
+      choice[e] = bias ? x[j] + bias[e] : x[j];
+    }
+  }
+  __syncwarp();
+
+  // 2. group selection: lane g scores group g, then topk_group rounds of warp argmax
+  uint32_t group_ok = 0xffffffffu;
+  int gs = E;
+  if (p.n_group > 1) {
+    gs = E / p.n_group;
+    ArgBest mine{-INFINITY, 0x7fffffff};
+    if (lane < p.n_group) mine = ArgBest{routing::group_score(choice, lane * gs, gs, p.scoring), lane};
+    group_ok = 0u;
+    for (int r = 0; r < p.topk_group; ++r) {
+      ArgBest cand = (mine.i != 0x7fffffff && !(group_ok & (1u << lane))) ? mine : ArgBest{-INFINITY, 0x7fffffff};
+      ArgBest best = warp_argbest(cand);
+      group_ok |= 1u << best.i;
+    }
+  }
+
+  // 3. top-k: each lane keeps its best untaken eligible expert, warp argmax picks the winner
+  uint32_t taken = 0u;  // bit j: expert lane + 32 j already chosen
+  float out_w[routing::kMaxTopK];
+  int out_i[routing::kMaxTopK];
+  for (int k = 0; k < p.K; ++k) {
+    ArgBest cand{-INFINITY, 0x7fffffff};
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      int e = lane + 32 * j;
+      if (e >= E || (taken & (1u << j))) continue;
+      if (p.n_group > 1 && !(group_ok & (1u << (e / gs)))) continue;
+      float c = choice[e];
+      if (cand.i == 0x7fffffff || routing::better(c, e, cand.v, cand.i)) cand = ArgBest{c, e};
+    }
+    ArgBest best = warp_argbest(cand);
+    if ((best.i & 31) == lane) taken |= 1u << (best.i >> 5);
+    out_i[k] = best.i;
+    out_w[k] = scores[best.i];
+  }
+  if (lane == 0) {
+    routing::sort_and_finalize(out_w, out_i, p.K, p.renormalize, p.scale);
+    for (int k = 0; k < p.K; ++k) {
+      weights[t * p.K + k] = out_w[k];
+      ids[t * p.K + k] = out_i[k];
+    }
+  }
+}
+
+}  // namespace
+
+int route_topk_cuda(const void* logits, int dtype, int64_t stride_t, const float* bias, const routing::Params& p,
+                    float* weights, int32_t* ids, void* stream) {
+  if (p.E < 1 || p.E > routing::kMaxExperts || p.K < 1 || p.K > routing::kMaxTopK || p.n_group < 1 ||
+      p.n_group > routing::kMaxGroups)
+    return kBadArgument;
+  if (p.T == 0) return kOk;
+  const int64_t blocks = (p.T + kWarps - 1) / kWarps;
+  route_topk_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+      logits, dtype, stride_t, bias, p, weights, ids);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    set_last_cuda_error(cudaGetErrorString(err));
+    return kCudaError;
+  }
+  return kOk;
+}
+
+}  // namespace dsmath

@@ -1,0 +1,10 @@
+"""dsmath_kernels — GPU kernels for DeepSeek-style MoE models and GRPO training, importable into any PyTorch
+project: top-k expert routing, grouped GEMM, paged attention, fused GRPO loss. Each op is a torch custom op
+(`torch.ops.dsmath.*`) with a plain PyTorch reference in `dsmath_kernels.reference`.
+`python -m dsmath_kernels` reports the build and the backend each op will use."""
+
+__version__ = "0.1.0"
+
+from dsmath_kernels.routing import route_topk  # noqa: E402
+
+__all__ = ["route_topk", "__version__"]

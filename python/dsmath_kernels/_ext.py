@@ -1,0 +1,83 @@
+"""Loading of the compiled module `dsmath_kernels._C` and the glue every op shares: raw pointers, dtype codes,
+CUDA streams. The compiled module knows nothing of torch; this file is where tensors become integers."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Same table as csrc/include/dsmath/common.h
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.int32: 3,
+    torch.int64: 4,
+    torch.float64: 5,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def C():
+    """The compiled module, or None when the package was installed without it (pure-Python fallback)."""
+    try:
+        from dsmath_kernels import _C  # noqa: PLC0415
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    c = C()
+    if c is None:
+        return {"compiled": False, "cuda_compiled": False, "cuda_archs": []}
+    info = dict(c.build_info())
+    archs = [a for a in str(info.get("cuda_archs", "")).split(",") if a]
+    return {"compiled": True, "cuda_compiled": bool(info["cuda_compiled"]), "cuda_archs": archs}
+
+
+def has_cpu_kernels() -> bool:
+    return C() is not None and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch_ok(index: int) -> bool:
+    """True when the compiled CUDA code can run on GPU `index`. CMake's "90a" is SASS for exactly sm_90;
+    a plain "80" also embeds PTX, which the driver JIT-compiles for any newer GPU; "80-real" is SASS only."""
+    major, minor = torch.cuda.get_device_capability(index)
+    cc = major * 10 + minor
+    for a in build_info()["cuda_archs"]:
+        base, _, kind = a.partition("-")
+        if base.endswith("a"):
+            if int(base[:-1]) == cc:
+                return True
+        elif kind == "real":
+            if int(base) // 10 == major and int(base) <= cc:
+                return True
+        elif int(base) <= cc:
+            return True
+    return False
+
+
+def has_cuda_kernels(device: torch.device | None = None) -> bool:
+    if not (build_info()["cuda_compiled"] and torch.cuda.is_available()):
+        return False
+    if os.environ.get("DSMATH_FORCE_REFERENCE", "0") == "1":
+        return False
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    return _device_arch_ok(index)
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def stream_of(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,41 @@
+"""Test setup: Triton runs in its interpreter when there is no GPU (set before triton is imported anywhere),
+`gpu` tests skip without CUDA, and the repo root is importable (for `model` and `train`)."""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def shared_data():
+    """Path of ../shared/data (MATH-500, AIME 2024, AMC 2023, GSM8K); tests using it skip when it is absent."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip("../shared/data not present")
+    return SHARED_DATA
