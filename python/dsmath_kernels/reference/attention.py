@@ -1,0 +1,107 @@
+"""Reference paged-KV attention: the spec of the cache writes, paged decode, MLA decode and paged prefill.
+
+Cache layout (NHD): k_cache [NB, BS, Hkv, D], v_cache [NB, BS, Hkv, Dv]; MLA keeps one latent row per token,
+kv_cache [NB, BS, Dc + Dr]. Token p of sequence b lives in block block_tables[b, p // BS] at offset p % BS; a slot
+is block * BS + offset. Attention of query head h reads kv head h // (Hq // Hkv) (GQA / MQA):
+
+    out[h] = sum_p softmax_p(scale * q[h] . k[p]) v[p]      over the sequence's cached tokens p
+
+computed in float32 (or float64 if the inputs are float64), returned in q's dtype. A sequence with no tokens
+gives zeros. Letters: B batch, N tokens, NB blocks, BS block size, Hq/Hkv query/kv heads, D/Dv head dims,
+Dc latent (kv_lora_rank), Dr rope dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def cache_write_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k [N, Hkv, D], v [N, Hkv, Dv] -> k_cache/v_cache [NB, BS, Hkv, *] at slot_mapping [N] (-1 = skip), in place."""
+    keep = slot_mapping >= 0  # [N]
+    slots = slot_mapping[keep].long()  # [N']
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def mla_cache_write_ref(kv, kv_cache, slot_mapping) -> None:
+    """kv [N, Dc + Dr] -> kv_cache [NB, BS, Dc + Dr] at slot_mapping [N] (-1 = skip), in place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kv_cache.view(-1, kv_cache.shape[-1])[slots] = kv[keep].to(kv_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len tokens of one sequence as a dense tensor: cache [NB, BS, ...] -> [seq_len, ...]."""
+    bs = cache.shape[1]
+    pos = torch.arange(seq_len, device=cache.device)  # [L]
+    blocks = block_table.long()[pos // bs]  # [L]
+    return cache[blocks, pos % bs]  # [L, ...]
+
+
+def _attend(q, k, v, scale, mask=None):
+    """q [M, Hq, D], k [L, Hkv, D], v [L, Hkv, Dv], mask [M, L] bool (True = attend) -> [M, Hq, Dv] (acc dtype)."""
+    M, Hq, _ = q.shape
+    L, Hkv, Dv = v.shape
+    if L == 0:
+        return q.new_zeros(M, Hq, Dv, dtype=_acc_dtype(q))
+    acc = _acc_dtype(q)
+    g = Hq // Hkv
+    k = k.to(acc).repeat_interleave(g, dim=1)  # [L, Hq, D]
+    v = v.to(acc).repeat_interleave(g, dim=1)  # [L, Hq, Dv]
+    s = torch.einsum("mhd,lhd->hml", q.to(acc), k) * scale  # [Hq, M, L]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    return torch.einsum("hml,lhd->mhd", p, v)  # [M, Hq, Dv]
+
+
+def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """q [B, Hq, D], caches [NB, BS, Hkv, D|Dv], block_tables [B, maxb], seq_lens [B] -> [B, Hq, Dv]."""
+    B, Hq, _ = q.shape
+    out = q.new_zeros(B, Hq, v_cache.shape[-1])
+    for b in range(B):
+        L = int(seq_lens[b])
+        k = gather_kv(k_cache, block_tables[b], L)  # [L, Hkv, D]
+        v = gather_kv(v_cache, block_tables[b], L)  # [L, Hkv, Dv]
+        out[b] = _attend(q[b : b + 1], k, v, scale)[0].to(q.dtype)
+    return out
+
+
+def mla_decode_ref(q, kv_cache, block_tables, seq_lens, scale: float, v_head_dim: int = 512) -> torch.Tensor:
+    """Absorbed MLA decode: q [B, H, Dc + Dr], kv_cache [NB, BS, Dc + Dr] -> [B, H, Dc]; keys are whole latent
+    rows, values their first Dc = v_head_dim columns (MQA with one 'kv head')."""
+    kv = kv_cache.unsqueeze(2)  # [NB, BS, 1, Dc + Dr]
+    return paged_decode_ref(q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale)
+
+
+def paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale: float,
+                      causal: bool = True) -> torch.Tensor:
+    """q [Nq, Hq, D] -> [Nq, Hq, Dv]. The n_b = cu[b+1] - cu[b] queries of sequence b are its LAST n_b tokens,
+    at positions L_b - n_b .. L_b - 1 (the cache already holds all L_b = seq_lens[b] tokens). Causal: query at
+    position i sees keys at positions <= i; otherwise all L_b keys."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v_cache.shape[-1])
+    cu = cu_seqlens_q.tolist()
+    for b in range(len(cu) - 1):
+        q0, q1, L = cu[b], cu[b + 1], int(seq_lens[b])
+        if q1 == q0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], L)
+        v = gather_kv(v_cache, block_tables[b], L)
+        mask = None
+        if causal:
+            qpos = torch.arange(L - (q1 - q0), L, device=q.device)  # [n]
+            mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]  # [n, L]
+        out[q0:q1] = _attend(q[q0:q1], k, v, scale, mask).to(q.dtype)
+    return out
+
+
+def mla_prefill_ref(q, kv_cache, block_tables, cu_seqlens_q, seq_lens, scale: float, v_head_dim: int = 512,
+                    causal: bool = True) -> torch.Tensor:
+    """Absorbed MLA prefill: q [Nq, H, Dc + Dr] against the latent cache -> [Nq, H, Dc] (see paged_prefill_ref)."""
+    kv = kv_cache.unsqueeze(2)
+    return paged_prefill_ref(q, kv, kv[..., :v_head_dim], block_tables, cu_seqlens_q, seq_lens, scale, causal)
