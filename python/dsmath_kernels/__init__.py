@@ -6,6 +6,7 @@ project: top-k expert routing, grouped GEMM, paged attention, fused GRPO loss. E
 __version__ = "0.1.0"
 
 from dsmath_kernels.routing import route_topk  # noqa: E402
+from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
 from dsmath_kernels.attention import (  # noqa: E402
     DecodePlan, cache_write, mla_cache_write, mla_decode, mla_prefill, paged_decode, paged_prefill, plan_decode,
 )
@@ -13,3 +14,4 @@ from dsmath_kernels.attention import (  # noqa: E402
 __all__ = ["route_topk", "__version__"]
 __all__ += ["DecodePlan", "cache_write", "mla_cache_write", "mla_decode", "mla_prefill", "paged_decode",
             "paged_prefill", "plan_decode"]
+__all__ += ["MoePermutation", "grouped_gemm", "moe_experts", "moe_permute"]

@@ -3,6 +3,7 @@ oracle and benches as the baseline. Letters: T tokens, E experts, K top-k, H hid
 V vocab, B batch, G group size, D head dim."""
 
 from dsmath_kernels.reference.routing import route_topk_ref
+from dsmath_kernels.reference.moe import grouped_gemm_ref, moe_experts_ref, moe_permute_ref
 from dsmath_kernels.reference.attention import (
     cache_write_ref, mla_cache_write_ref, mla_decode_ref, mla_prefill_ref, paged_decode_ref, paged_prefill_ref,
 )
@@ -10,3 +11,4 @@ from dsmath_kernels.reference.attention import (
 __all__ = ["route_topk_ref"]
 __all__ += ["cache_write_ref", "mla_cache_write_ref", "mla_decode_ref", "mla_prefill_ref", "paged_decode_ref",
             "paged_prefill_ref"]
+__all__ += ["grouped_gemm_ref", "moe_experts_ref", "moe_permute_ref"]

@@ -1,0 +1,359 @@
+"""MoE expert layer ops: `moe_permute` (group the T*K (token, slot) pairs by expert), `grouped_gemm` (one GEMM
+per expert over contiguous row segments) and `moe_experts` (the whole routed-expert layer: permute, gate-up GEMM,
+SiLU-and-mul, down GEMM, weighted combine). Each is a torch custom op (`torch.ops.dsmath.*`) with a fake
+implementation; `grouped_gemm` and `moe_experts` are differentiable. Spec: reference/moe.py.
+
+Layout — "contiguous segments" (prefill, training, and decode; every shape below is static given T, K, E, so the
+ops are CUDA-graph safe):
+  pairs      f = t*K + j numbers the (token t, slot j) pairs of `ids` [T, K]; P = T*K.
+  order      [R] int32: order[r] = the pair f held by permuted row r, or -1 for a padding row. Expert e owns the
+             rows [expert_offsets[e], expert_offsets[e+1]): its pairs in ascending f (deterministic), then padding
+             up to a multiple of `block_m`. R = P + min(E, P) * (block_m - 1) (R = P when block_m = 1); rows at or
+             past expert_offsets[E] are padding as well. Token of row r: order[r] // K.
+  expert_offsets [E+1] int32, expert_offsets[0] = 0, non-decreasing, each a multiple of block_m.
+  inverse    [T, K] int32: the row of pair (t, j), so out[t] = sum_j weights[t, j] * y[inverse[t, j]] (combine).
+
+Backends: permutation — CUDA kernels (histogram + last-block scan, then a stable scatter; csrc/moe_permute.cu),
+C++ on CPU (csrc/moe_permute_cpu.cpp), else the reference. GEMMs — Triton on CUDA (grouped_gemm_triton.py,
+persistent tile scheduler); on CPU one torch.matmul per expert segment (MKL/oneDNN beat any hand-written C++ GEMM
+we could write here, so there is no C++ GEMM). `DSMATH_GROUPED_GEMM=torch|triton` overrides the choice (triton on
+CPU runs the Triton interpreter, for tests).
+
+Checks: shapes, dtypes and devices are always checked. Checking values (ids in [0, E), expert_offsets monotone
+and within [0, M]) needs the data on the host: done for CPU tensors always and for CUDA tensors only when the
+environment variable DSMATH_CHECK_IDS=1 (it syncs the stream, so it is off by default and must stay off under CUDA
+graph capture). Unchecked bad ids on CUDA cannot make a kernel write out of bounds (the kernels skip them) but the
+result is then undefined."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from dsmath_kernels import _ext
+from dsmath_kernels._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
+from dsmath_kernels._registry import register_backend
+from dsmath_kernels.reference.moe import moe_permute_ref
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class MoePermutation(NamedTuple):
+    order: torch.Tensor  # [R] int32, pair index per permuted row, -1 = padding
+    expert_offsets: torch.Tensor  # [E+1] int32
+    inverse: torch.Tensor  # [T, K] int32, permuted row per pair
+
+
+# ---------------------------------------------------------------- backends
+
+def _permute_backend(device: torch.device) -> str:
+    if device.type == "cuda" and _ext.has_cuda_kernels(device) and hasattr(_ext.C(), "moe_permute_cuda"):
+        return "cuda"
+    if device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(_ext.C(), "moe_permute_cpu"):
+        return "cpu"
+    return "reference"
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gemm_backend(device: torch.device) -> str:
+    forced = os.environ.get("DSMATH_GROUPED_GEMM", "")
+    if forced in ("torch", "triton"):
+        return forced if forced == "torch" or _triton_ok() else "torch"
+    return "triton" if device.type == "cuda" and _triton_ok() else "torch"
+
+
+register_backend("moe_permute", _permute_backend)
+register_backend("grouped_gemm", _gemm_backend)
+register_backend("moe_experts", lambda d: f"{_permute_backend(d)}+{_gemm_backend(d)}")
+
+
+def _check_values(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("DSMATH_CHECK_IDS", "0") == "1"
+
+
+def _num_rows(P: int, E: int, block_m: int) -> int:
+    return P + min(E, P) * (block_m - 1)
+
+
+# ---------------------------------------------------------------- permutation
+
+def _permute_impl(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, K = ids.shape
+    backend = _permute_backend(ids.device)
+    if backend == "reference":
+        return moe_permute_ref(ids, E, block_m)
+    ids = ids.to(torch.int32).contiguous()
+    P = T * K
+    order = torch.empty(_num_rows(P, E, block_m), dtype=torch.int32, device=ids.device)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=ids.device)
+    inverse = torch.empty(T, K, dtype=torch.int32, device=ids.device)
+    if backend == "cpu":
+        _ext.C().moe_permute_cpu(_ext.ptr(ids), P, E, block_m, _ext.ptr(order), _ext.ptr(offsets), _ext.ptr(inverse))
+    else:
+        ws = torch.empty(_ext.C().moe_permute_workspace(P, E), dtype=torch.int32, device=ids.device)
+        with torch.cuda.device(ids.device):
+            _ext.C().moe_permute_cuda(_ext.ptr(ids), P, E, block_m, _ext.ptr(order), _ext.ptr(offsets),
+                                      _ext.ptr(inverse), _ext.ptr(ws), _ext.stream_of(ids))
+    return order, offsets, inverse
+
+
+@torch.library.custom_op("dsmath::moe_permute", mutates_args=())
+def _moe_permute_op(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    return _permute_impl(ids, num_experts, block_m)
+
+
+@_moe_permute_op.register_fake
+def _(ids, num_experts, block_m):
+    T, K = ids.shape
+    R = _num_rows(T * K, num_experts, block_m)
+    i32 = torch.int32
+    return ids.new_empty(R, dtype=i32), ids.new_empty(num_experts + 1, dtype=i32), ids.new_empty(T, K, dtype=i32)
+
+
+def _check_ids(ids: torch.Tensor, E: int) -> None:
+    if ids.numel() and _check_values(ids.device):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"ids: expert ids must lie in [0, {E}), found values in [{lo}, {hi}]")
+
+
+def moe_permute(ids: torch.Tensor, num_experts: int, *, block_m: int = 1) -> MoePermutation:
+    """ids [T, K] int32/int64 -> MoePermutation(order [R] int32, expert_offsets [E+1] int32, inverse [T, K] int32)
+    in the contiguous-segment layout of the module docstring (segments padded to multiples of block_m)."""
+    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES)
+    check_int("num_experts", num_experts, lo=1, hi=2**31 - 1)
+    check_int("block_m", block_m, lo=1, hi=4096)
+    _check_ids(ids, num_experts)
+    return MoePermutation(*_moe_permute_op(ids, num_experts, block_m))
+
+
+# ---------------------------------------------------------------- grouped GEMM
+
+def _segments(expert_offsets: torch.Tensor, M: int) -> list[tuple[int, int, int]]:
+    off = [min(max(int(o), 0), M) for o in expert_offsets.tolist()]
+    return [(i, s, e) for i, (s, e) in enumerate(itertools.pairwise(off)) if e > s]
+
+
+def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = per-segment x @ w[i].T; w may be any strided view (backward passes w.transpose(1, 2))."""
+    if _gemm_backend(x.device) == "triton":
+        from dsmath_kernels import grouped_gemm_triton
+
+        return grouped_gemm_triton.grouped_gemm(x, w, offsets)
+    M, N = x.shape[0], w.shape[1]
+    y = x.new_zeros(M, N)  # rows outside every segment stay 0
+    for i, s, e in _segments(offsets, M):
+        torch.matmul(x[s:e], w[i].T, out=y[s:e])
+    return y
+
+
+def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int) -> torch.Tensor:
+    """dw [E, N, K] with dw[i] = dy[s:e].T @ x[s:e] on expert i's segment (zero for empty experts)."""
+    if _gemm_backend(x.device) == "triton":
+        from dsmath_kernels import grouped_gemm_triton
+
+        return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E)
+    dw = dy.new_zeros(E, dy.shape[1], x.shape[1])
+    for i, s, e in _segments(offsets, x.shape[0]):
+        torch.matmul(dy[s:e].T, x[s:e], out=dw[i])
+    return dw
+
+
+@torch.library.custom_op("dsmath::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    return _gemm_impl(x, w, expert_offsets)
+
+
+@_grouped_gemm_op.register_fake
+def _(x, w, expert_offsets):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("dsmath::grouped_gemm_wgrad", mutates_args=())
+def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return _wgrad_impl(dy, x, expert_offsets, num_experts)
+
+
+@_grouped_wgrad_op.register_fake
+def _(dy, x, expert_offsets, num_experts):
+    return dy.new_empty(num_experts, dy.shape[1], x.shape[1])
+
+
+def _gemm_setup(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _gemm_backward(ctx, dy):
+    x, w, offsets = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = _grouped_gemm_op(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None  # [M, K]
+    dw = _grouped_wgrad_op(dy, x, offsets, w.shape[0]) if ctx.needs_input_grad[1] else None  # [E, N, K]
+    return dx, dw, None
+
+
+_grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+
+
+def _check_offsets(expert_offsets: torch.Tensor, E: int, M: int) -> None:
+    check_tensor("expert_offsets", expert_offsets, ndim=1, dtypes=INDEX_DTYPES)
+    check_shape("expert_offsets", expert_offsets, [E + 1])
+    if not _check_values(expert_offsets.device):
+        return
+    off = expert_offsets.tolist()
+    if off[0] != 0 or off[-1] > M or any(b < a for a, b in itertools.pairwise(off)):
+        raise ValueError(f"expert_offsets: must start at 0, be non-decreasing and end <= M = {M}; got {off}")
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with rows grouped by expert, w [E, N, K], expert_offsets [E+1] int32/int64 -> y [M, N] (dtype of
+    x): y[s:e] = x[s:e] @ w[i].T for expert i's segment [s, e) = [off[i], off[i+1]); rows >= off[E] are 0.
+    fp32/fp16/bf16, fp32 accumulation. Differentiable w.r.t. x and w (dx = dy @ w[i], dw[i] = dy_i.T @ x_i)."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("w", w, ndim=3, dtypes=(x.dtype,), device=x.device)
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"w: expected shape [E, N, {x.shape[1]}] (K must match x), got {list(w.shape)}")
+    if expert_offsets.device != x.device:
+        raise ValueError(f"expert_offsets: on device {expert_offsets.device}, expected {x.device}")
+    _check_offsets(expert_offsets, w.shape[0], x.shape[0])
+    return _grouped_gemm_op(x, w, expert_offsets)
+
+
+# ---------------------------------------------------------------- expert layer
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _silu_mul(h: torch.Tensor) -> torch.Tensor:
+    g, u = h.to(_acc(h)).chunk(2, dim=-1)  # [R, I] each
+    return (F.silu(g) * u).to(h.dtype)
+
+
+def _experts_forward(x, w_gate_up, w_down, ids):
+    """Permute, gather, gate-up GEMM, SiLU-mul, down GEMM. Returns h [R, 2I], y [R, H] (unweighted), perm."""
+    _T, K = ids.shape
+    order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
+    tok = order.clamp_min(0).long() // K  # [R]
+    xs = x[tok]  # [R, H]  (block_m = 1: no padding rows)
+    h = _gemm_impl(xs, w_gate_up, offsets)  # [R, 2I]
+    y = _gemm_impl(_silu_mul(h), w_down, offsets)  # [R, H]
+    return h, y, order, offsets, inverse
+
+
+def _combine(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    acc = _acc(y)
+    return (y[inverse.long()].to(acc) * weights[..., None].to(acc)).sum(dim=1).to(y.dtype)  # [T, H]
+
+
+@torch.library.custom_op("dsmath::moe_experts", mutates_args=())
+def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+    if _gemm_backend(x.device) == "triton":
+        from dsmath_kernels import grouped_gemm_triton
+
+        perm = _permute_impl(ids, w_gate_up.shape[0], 1)
+        return grouped_gemm_triton.moe_experts_fused(x, w_gate_up, w_down, weights, *perm)
+    _h, y, _order, _offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
+    return _combine(y, weights, inverse)
+
+
+@_moe_experts_op.register_fake
+def _(x, w_gate_up, w_down, weights, ids):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dsmath::moe_experts_train", mutates_args=())
+def _moe_train_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                  ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
+    """Training forward: also returns what backward needs (h, y, order, offsets, inverse)."""
+    h, y, order, offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
+    return _combine(y, weights, inverse), h, y, order, offsets, inverse
+
+
+@_moe_train_op.register_fake
+def _(x, w_gate_up, w_down, weights, ids):
+    T, K = ids.shape
+    E, I2, H = w_gate_up.shape
+    i32 = torch.int32
+    return (torch.empty_like(x), x.new_empty(T * K, I2), x.new_empty(T * K, H), ids.new_empty(T * K, dtype=i32),
+            ids.new_empty(E + 1, dtype=i32), ids.new_empty(T, K, dtype=i32))
+
+
+def _train_setup(ctx, inputs, output):
+    x, w_gate_up, w_down, weights, _ids = inputs
+    _out, h, y, order, offsets, inverse = output
+    ctx.save_for_backward(x, w_gate_up, w_down, weights, h, y, order, offsets, inverse)
+
+
+def _train_backward(ctx, dout, *unused):
+    x, w_gate_up, w_down, weights, h, y, order, offsets, inverse = ctx.saved_tensors
+    _T, K = weights.shape
+    E = w_gate_up.shape[0]
+    src = order.long()  # [R]  (block_m = 1: every row holds a pair)
+    tok = src // K
+    acc = _acc(x)
+    dout = dout.to(acc)  # [T, H]
+    dweights = (dout[:, None, :] * y[inverse.long()].to(acc)).sum(dim=-1).float()  # [T, K]
+    dy = (dout[tok] * weights.reshape(-1)[src][:, None].to(acc)).to(x.dtype)  # [R, H]
+    a = _silu_mul(h)  # [R, I]  recomputed from the saved h
+    da = _gemm_impl(dy, w_down.transpose(1, 2), offsets).to(acc)  # [R, I]
+    dw_down = _wgrad_impl(dy, a, offsets, E)  # [E, H, I]
+    g, u = h.to(acc).chunk(2, dim=-1)
+    sg = torch.sigmoid(g)
+    dg = da * u * sg * (1 + g * (1 - sg))  # d silu(g) = sg (1 + g (1 - sg))
+    du = da * g * sg
+    dh = torch.cat([dg, du], dim=-1).to(x.dtype)  # [R, 2I]
+    dxs = _gemm_impl(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
+    dw_gate_up = _wgrad_impl(dh, x[tok], offsets, E)  # [E, 2I, H]
+    dx = dxs[inverse.long()].to(acc).sum(dim=1).to(x.dtype)  # [T, H]
+    return dx, dw_gate_up, dw_down, dweights, None
+
+
+_moe_train_op.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+def _check_experts(x, w_gate_up, w_down, weights, ids) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    T, H = x.shape
+    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=(x.dtype,), device=x.device)
+    E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
+    if I2 % 2 or w_gate_up.shape[2] != H:
+        raise ValueError(f"w_gate_up: expected shape [E, 2I, {H}] (gate rows then up rows), got "
+                         f"{list(w_gate_up.shape)}")
+    check_tensor("w_down", w_down, ndim=3, dtypes=(x.dtype,), device=x.device)
+    check_shape("w_down", w_down, [E, H, I2 // 2])
+    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
+    if ids.shape[0] != T:
+        raise ValueError(f"ids: expected shape [{T}, K] (one row per token of x), got {list(ids.shape)}")
+    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=x.device)
+    check_shape("weights", weights, list(ids.shape))
+    _check_ids(ids, E)
+
+
+def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                ids: torch.Tensor) -> torch.Tensor:
+    """Routed-expert layer. x [T, H], w_gate_up [E, 2I, H] (gate rows, then up rows), w_down [E, H, I],
+    weights [T, K] float32, ids [T, K] int32 (from route_topk) -> out [T, H] in x's dtype:
+        out[t] = sum_j weights[t, j] * w_down[e] @ (silu(g) * u),  [g; u] = w_gate_up[e] @ x[t],  e = ids[t, j].
+    Differentiable w.r.t. x, w_gate_up, w_down and weights. Without gradients (inference) the fused path runs:
+    the gather is folded into the gate-up GEMM, SiLU-and-mul into its epilogue."""
+    _check_experts(x, w_gate_up, w_down, weights, ids)
+    ids = ids.to(torch.int32)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights))
+    if needs_grad:
+        return _moe_train_op(x, w_gate_up, w_down, weights, ids)[0]
+    return _moe_experts_op(x, w_gate_up, w_down, weights, ids)

@@ -1,0 +1,145 @@
+"""moe_experts: vs the reference and vs transformers' DeepseekV3Experts given the same weights (odd shapes, empty
+experts, one hot expert, T = 0 / 1), inference (fused) and training paths, gradients of x, weights, w_gate_up and
+w_down vs autograd through the fp64 reference, boundary checks."""
+
+import pytest
+import torch
+from dsmath_kernels import moe_experts
+from dsmath_kernels.reference.moe import moe_experts_ref
+from dsmath_kernels.testing import assert_close
+
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def _layer(T, H, I, E, K, dtype, kind="uniform", device="cpu"):
+    x = torch.randn(T, H, dtype=dtype, device=device)
+    w_gate_up = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype)
+    w_down = (torch.randn(E, H, I, device=device) / I**0.5).to(dtype)
+    weights = torch.rand(T, K, device=device)
+    if kind == "hot":
+        ids = torch.zeros(T, K, dtype=torch.int32, device=device)
+        ids[:, 0] = 1  # expert 1 gets every token, 0 gets the rest of the slots, the others none
+    elif T:
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int().to(device)
+    else:
+        ids = torch.zeros(0, K, dtype=torch.int32, device=device)
+    return x, w_gate_up, w_down, weights, ids
+
+
+SHAPES = [(0, 16, 8, 4, 2), (1, 40, 24, 6, 3), (7, 96, 40, 5, 2), (33, 40, 20, 16, 4)]
+
+
+@pytest.mark.parametrize("T,H,I,E,K", SHAPES)
+@pytest.mark.parametrize("kind", ["uniform", "hot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_matches_reference(T, H, I, E, K, kind, dtype, grad):
+    x, wgu, wd, w, ids = _layer(T, H, I, E, K, dtype, kind)
+    want = moe_experts_ref(x, wgu, wd, w, ids)
+    with torch.set_grad_enabled(grad):
+        got = moe_experts(x.requires_grad_(grad), wgu, wd, w, ids)
+    assert got.dtype == dtype and got.shape == (T, H)
+    atol, rtol = TOL[dtype]
+    assert_close(got, want, atol=atol, rtol=rtol, name="out")
+
+
+@pytest.mark.parametrize("T,H,I,E,K", [(9, 32, 16, 8, 3), (1, 24, 8, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_transformers_deepseek_v3(T, H, I, E, K, dtype):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+                           hidden_act="silu")
+    cfg.num_local_experts = E
+    hf = DeepseekV3Experts(cfg).to(dtype)
+    x, wgu, wd, w, ids = _layer(T, H, I, E, K, dtype)
+    with torch.no_grad():
+        hf.gate_up_proj.copy_(wgu)
+        hf.down_proj.copy_(wd)
+        want = hf(x, ids.long(), w.to(dtype))
+    got = moe_experts(x, wgu, wd, w, ids)
+    atol, rtol = TOL[dtype]
+    if dtype == torch.bfloat16:  # HF rounds every intermediate to bf16: compare both against the fp32 spec
+        spec = moe_experts_ref(x.float(), wgu.float(), wd.float(), w, ids)
+        assert_close(want, spec, atol=atol, rtol=rtol, name="transformers")
+    assert_close(got, want, atol=atol, rtol=rtol, name="out vs DeepseekV3Experts")
+
+
+@pytest.mark.parametrize("T,H,I,E,K,kind", [(6, 12, 8, 4, 2, "uniform"), (5, 8, 6, 3, 3, "hot"),
+                                            (1, 8, 4, 5, 2, "uniform")])
+def test_gradients_vs_fp64_reference(T, H, I, E, K, kind):
+    x, wgu, wd, w, ids = _layer(T, H, I, E, K, torch.float64, kind)
+    w = w.float()
+    ins = [t.clone().requires_grad_(True) for t in (x, wgu, wd, w)]
+    ref_ins = [t.detach().double().requires_grad_(True) for t in (x, wgu, wd, w)]
+    out = moe_experts(*ins[:4], ids)
+    ref = moe_experts_ref(*ref_ins[:3], ref_ins[3], ids)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, ins, dout)
+    want = torch.autograd.grad(ref, ref_ins, dout)
+    for name, a, b in zip(("x", "w_gate_up", "w_down", "weights"), got, want):
+        tol = 1e-5 if name == "weights" else 1e-9  # weights are float32 by contract
+        assert a.dtype == ins[["x", "w_gate_up", "w_down", "weights"].index(name)].dtype
+        assert_close(a, b, atol=tol, rtol=tol, name=f"d{name}")
+
+
+def test_gradcheck_x_and_weights():
+    x, wgu, wd, w, ids = _layer(4, 6, 4, 3, 2, torch.float64)
+    x.requires_grad_(True)
+    wgu.requires_grad_(True)
+    wd.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: moe_experts(a, b, c, w, ids), (x, wgu, wd))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_low_precision(dtype):
+    x, wgu, wd, w, ids = _layer(17, 32, 16, 6, 3, dtype)
+    ins = [t.clone().requires_grad_(True) for t in (x, wgu, wd, w)]
+    ref_ins = [t.detach().double().requires_grad_(True) for t in (x, wgu, wd, w)]
+    out = moe_experts(*ins, ids)
+    ref = moe_experts_ref(*ref_ins, ids)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, ins, dout.to(dtype))
+    want = torch.autograd.grad(ref, ref_ins, dout)
+    for name, a, b in zip(("x", "w_gate_up", "w_down", "weights"), got, want):
+        scale = b.abs().max().item() + 1e-6
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert_close(a, b, atol=tol * scale, rtol=tol, name=f"d{name}", max_global_rel=tol)
+
+
+def test_rejects_bad_inputs():
+    x, wgu, wd, w, ids = _layer(5, 16, 8, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="ids"):
+        bad = ids.clone()
+        bad[2, 1] = 4
+        moe_experts(x, wgu, wd, w, bad)
+    with pytest.raises(ValueError, match="ids"):
+        bad = ids.clone()
+        bad[0, 0] = -1
+        moe_experts(x, wgu, wd, w, bad)
+    with pytest.raises(TypeError, match="weights"):
+        moe_experts(x, wgu, wd, w.double(), ids)
+    with pytest.raises(TypeError, match="w_gate_up"):
+        moe_experts(x, wgu.half(), wd, w, ids)
+    with pytest.raises(ValueError, match="w_gate_up"):
+        moe_experts(x, wgu[:, :-1], wd, w, ids)
+    with pytest.raises(ValueError, match="w_down"):
+        moe_experts(x, wgu, wd[:, :, :-1], w, ids)
+    with pytest.raises(ValueError, match="weights"):
+        moe_experts(x, wgu, wd, w[:, :1], ids)
+    with pytest.raises(ValueError, match="ids"):
+        moe_experts(x, wgu, wd, w, ids[:4])
+    with pytest.raises(TypeError, match="ids"):
+        moe_experts(x, wgu, wd, w, ids.float())
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, wgu, wd = torch.empty(5, 16), torch.empty(4, 16, 16), torch.empty(4, 16, 8)
+        w, ids = torch.empty(5, 2), torch.empty(5, 2, dtype=torch.int32)
+        assert tuple(torch.ops.dsmath.moe_experts(x, wgu, wd, w, ids).shape) == (5, 16)
+        outs = torch.ops.dsmath.moe_experts_train(x, wgu, wd, w, ids)
+        assert [tuple(o.shape) for o in outs] == [(5, 16), (10, 16), (10, 16), (10,), (5,), (5, 2)]
