@@ -21,10 +21,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 
             idx = tuple(bad.nonzero()[0].tolist())
             raise AssertionError(f"{name}: {what} positions differ ({int(bad.sum())} elements), first at {idx}: "
                                  f"actual {a[idx].item()} expected {e[idx].item()}")
-    finite = e.isfinite()
-    if (a[~finite] != e[~finite]).any():
-        idx = tuple(((a != e) & ~finite).nonzero()[0].tolist())
+    inf_sign = e.isinf() & (a != e)
+    if inf_sign.any():
+        idx = tuple(inf_sign.nonzero()[0].tolist())
         raise AssertionError(f"{name}: infinities differ in sign at {idx}")
+    finite = e.isfinite()
     a0 = torch.where(finite, a, torch.zeros_like(a))
     e0 = torch.where(finite, e, torch.zeros_like(e))
     err = (a0 - e0).abs()

@@ -130,19 +130,24 @@ DSM_HD void route_row(const void* logits, int64_t row_offset, int dtype, const f
       group_ok |= (1u << best);
     }
   }
-  // top-k by repeated argmax over eligible, not yet taken experts
-  uint32_t taken[kMaxExperts / 32] = {0};
-  for (int k = 0; k < p.K; ++k) {
-    int best = -1;
-    for (int e = 0; e < E; ++e) {
-      if (taken[e >> 5] & (1u << (e & 31))) continue;
-      if (p.n_group > 1 && !(group_ok & (1u << (e / gs)))) continue;
-      if (best < 0 || better(choice[e], e, choice[best], best)) best = e;
+  // top-k in one pass: keep the K best (by `better`, a strict total order) in a sorted buffer. The CUDA kernel
+  // takes K rounds of warp argmax instead; the same total order makes both pick the same set.
+  float best_v[kMaxTopK];
+  int n = 0;
+  for (int e = 0; e < E; ++e) {
+    if (p.n_group > 1 && !(group_ok & (1u << (e / gs)))) continue;
+    float v = choice[e];
+    if (n == p.K && !better(v, e, best_v[n - 1], out_ids[n - 1])) continue;
+    int j = n < p.K ? n++ : n - 1;
+    while (j > 0 && better(v, e, best_v[j - 1], out_ids[j - 1])) {
+      best_v[j] = best_v[j - 1];
+      out_ids[j] = out_ids[j - 1];
+      --j;
     }
-    taken[best >> 5] |= 1u << (best & 31);
-    out_ids[k] = best;
-    out_w[k] = scores[best];
+    best_v[j] = v;
+    out_ids[j] = e;
   }
+  for (int k = 0; k < p.K; ++k) out_w[k] = scores[out_ids[k]];
   sort_and_finalize(out_w, out_ids, p.K, p.renormalize, p.scale);
 }
 

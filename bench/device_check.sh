@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one script a session with a GPU runs (DEVELOPERS.md): build for sm_90a without network, GPU tests, kernel
+# benches, the headline throughput bench. Logs go to $OUT (or a temp dir); a summary line per step goes to
+# $OUT/summary.txt. Budget: under 8 minutes on an H200. Steps keep going after a failure so one run shows all.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+export DSMATH_CUDA_ARCHS="${DSMATH_CUDA_ARCHS:-90a}"
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" >> "$SUMMARY"
+  tail -n 3 "$OUT/$name.log" | sed "s/^/  [$name] /" >> "$SUMMARY"
+  return 0
+}
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+step build 300 pip install --no-build-isolation --no-deps -v .
+step env 60 python -m dsmath_kernels
+step pytest_gpu 240 python -m pytest -m gpu -q -p no:cacheprovider tests
+step bench_route_topk 60 python bench/bench_route_topk.py
+# (later issues add their GPU benches here)
+echo "total ${SECONDS}s" >> "$SUMMARY"
+cat "$SUMMARY"
