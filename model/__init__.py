@@ -1,0 +1,6 @@
+"""dsmath's lean MoE model: DeepSeek-V2/V3 (MLA) and Qwen3-MoE on dsmath_kernels, loading HF checkpoints."""
+
+from model.meta import ForwardMeta
+from model.modeling import CausalLMOutput, KVCache, MoEForCausalLM
+
+__all__ = ["CausalLMOutput", "ForwardMeta", "KVCache", "MoEForCausalLM"]

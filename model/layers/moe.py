@@ -1,0 +1,82 @@
+"""Feed-forward blocks: the SiLU-gated MLP (dense layers, DeepSeek's shared experts) and the MoE block
+(router -> dsmath_kernels.route_topk -> dsmath_kernels.moe_experts, plus shared experts).
+
+Expert weights are stored fused as transformers holds them in memory: gate_up_proj [E, 2I, H] (gate rows first,
+then up) and down_proj [E, H, I]; the loader fills them from per-expert checkpoint tensors.
+Letters: T tokens, H hidden, E experts, K top-k, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import dsmath_kernels as dk
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """gate.weight [E, H]; DeepSeek-V3 adds e_score_correction_bias [E] (a buffer: updated by load balancing,
+    not by gradients). DeepSeek computes the logits in float32 (transformers keeps gate.weight in fp32)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        if cfg.scoring == "sigmoid":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> weights [T, K] float32, ids [T, K] int32."""
+        c = self.cfg
+        if c.router_fp32:
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        else:
+            logits = F.linear(x, self.weight.to(x.dtype))  # [T, E]
+        return dk.route_topk(logits, c.num_experts_per_tok, scoring=c.scoring, bias=self.e_score_correction_bias,
+                             n_group=c.n_group, topk_group=c.topk_group, renormalize=c.renormalize,
+                             routed_scaling_factor=c.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(E, H, inter))  # [E, H, I]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return dk.moe_experts(x, self.gate_up_proj, self.down_proj, weights, ids)  # weights float32
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        n = cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n) if n else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        weights, ids = self.gate(x)  # [T, K]
+        out = self.experts(x, weights, ids)  # [T, H]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
