@@ -10,8 +10,10 @@ from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_pe
 from dsmath_kernels.attention import (  # noqa: E402
     DecodePlan, cache_write, mla_cache_write, mla_decode, mla_prefill, paged_decode, paged_prefill, plan_decode,
 )
+from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
 
 __all__ = ["route_topk", "__version__"]
 __all__ += ["DecodePlan", "cache_write", "mla_cache_write", "mla_decode", "mla_prefill", "paged_decode",
             "paged_prefill", "plan_decode"]
 __all__ += ["MoePermutation", "grouped_gemm", "moe_experts", "moe_permute"]
+__all__ += ["group_advantages", "grpo_loss", "token_logprobs"]
