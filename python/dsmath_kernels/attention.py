@@ -173,12 +173,14 @@ for _op in ("paged_prefill", "mla_prefill"):
     register_backend(_op, _prefill_backend)
 
 
-def _kernel_ok(*ts: torch.Tensor) -> bool:
-    """The compiled kernels read 4-element vectors: head dims, strides and pointers must be multiples of 4."""
-    for t in ts:
-        if t.shape[-1] % 4 or any(s % 4 for s in t.stride()[:-1]) or t.data_ptr() % (4 * t.element_size()):
+def _cuda_kernel_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The CUDA decode kernel reads 8-element (16-byte) vectors: head dims and strides multiples of 8, pointers
+    16-byte aligned; row widths max(D, Dv) <= 256, or D <= 768 and Dv <= 512 (MLA). Otherwise: reference."""
+    for t in (q, k, v):
+        if t.shape[-1] % 8 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return False
-    return True
+    D, Dv = k.shape[-1], v.shape[-1]
+    return max(D, Dv) <= 256 or (D <= 768 and Dv <= 512)
 
 
 # ---------------------------------------------------------------------------------------------- cache writes
@@ -283,8 +285,9 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
     B, Hq, D = q.shape
     Dv = v_cache.shape[-1]
     backend = _decode_backend(q.device)
-    if backend == "reference" or not _kernel_ok(q, k_cache, v_cache) or q.dtype == torch.float64 \
-            or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if backend == "cuda" and not _cuda_kernel_ok(q, k_cache, v_cache):
+        backend = "reference"
+    if backend == "reference" or q.dtype == torch.float64 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0:
@@ -295,6 +298,8 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
     else:
         part_o = part_lse = None
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    q = q if q.stride(2) == 1 else q.contiguous()
+    seq_lens = seq_lens.contiguous()
     args = (_ext.ptr(q), q.stride(0), q.stride(1), _ext.ptr(k_cache), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), _ext.ptr(v_cache), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             _ext.ptr(bt), bt.stride(0), _ext.ptr(seq_lens), _ext.ptr(out), _ext.ptr(part_o), _ext.ptr(part_lse),

@@ -1,0 +1,286 @@
+// CUDA split-KV paged decode (flash-decoding) for GQA/MQA and absorbed MLA. Grid = (split, kv head x head tile,
+// sequence): a CTA of 4 warps streams one split of one sequence's KV once for GT query heads sharing a kv head.
+// Within a warp, LPT = W / 8 lanes hold one token's row (8 elements per lane per W-wide chunk, 16-byte loads), so
+// 32 / LPT tokens are in flight per load and dot products reduce over LPT lanes only. Each lane group keeps its
+// own online-softmax state; groups, then warps, merge by log-sum-exp (dsmath/attention.h, shared with the CPU
+// kernel). With one split the CTA writes the output; otherwise a second kernel merges the splits' (o, lse).
+// 64-bit offsets, no host sync, no allocation: CUDA-graph safe.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dsmath/attention.h"
+#include "dsmath/launchers.h"
+
+namespace dsmath {
+namespace {
+
+using attn::DecodeParams;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+
+// 8 consecutive elements of dtype DT loaded with 16-byte loads (two for fp32) and widened to fp32.
+template <int DT>
+struct Vec8 {
+  static constexpr int kWords = DT == kFloat32 ? 2 : 1;
+  uint4 r[kWords];
+
+  __device__ __forceinline__ void load(const void* base, int64_t off) {
+    const int esize = DT == kFloat32 ? 4 : 2;
+    const uint4* ptr = reinterpret_cast<const uint4*>(static_cast<const char*>(base) + off * esize);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) r[w] = __ldg(ptr + w);
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) r[w] = make_uint4(0u, 0u, 0u, 0u);
+  }
+  __device__ __forceinline__ void to_float(float* f) const {
+    if constexpr (DT == kFloat32) {
+      const uint32_t* u = reinterpret_cast<const uint32_t*>(r);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = __uint_as_float(u[i]);
+    } else {
+      const uint32_t u[4] = {r[0].x, r[0].y, r[0].z, r[0].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (DT == kFloat16) {
+          __half2 h = *reinterpret_cast<const __half2*>(&u[i]);
+          float2 t = __half22float2(h);
+          f[2 * i] = t.x;
+          f[2 * i + 1] = t.y;
+        } else {
+          f[2 * i] = __uint_as_float(u[i] << 16);
+          f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+        }
+      }
+    }
+  }
+};
+
+// W: row chunk width (LPT = W / 8 lanes per token); DCH / VCH: chunks covering D / Dv; GT: heads per CTA;
+// U: token steps per warp iteration (loads in flight).
+template <int DT, int W, int DCH, int VCH, int GT, int U>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
+  constexpr int LPT = W / 8, TPW = 32 / LPT;
+  __shared__ float sm_m[kWarps][GT], sm_l[kWarps][GT];
+  __shared__ float sm_acc[kWarps][GT][VCH * W];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sg = lane / LPT, sl = lane % LPT;
+  const int s = blockIdx.x, b = blockIdx.z;
+  const int G = p.Hq / p.Hkv, tiles = (G + GT - 1) / GT;
+  const int kvh = blockIdx.y / tiles, g0 = (blockIdx.y % tiles) * GT, nh = min(GT, G - g0);
+  int64_t begin, end;
+  attn::split_range(s, p.num_splits, p.chunk, p.seq_lens[b], begin, end);
+
+  float q[GT][DCH][8];
+  const float qs = p.scale * attn::kLog2e;
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int c = 0; c < DCH; ++c) {
+      const int d0 = c * W + sl * 8;
+      Vec8<DT> t;
+      if (g < nh && d0 < p.D) t.load(p.q, b * p.q_sb + static_cast<int64_t>(kvh * G + g0 + g) * p.q_sh + d0);
+      else t.zero();
+      t.to_float(q[g][c]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[g][c][i] *= qs;
+    }
+
+  float m[GT], l[GT], acc[GT][VCH][8];
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int c = 0; c < VCH; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][c][i] = 0.f;
+  }
+
+  const int32_t* bt = p.block_tables + b * p.bt_sb;
+  const int64_t kh = static_cast<int64_t>(kvh) * p.k_sh, vh = static_cast<int64_t>(kvh) * p.v_sh;
+  for (int64_t base = begin + warp * TPW * U; base < end; base += kWarps * TPW * U) {
+    Vec8<DT> kr[U][DCH], vr[U][VCH];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // issue every load of the U steps before any math
+      const int64_t pos = base + u * TPW + sg;
+      const bool ok = pos < end;
+      int64_t ko = 0, vo = 0;
+      if (ok) {
+        const int64_t blk = bt[pos / p.block_size], off = pos % p.block_size;
+        ko = blk * p.k_sblk + off * p.k_stok + kh;
+        vo = blk * p.v_sblk + off * p.v_stok + vh;
+      }
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) {
+        if (ok && c * W + sl * 8 < p.D) kr[u][c].load(p.k, ko + c * W + sl * 8);
+        else kr[u][c].zero();
+      }
+#pragma unroll
+      for (int c = 0; c < VCH; ++c) {
+        if (ok && c * W + sl * 8 < p.Dv) vr[u][c].load(p.v, vo + c * W + sl * 8);
+        else vr[u][c].zero();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float sc[GT];
+#pragma unroll
+      for (int g = 0; g < GT; ++g) sc[g] = 0.f;
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) {
+        float kf[8];
+        kr[u][c].to_float(kf);
+#pragma unroll
+        for (int g = 0; g < GT; ++g)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) sc[g] = fmaf(q[g][c][i], kf[i], sc[g]);
+      }
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+#pragma unroll
+        for (int off = LPT / 2; off > 0; off >>= 1) sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], off);
+      }
+      const bool ok = base + u * TPW + sg < end;
+      float vf[VCH][8];
+#pragma unroll
+      for (int c = 0; c < VCH; ++c) vr[u][c].to_float(vf[c]);
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+        float alpha, w;
+        attn::online_update(m[g], l[g], ok ? sc[g] : -INFINITY, alpha, w);
+#pragma unroll
+        for (int c = 0; c < VCH; ++c)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[g][c][i] = fmaf(acc[g][c][i], alpha, w * vf[c][i]);
+      }
+    }
+  }
+
+  // merge the lane groups of the warp (each saw different tokens)
+#pragma unroll
+  for (int off = LPT; off < 32; off <<= 1) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[g], off), lo = __shfl_xor_sync(0xffffffffu, l[g], off);
+      float wa, wb;
+      attn::merge_weights(m[g], l[g], mo, lo, wa, wb);
+#pragma unroll
+      for (int c = 0; c < VCH; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float ao = __shfl_xor_sync(0xffffffffu, acc[g][c][i], off);
+          acc[g][c][i] = acc[g][c][i] * wa + ao * wb;
+        }
+    }
+  }
+  if (sg == 0) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+#pragma unroll
+      for (int c = 0; c < VCH; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sm_acc[warp][g][c * W + sl * 8 + i] = acc[g][c][i];
+      if (sl == 0) {
+        sm_m[warp][g] = m[g];
+        sm_l[warp][g] = l[g];
+      }
+    }
+  }
+  __syncthreads();
+
+  // merge the warps; write the output (one split) or this split's normalised partial and its lse
+  for (int idx = threadIdx.x; idx < nh * p.Dv; idx += kThreads) {
+    const int g = idx / p.Dv, d = idx % p.Dv;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm_m[w][g]);
+    float L = 0.f, o = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float wt = attn::exp2_(sm_m[w][g] - M);
+        L += sm_l[w][g] * wt;
+        o += sm_acc[w][g][d] * wt;
+      }
+    }
+    const float val = L > 0.f ? o / L : 0.f;
+    const int64_t bh = static_cast<int64_t>(b) * p.Hq + kvh * G + g0 + g;
+    if (p.num_splits == 1) {
+      attn::store_from_float(p.out, bh * p.Dv + d, val, p.dtype);
+    } else {
+      const int64_t row = bh * p.num_splits + s;
+      p.part_o[row * p.Dv + d] = val;
+      if (d == 0) p.part_lse[row] = attn::state_lse(M, L);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeParams p) {
+  const int64_t bh = blockIdx.x;
+  const int S = p.num_splits;
+  const float* o = p.part_o + bh * S * p.Dv;
+  const float* lse = p.part_lse + bh * S;
+  for (int d = threadIdx.x; d < p.Dv; d += kThreads)
+    attn::store_from_float(p.out, bh * p.Dv + d, attn::merge_splits(o + d, p.Dv, lse, S), p.dtype);
+}
+
+template <int DT, int W, int DCH, int VCH, int GT, int U>
+void launch(const DecodeParams& p, cudaStream_t st) {
+  const int G = p.Hq / p.Hkv, tiles = (G + GT - 1) / GT;
+  dim3 grid(p.num_splits, p.Hkv * tiles, p.B);
+  decode_kernel<DT, W, DCH, VCH, GT, U><<<grid, kThreads, 0, st>>>(p);
+}
+
+// Heads per CTA: up to 8 (4 for 256-wide rows, 2 for MLA rows) to bound registers; more heads -> more tiles.
+template <int DT, int W>
+int launch_gqa(const DecodeParams& p, cudaStream_t st) {
+  const int G = p.Hq / p.Hkv;
+  if (G == 1) launch<DT, W, 1, 1, 1, 2>(p, st);
+  else if (G <= 4 || W == 256) launch<DT, W, 1, 1, 4, 2>(p, st);
+  else launch<DT, W, 1, 1, (W == 256 ? 4 : 8), 2>(p, st);
+  return kOk;
+}
+
+template <int DT>
+int launch_dtype(const DecodeParams& p, cudaStream_t st) {
+  const int mx = p.D > p.Dv ? p.D : p.Dv;
+  if (mx <= 64) return launch_gqa<DT, 64>(p, st);
+  if (mx <= 128) return launch_gqa<DT, 128>(p, st);
+  if (mx <= 256) return launch_gqa<DT, 256>(p, st);
+  if (p.D <= 768 && p.Dv <= 512) {  // MLA: 576-wide latent rows, 512-wide values
+    launch<DT, 256, 3, 2, 2, 1>(p, st);
+    return kOk;
+  }
+  return kUnsupported;
+}
+
+}  // namespace
+
+int paged_decode_cuda(const DecodeParams& p, void* stream) {
+  if (p.B < 0 || p.Hkv < 1 || p.Hq % p.Hkv || p.D < 8 || p.Dv < 8 || p.D % 8 || p.Dv % 8 || p.block_size < 1 ||
+      p.block_size > attn::kMaxBlockSize || p.num_splits < 1 || p.num_splits > attn::kMaxSplits || p.chunk < 1 ||
+      p.B > 65535)
+    return kBadArgument;
+  if (p.num_splits > 1 && (!p.part_o || !p.part_lse)) return kBadArgument;
+  if (p.B == 0) return kOk;
+  if (p.Hq > 65535) return kUnsupported;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int status = kUnsupported;
+  switch (p.dtype) {
+    case kFloat32: status = launch_dtype<kFloat32>(p, st); break;
+    case kFloat16: status = launch_dtype<kFloat16>(p, st); break;
+    case kBFloat16: status = launch_dtype<kBFloat16>(p, st); break;
+    default: return kUnsupported;
+  }
+  if (status != kOk) return status;
+  if (p.num_splits > 1) merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Hq), kThreads, 0, st>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    set_last_cuda_error(cudaGetErrorString(err));
+    return kCudaError;
+  }
+  return kOk;
+}
+
+}  // namespace dsmath

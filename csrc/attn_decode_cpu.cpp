@@ -1,0 +1,118 @@
+// CPU paged decode (GQA/MQA and absorbed MLA): the split-KV plan of the CUDA kernel, run by std::threads. Work
+// item = (sequence, kv head, split): the G = Hq / Hkv query heads of one kv head stream the split's tokens once,
+// with the online softmax and log-sum-exp merge of dsmath/attention.h (the same math as attn_decode.cu).
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "dsmath/attention.h"
+#include "dsmath/launchers.h"
+
+namespace dsmath {
+namespace {
+
+using attn::DecodeParams;
+
+template <int DT>
+void decode_item(const DecodeParams& p, int b, int kvh, int s, std::vector<float>& buf) {
+  const int G = p.Hq / p.Hkv, D = p.D, Dv = p.Dv;
+  buf.assign(static_cast<size_t>(G) * (D + Dv + 2) + D, 0.f);
+  float* q = buf.data();            // [G, D], pre-scaled into the log2 domain
+  float* acc = q + G * D;           // [G, Dv]
+  float* m = acc + G * Dv;          // [G]
+  float* l = m + G;                 // [G]
+  float* krow = l + G;              // [D]
+  const float qs = p.scale * attn::kLog2e;
+  for (int g = 0; g < G; ++g) {
+    const int64_t qo = b * p.q_sb + static_cast<int64_t>(kvh * G + g) * p.q_sh;
+    for (int d = 0; d < D; ++d) q[g * D + d] = attn::load_t<DT>(p.q, qo + d) * qs;
+    m[g] = -INFINITY;
+  }
+  int64_t begin, end;
+  attn::split_range(s, p.num_splits, p.chunk, p.seq_lens[b], begin, end);
+  const int32_t* bt = p.block_tables + b * p.bt_sb;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t ko = attn::token_offset(bt, t, p.block_size, p.k_sblk, p.k_stok) + kvh * p.k_sh;
+    const int64_t vo = attn::token_offset(bt, t, p.block_size, p.v_sblk, p.v_stok) + kvh * p.v_sh;
+    for (int d = 0; d < D; ++d) krow[d] = attn::load_t<DT>(p.k, ko + d);
+    for (int g = 0; g < G; ++g) {
+      float sc = 0.f;
+      for (int d = 0; d < D; ++d) sc += q[g * D + d] * krow[d];
+      float alpha, w;
+      attn::online_update(m[g], l[g], sc, alpha, w);
+      float* a = acc + g * Dv;
+      for (int d = 0; d < Dv; ++d) a[d] = a[d] * alpha + w * attn::load_t<DT>(p.v, vo + d);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int h = kvh * G + g;
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    if (p.num_splits == 1) {
+      for (int d = 0; d < Dv; ++d)
+        attn::store_from_float(p.out, (static_cast<int64_t>(b) * p.Hq + h) * Dv + d, acc[g * Dv + d] * inv, p.dtype);
+    } else {
+      const int64_t row = (static_cast<int64_t>(b) * p.Hq + h) * p.num_splits + s;
+      for (int d = 0; d < Dv; ++d) p.part_o[row * Dv + d] = acc[g * Dv + d] * inv;
+      p.part_lse[row] = attn::state_lse(m[g], l[g]);
+    }
+  }
+}
+
+void merge_item(const DecodeParams& p, int64_t bh) {
+  const int S = p.num_splits;
+  const float* o = p.part_o + bh * S * p.Dv;
+  const float* lse = p.part_lse + bh * S;
+  for (int d = 0; d < p.Dv; ++d)
+    attn::store_from_float(p.out, bh * p.Dv + d, attn::merge_splits(o + d, p.Dv, lse, S), p.dtype);
+}
+
+// Run fn(i) for i in [0, n) on up to num_threads threads (dynamic scheduling: split sizes are ragged).
+template <typename F>
+void parallel_for(int64_t n, int num_threads, F fn) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t i = next++; i < n; i = next++) fn(i);
+  };
+  if (nt == 1) {
+    worker();
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < nt; ++t) pool.emplace_back(worker);
+  for (auto& th : pool) th.join();
+}
+
+template <int DT>
+void decode_all(const DecodeParams& p, int num_threads) {
+  const int64_t items = static_cast<int64_t>(p.B) * p.Hkv * p.num_splits;
+  parallel_for(items, num_threads, [&](int64_t i) {
+    thread_local std::vector<float> buf;
+    const int s = static_cast<int>(i % p.num_splits);
+    const int kvh = static_cast<int>((i / p.num_splits) % p.Hkv);
+    const int b = static_cast<int>(i / (static_cast<int64_t>(p.num_splits) * p.Hkv));
+    decode_item<DT>(p, b, kvh, s, buf);
+  });
+  if (p.num_splits > 1)
+    parallel_for(static_cast<int64_t>(p.B) * p.Hq, num_threads, [&](int64_t bh) { merge_item(p, bh); });
+}
+
+}  // namespace
+
+int paged_decode_cpu(const attn::DecodeParams& p, int num_threads) {
+  if (p.B < 0 || p.Hkv < 1 || p.Hq % p.Hkv || p.D < 1 || p.Dv < 1 || p.block_size < 1 ||
+      p.block_size > attn::kMaxBlockSize || p.num_splits < 1 || p.num_splits > attn::kMaxSplits || p.chunk < 1)
+    return kBadArgument;
+  if (p.num_splits > 1 && (!p.part_o || !p.part_lse)) return kBadArgument;
+  if (p.B == 0) return kOk;
+  switch (p.dtype) {
+    case kFloat32: decode_all<kFloat32>(p, num_threads); break;
+    case kFloat16: decode_all<kFloat16>(p, num_threads); break;
+    case kBFloat16: decode_all<kBFloat16>(p, num_threads); break;
+    default: return kUnsupported;
+  }
+  return kOk;
+}
+
+}  // namespace dsmath

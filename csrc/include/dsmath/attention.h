@@ -1,0 +1,156 @@
+// Shared __host__ __device__ math of paged-KV attention, used by the C++ CPU kernel (attn_decode_cpu.cpp) and the
+// CUDA kernel (attn_decode.cu) so each checks the other: KV split ranges, 64-bit paged offsets, the online softmax
+// update in base 2, the log-sum-exp merge of partial results, and typed loads/stores.
+//
+// Scores are kept in the log2 domain: s = (scale * log2 e) * q.k, so exp(x) becomes exp2 (one MUFU op on GPU).
+// A partial result over a token range is (o = sum p v / sum p, lse = m + log2(sum p)); ranges merge by
+//   out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M),  M = max_i lse_i      (empty ranges have lse = -inf).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "dsmath/common.h"
+
+namespace dsmath {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxBlockSize = 256;
+constexpr int kMaxSplits = 256;
+
+// Everything a decode launch needs; strides in elements, all 64-bit (a 128K-token cache overflows int32).
+struct DecodeParams {
+  const void* q;  // [B, Hq, D]
+  int64_t q_sb, q_sh;
+  const void* k;  // [NB, BS, Hkv, D]
+  int64_t k_sblk, k_stok, k_sh;
+  const void* v;  // [NB, BS, Hkv, Dv] (may alias k: MLA values are the first Dv columns of the latent row)
+  int64_t v_sblk, v_stok, v_sh;
+  const int32_t* block_tables;  // [B, maxb]
+  int64_t bt_sb;
+  const int32_t* seq_lens;  // [B]
+  void* out;                // [B, Hq, Dv] contiguous, dtype of q
+  float* part_o;            // [B, Hq, S, Dv] when num_splits > 1
+  float* part_lse;          // [B, Hq, S]
+  int dtype;
+  int B, Hq, Hkv, D, Dv, block_size;
+  float scale;
+  int num_splits, chunk;
+};
+
+DSM_HD float exp2_(float x) {
+#if defined(__CUDA_ARCH__)
+  return exp2f(x);
+#else
+  return std::exp2(x);
+#endif
+}
+
+DSM_HD float log2_(float x) {
+#if defined(__CUDA_ARCH__)
+  return log2f(x);
+#else
+  return std::log2(x);
+#endif
+}
+
+// Token range [begin, end) of split s; the last split always runs to the end of the sequence, so a plan made for
+// a shorter maximum length is slower, never wrong.
+DSM_HD void split_range(int s, int num_splits, int chunk, int64_t len, int64_t& begin, int64_t& end) {
+  begin = static_cast<int64_t>(s) * chunk;
+  end = (s == num_splits - 1) ? len : begin + chunk;
+  if (end > len) end = len;
+  if (begin > end) begin = end;
+}
+
+// Element offset of token `pos` (head 0, dim 0) of a sequence whose block-table row is `bt_row`.
+DSM_HD int64_t token_offset(const int32_t* bt_row, int64_t pos, int block_size, int64_t s_blk, int64_t s_tok) {
+  const int64_t blk = bt_row[pos / block_size];
+  return blk * s_blk + (pos % block_size) * s_tok;
+}
+
+// Online softmax step with a new score s (log2 domain): returns the factor `alpha` for the old accumulator and
+// the weight `p` of the new value; m, l are updated. A -inf score changes nothing.
+DSM_HD void online_update(float& m, float& l, float s, float& alpha, float& p) {
+  if (s == -INFINITY) {
+    alpha = 1.f;
+    p = 0.f;
+    return;
+  }
+  const float m_new = s > m ? s : m;
+  alpha = exp2_(m - m_new);  // m = -inf -> 0
+  p = exp2_(s - m_new);
+  l = l * alpha + p;
+  m = m_new;
+}
+
+// Merge two unnormalised states (m_a, l_a, acc_a) and (m_b, l_b, acc_b): acc = wa acc_a + wb acc_b.
+DSM_HD void merge_weights(float& m_a, float& l_a, float m_b, float l_b, float& wa, float& wb) {
+  const float m = m_a > m_b ? m_a : m_b;
+  if (m == -INFINITY) {
+    wa = 1.f;
+    wb = 0.f;
+    return;
+  }
+  wa = exp2_(m_a - m);
+  wb = exp2_(m_b - m);
+  l_a = l_a * wa + l_b * wb;
+  m_a = m;
+}
+
+// lse of a finished state, -inf when it saw no token.
+DSM_HD float state_lse(float m, float l) { return l > 0.f ? m + log2_(l) : -INFINITY; }
+
+// Round-to-nearest-even fp32 -> IEEE half (overflow -> inf, NaN stays NaN), identical on host and device.
+DSM_HD uint16_t float_to_fp16(float f) {
+  const uint32_t b = float_to_bits(f);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t a = b & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520 -> inf
+  if (a < 0x38800000u) {                                               // half subnormal or zero
+    const float v = bits_to_float(a) * 16777216.f;                     // / 2^-24, exact
+    uint32_t r = static_cast<uint32_t>(v);
+    const float frac = v - static_cast<float>(r);
+    if (frac > 0.5f || (frac == 0.5f && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  uint32_t h = ((a >> 13) - (112u << 10));
+  const uint32_t rest = a & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+DSM_HD void store_from_float(void* p, int64_t i, float v, int dtype) {
+  switch (dtype) {
+    case kFloat32: static_cast<float*>(p)[i] = v; break;
+    case kFloat16: static_cast<uint16_t*>(p)[i] = float_to_fp16(v); break;
+    case kBFloat16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    default: break;
+  }
+}
+
+// Typed scalar load: DT is a compile-time dtype code (kFloat32 / kFloat16 / kBFloat16).
+template <int DT>
+DSM_HD float load_t(const void* p, int64_t i) {
+  if (DT == kFloat32) return static_cast<const float*>(p)[i];
+  if (DT == kFloat16) return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
+  return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+}
+
+// Final value of one (sequence, head, dim) from its splits' partials (o [S] at stride Dv, lse [S]).
+DSM_HD float merge_splits(const float* o, int64_t o_stride, const float* lse, int S) {
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = lse[s] > M ? lse[s] : M;
+  if (M == -INFINITY) return 0.f;
+  float num = 0.f, den = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float w = exp2_(lse[s] - M);
+    num += w * o[s * o_stride];
+    den += w;
+  }
+  return num / den;
+}
+
+}  // namespace attn
+}  // namespace dsmath
