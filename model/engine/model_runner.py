@@ -1,0 +1,140 @@
+"""ModelRunner: turns a scheduled Batch into a ForwardMeta, runs `model.forward_paged`, owns the KV cache.
+
+Metadata is built on the host with vectorised torch ops (no per-token Python loops) and copied to the device
+in one non-blocking transfer per tensor. Pure decode steps on CUDA replay a CUDA graph captured for the
+smallest captured batch size >= B (padding rows write nowhere: slot -1, and attend to one token of block 0);
+everything else runs eagerly. Capture is attempted once at start-up and silently falls back to eager mode if
+the model cannot be captured (e.g. an op that syncs with the host).
+"""
+
+import logging
+
+import torch
+
+from model.engine.scheduler import Batch
+from model.meta import ForwardMeta
+
+log = logging.getLogger(__name__)
+
+try:  # split plan for decode attention, computed once per step from host integers (graph safe)
+    from dsmath_kernels import plan_decode
+except ImportError:  # pragma: no cover - kernels package without attention
+    plan_decode = None
+
+
+def _kv_heads(config) -> int:
+    return 1 if getattr(config, "is_mla", False) else int(getattr(config, "num_key_value_heads", 1) or 1)
+
+
+class ModelRunner:
+    def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
+                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False):
+        self.model = model
+        self.device = torch.device(model.device)
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        self.kv_heads = _kv_heads(model.config)
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        self.pin = self.device.type == "cuda"
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda" and not enforce_eager:
+            self.capture(max_num_seqs)
+
+    # ---- metadata ---------------------------------------------------------------------------------------------
+    def _plan(self, B: int, max_len: int):
+        return plan_decode(B, max_len, num_kv_heads=self.kv_heads, device=self.device) if plan_decode else None
+
+    def host_meta(self, batch: Batch) -> dict:
+        """Host (CPU) tensors of the step's metadata."""
+        bs = self.block_size
+        starts = [s.num_computed for s in batch.seqs]
+        n = torch.tensor(batch.num_new, dtype=torch.int64)                          # [B]
+        seq_lens = torch.tensor(starts, dtype=torch.int64) + n                      # [B]
+        width = max(1, -(-int(seq_lens.max()) // bs))
+        tables = torch.zeros(len(batch.seqs), width, dtype=torch.int32)             # [B, W]
+        for b, s in enumerate(batch.seqs):
+            blocks = s.block_table[:width]
+            tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        cu = torch.zeros(len(batch.seqs) + 1, dtype=torch.int64)
+        cu[1:] = n.cumsum(0)
+        row = torch.repeat_interleave(torch.arange(len(batch.seqs)), n)             # [N] sequence of each token
+        pos = torch.arange(int(cu[-1])) - cu[row] + torch.tensor(starts)[row]       # [N]
+        ids = [t for s, a, k in zip(batch.seqs, starts, batch.num_new) for t in s.token_ids[a:a + k]]
+        slots = tables[row, pos // bs].long() * bs + pos % bs                      # [N]
+        return {"input_ids": torch.tensor(ids, dtype=torch.int64), "positions": pos, "cu_seqlens_q": cu.int(),
+                    "seq_lens": seq_lens.int(), "block_tables": tables, "slot_mapping": slots, "logits_indices": cu[1:] - 1}
+
+    def prepare(self, batch: Batch) -> ForwardMeta:
+        h = self.host_meta(batch)
+        dev = {k: (v.pin_memory() if self.pin else v).to(self.device, non_blocking=True) for k, v in h.items()}
+        plan = self._plan(len(batch.seqs), int(h["seq_lens"].max())) if batch.is_decode else None
+        return ForwardMeta(**dev, is_decode=batch.is_decode, decode_plan=plan)
+
+    # ---- running ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Logits [B, V] float32 of each scheduled sequence's last new token."""
+        B = len(batch.seqs)
+        if batch.is_decode and self.graphs and B <= max(self.graphs):
+            return self._replay(batch)
+        return self.model.forward_paged(self.prepare(batch), self.kv_cache)
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: cache block src -> dst in every layer."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for i in range(len(self.kv_cache)):
+            layer = self.kv_cache[i]
+            for t in layer if isinstance(layer, (tuple, list)) else (layer,):
+                t.index_copy_(0, dst, t.index_select(0, src))
+
+    # ---- CUDA graphs -------------------------------------------------------------------------------------------
+    def capture(self, max_num_seqs: int) -> None:
+        sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs + 1, 16))
+        sizes = sorted(set(sizes + [max_num_seqs]))
+        M, dev = sizes[-1], self.device
+        self.static = {
+            "input_ids": torch.zeros(M, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(M, dtype=torch.int64, device=dev),
+            "cu_seqlens_q": torch.arange(M + 1, dtype=torch.int32, device=dev),
+            "seq_lens": torch.ones(M, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(M, self.max_blocks, dtype=torch.int32, device=dev),
+            "slot_mapping": torch.full((M,), -1, dtype=torch.int64, device=dev),
+            "logits_indices": torch.arange(M, dtype=torch.int64, device=dev)}
+        try:
+            pool = None
+            for bs in reversed(sizes):   # largest first, so smaller graphs reuse its memory pool
+                meta = ForwardMeta(**{k: v[: bs + 1] if k == "cu_seqlens_q" else v[:bs]
+                                      for k, v in self.static.items()},
+                                   is_decode=True, decode_plan=self._plan(bs, self.max_model_len))
+                with torch.inference_mode():
+                    self.model.forward_paged(meta, self.kv_cache)  # warm-up (lazy inits, autotuning)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self.model.forward_paged(meta, self.kv_cache)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bs] = (graph, out)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run decode eagerly
+            log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
+            self.graphs.clear()
+            torch.cuda.synchronize()
+
+    def _replay(self, batch: Batch) -> torch.Tensor:
+        B = len(batch.seqs)
+        bs = min(b for b in self.graphs if b >= B)
+        h, st = self.host_meta(batch), self.static
+        for k in ("input_ids", "positions", "seq_lens", "slot_mapping"):
+            st[k][:B].copy_(h[k], non_blocking=True)
+        st["block_tables"][:B, : h["block_tables"].shape[1]].copy_(h["block_tables"], non_blocking=True)
+        st["slot_mapping"][B:bs].fill_(-1)   # padding rows: write nowhere, read 1 token of block 0
+        st["seq_lens"][B:bs].fill_(1)
+        st["block_tables"][B:bs, 0].fill_(0)
+        graph, out = self.graphs[bs]
+        graph.replay()
+        return out[:B]

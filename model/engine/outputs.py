@@ -1,0 +1,36 @@
+"""What `LLM.generate` returns (vLLM's shapes) and what `LLM.stream` yields."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int                          # sample index within the request (0..n-1)
+    token_ids: list[int]                # generated tokens (a final EOS / stop token included)
+    text: str | None                    # detokenized completion (stop string excluded); None without tokenizer
+    token_logprobs: list[float] | None  # log p(token) under the distribution it was sampled from (logprobs=True)
+    finish_reason: str | None           # "stop" (EOS, stop id or stop string) or "length"
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.outputs) and all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass
+class StreamEvent:
+    """One new token of one sample; `finish_reason` is set on the sample's last event."""
+    request_id: int
+    index: int
+    token_id: int
+    logprob: float | None
+    text: str | None                    # the text this token completed (may be "" mid-character); None w/o tokenizer
+    finish_reason: str | None
