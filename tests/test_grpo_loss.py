@@ -219,3 +219,66 @@ def test_errors_name_the_argument():
             grpo_loss(*args, **kw)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(hidden, weight, targets + 20)
+
+
+def test_zero_tokens():
+    for backend in ("torch", "triton"):
+        h = torch.randn(2, 0, 8, requires_grad=True)
+        w = torch.randn(20, 8, requires_grad=True)
+        t = torch.zeros(2, 0, dtype=torch.long)
+        loss, met = grpo_loss(h, w, t, torch.zeros(2, 0, dtype=torch.bool), torch.randn(2), backend=backend)
+        dh, dw = torch.autograd.grad(loss, (h, w))
+        assert loss.item() == 0.0 and dh.shape == h.shape and (dw == 0).all() and met["entropy"].item() == 0.0
+
+
+# ------------------------------------------------------------------------------------ Triton kernels (interpreter)
+@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_loss_triton(monkeypatch, mode, loss_type):
+    """fp32; V = 70 is not a multiple of the 32-column tile; 3 vocab splits in the forward."""
+    monkeypatch.setenv("DSMATH_GRPO_BWD", mode)
+    inputs = list(_inputs(2, 5, 24, 70))
+    inputs[3][0] = False  # sequence 0 has no unmasked token
+    _check_against_ref(tuple(inputs), loss_type=loss_type, temperature=0.8, backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_grpo_loss_triton_on_policy_no_ref(monkeypatch, mode):
+    monkeypatch.setenv("DSMATH_GRPO_BWD", mode)
+    _check_against_ref(_inputs(3, 4, 16, 45, with_old=False, with_ref=False), loss_type="grpo", backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("dtype,atol,grad_atol", [(torch.float16, 1e-4, 2e-3), (torch.bfloat16, 1e-4, 1e-2)])
+def test_token_logprobs_triton_half(monkeypatch, mode, dtype, atol, grad_atol):
+    """Half-precision inputs, fp32 accumulation: logp to fp32 accuracy on the rounded inputs; the grads carry the
+    output rounding (and, in "split" mode, the half-precision d logits buffer, as a bf16 autograd would)."""
+    from dsmath_kernels import grpo_triton
+
+    monkeypatch.setenv("DSMATH_GRPO_BWD", mode)
+    monkeypatch.setattr(grpo_triton, "SPLIT_BYTES", 1)  # split mode: 32-column super-chunks, the last one partial
+    hidden, weight, targets, *_ = _inputs(2, 5, 24, 70, dtype)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lp = token_logprobs(h, w, targets, temperature=1.2, backend="triton")
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp64 = token_logprobs_ref(h64, w64, targets, temperature=1.2)
+    assert_close(lp, lp64, atol=atol, rtol=1e-4, name="logp")
+    g = torch.randn(2, 5)
+    dh, dw = torch.autograd.grad(lp, (h, w), g)
+    dh64, dw64 = torch.autograd.grad(lp64, (h64, w64), g.double())
+    assert dh.dtype == dtype and dw.dtype == dtype
+    scale = max(dh64.abs().max().item(), dw64.abs().max().item())
+    assert_close(dh, dh64, atol=grad_atol * scale, rtol=1e-2, name="d hidden")
+    assert_close(dw, dw64, atol=grad_atol * scale, rtol=1e-2, name="d weight")
+
+
+def test_triton_matches_torch_path_entropy_and_lse():
+    from dsmath_kernels import grpo_triton
+
+    hidden, weight, targets, *_ = _inputs(1, 9, 16, 100)
+    h, t = hidden[0], targets[0]
+    a = grpo_triton.lse_forward(h, weight, t, 1 / 0.9)
+    b = grpo._torch_fwd(h, weight, t, 1 / 0.9)
+    for x, y, name in zip(a, b, ("logp", "lse", "entropy")):
+        assert_close(x, y, atol=1e-5, rtol=1e-5, name=name)
