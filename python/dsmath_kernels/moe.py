@@ -50,9 +50,9 @@ class MoePermutation(NamedTuple):
 
 # ---------------------------------------------------------------- backends
 
-def _permute_backend(device: torch.device) -> str:
+def _permute_backend(device: torch.device, E: int = 256) -> str:
     if device.type == "cuda" and _ext.has_cuda_kernels(device) and hasattr(_ext.C(), "moe_permute_cuda"):
-        return "cuda"
+        return "cuda" if E <= _ext.C().moe_max_experts_cuda else "reference"
     if device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(_ext.C(), "moe_permute_cpu"):
         return "cpu"
     return "reference"
@@ -73,9 +73,9 @@ def _gemm_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_ok() else "torch"
 
 
-register_backend("moe_permute", _permute_backend)
+register_backend("moe_permute", lambda d: _permute_backend(d))
 register_backend("grouped_gemm", _gemm_backend)
-register_backend("moe_experts", lambda d: f"{_permute_backend(d)}+{_gemm_backend(d)}")
+register_backend("moe_experts", lambda d: f"permute {_permute_backend(d)}, gemm {_gemm_backend(d)}")
 
 
 def _check_values(device: torch.device) -> bool:
@@ -90,7 +90,7 @@ def _num_rows(P: int, E: int, block_m: int) -> int:
 
 def _permute_impl(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, K = ids.shape
-    backend = _permute_backend(ids.device)
+    backend = _permute_backend(ids.device, E)
     if backend == "reference":
         return moe_permute_ref(ids, E, block_m)
     ids = ids.to(torch.int32).contiguous()
