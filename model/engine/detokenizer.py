@@ -29,9 +29,17 @@ def find_stop(text: str, new: str, stops: list[str]) -> int:
     return min(hits) if hits else -1
 
 
-def final_text(tokenizer, seq: Sequence, stopped_by_string: bool) -> str | None:
+def final_text(tokenizer, seq: Sequence, stops: list[str]) -> str | None:
+    """The completion's text as the incremental decoder sees it (decoded after a few prompt tokens, so a
+    leading space is kept, as vLLM does), cut at the earliest stop string when one ended the sequence."""
     if tokenizer is None:
         return None
-    if stopped_by_string:  # seq.text was cut at the stop string when it appeared
-        return seq.text
-    return tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+    ctx = seq.token_ids[max(0, seq.num_prompt_tokens - 5):seq.num_prompt_tokens]
+    head = tokenizer.decode(ctx, skip_special_tokens=True)
+    full = tokenizer.decode(ctx + seq.completion_ids, skip_special_tokens=True)
+    text = full[len(head):] if full.startswith(head) else tokenizer.decode(seq.completion_ids,
+                                                                            skip_special_tokens=True)
+    if seq.stopped_by_string:
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        text = text[:min(hits)] if hits else seq.text
+    return text

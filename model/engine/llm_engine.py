@@ -166,19 +166,24 @@ class LLM:
     def _append(self, seq: Sequence, token: int, logprob: float) -> StreamEvent:
         p = seq.params
         seq.append(token, logprob if p.logprobs else None)
-        new = None
+        piece = ""
         if self.tokenizer is not None and (p.stop_list or self._stream_text):
-            before = len(seq.text)
             piece = decode_step(self.tokenizer, seq)
-            reason = self._finish_reason(seq, token, piece)
-            new = seq.text[before:] if len(seq.text) >= before else ""
-        else:
-            reason = self._finish_reason(seq, token, "")
+        reason = self._finish_reason(seq, token, piece)
+        text = self._emit_text(seq, reason is not None) if self.tokenizer is not None else None
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
             self._finish_sample(seq)
-        return StreamEvent(seq.request_id, seq.index, token, logprob if p.logprobs else None, new, reason)
+        return StreamEvent(seq.request_id, seq.index, token, logprob if p.logprobs else None, text, reason)
+
+    @staticmethod
+    def _emit_text(seq: Sequence, final: bool) -> str:
+        """Streamed text: hold back the last (longest stop - 1) characters, which a stop string may still cut."""
+        hold = 0 if final or not seq.params.stop_list else max(map(len, seq.params.stop_list)) - 1
+        end = max(seq.num_emitted, len(seq.text) - hold)
+        out, seq.num_emitted = seq.text[seq.num_emitted:end], end
+        return out
 
     def _finish_reason(self, seq: Sequence, token: int, piece: str) -> str | None:
         p = seq.params
@@ -201,7 +206,7 @@ class LLM:
             return
         del self.requests[req.request_id]
         outs = [CompletionOutput(s.index, s.completion_ids,
-                                 final_text(self.tokenizer, s, s.stopped_by_string),
+                                 final_text(self.tokenizer, s, req.params.stop_list),
                                  list(s.logprobs) if req.params.logprobs else None, s.finish_reason,
                                  s.num_preemptions)
                 for s in sorted(req.samples.values(), key=lambda s: s.index)]

@@ -49,6 +49,7 @@ class Sequence:
         self.read_offset = self.num_prompt_tokens
         self.num_preemptions = 0
         self.stopped_by_string = False
+        self.num_emitted = 0                 # characters of .text already streamed
 
     def __len__(self) -> int:
         return len(self.token_ids)

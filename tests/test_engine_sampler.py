@@ -1,0 +1,80 @@
+"""Sampler: greedy, temperature, top-k, top-p, seeded per-row generators, log-probs of the sampled token."""
+
+import pytest
+import torch
+
+from model.engine.sampler import Sampler
+from model.engine.sampling_params import SamplingParams
+
+
+def test_greedy_and_logprob():
+    logits = torch.randn(5, 11)
+    tok, lp = Sampler()(logits, [SamplingParams(temperature=0)] * 5, [None] * 5)
+    assert torch.equal(tok, logits.argmax(-1))
+    torch.testing.assert_close(lp, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(6, 50)
+    ps = [SamplingParams(temperature=1.3, top_k=1)] * 3 + [SamplingParams(temperature=0.7, top_p=1e-6)] * 3
+    tok, lp = Sampler()(logits, ps, [None] * 6)
+    assert torch.equal(tok, logits.argmax(-1))
+    torch.testing.assert_close(lp, torch.zeros(6))      # a one-token distribution
+
+
+def test_mixed_batch_greedy_rows_unchanged():
+    logits = torch.randn(4, 20)
+    ps = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)] * 2
+    tok, lp = Sampler()(logits, ps, [None] * 4)
+    assert tok[0] == logits[0].argmax() and tok[2] == logits[2].argmax()
+    full = logits.log_softmax(-1)
+    torch.testing.assert_close(lp, full.gather(-1, tok[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.5, -1, 1.0), (1.0, 3, 1.0), (2.0, -1, 0.6),
+                                                      (0.8, 4, 0.7)])
+def test_frequencies_and_logprobs_match_the_distribution(temperature, top_k, top_p):
+    V, B = 6, 6000
+    base = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0])
+    scaled = base / temperature
+    keep = torch.zeros(V, dtype=torch.bool)
+    order = scaled.argsort(descending=True)
+    k = top_k if top_k > 0 else V
+    probs_sorted = scaled[order].softmax(-1)
+    for r in range(k):   # nucleus: tokens whose preceding mass (after top-k) is < top_p
+        mass = probs_sorted[:r].sum() / probs_sorted[:k].sum()
+        if r == 0 or mass < top_p:
+            keep[order[r]] = True
+    want = torch.where(keep, scaled, torch.tensor(float("-inf"))).softmax(-1)
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * B
+    tok, lp = Sampler(seed=1)(base.expand(B, V).clone(), params, [None] * B)
+    freq = torch.bincount(tok, minlength=V).float() / B
+    assert (freq[~keep] == 0).all()
+    assert (freq - want).abs().max() < 0.03
+    torch.testing.assert_close(lp, want.log()[tok])
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    V = 1000
+    logits = torch.randn(1, V)
+    p = SamplingParams(temperature=1.0, seed=7)
+
+    def draw(other_rows: int):
+        g = torch.Generator().manual_seed(123)
+        rows = torch.cat([torch.randn(other_rows, V), logits])
+        tok, lp = Sampler(seed=other_rows)(rows, [SamplingParams()] * other_rows + [p], [None] * other_rows + [g])
+        return [int(tok[-1])] + [int(x) for x in _continue(g, logits)], float(lp[-1])
+
+    alone, in_batch = draw(0), draw(5)
+    assert alone == in_batch
+
+
+def _continue(g, logits, steps=5):
+    s = Sampler()
+    return [s(logits, [SamplingParams(seed=7)], [g])[0][0] for _ in range(steps)]
+
+
+def test_unseeded_rows_vary():
+    logits = torch.zeros(64, 100)
+    tok, _ = Sampler()(logits, [SamplingParams()] * 64, [None] * 64)
+    assert len(set(tok.tolist())) > 20
