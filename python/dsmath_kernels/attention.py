@@ -61,6 +61,7 @@ class DecodePlan:
     max_seq_len: int
 
 
+@torch.compiler.assume_constant_result
 def _num_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count  # ~2 CTAs per SM

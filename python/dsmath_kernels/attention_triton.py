@@ -1,11 +1,159 @@
-"""Triton varlen prefill against the paged KV cache (work in progress: kernel lands in the next commit)."""
+"""Triton varlen prefill against the paged KV cache (paged_prefill / mla_prefill on GPU; spec in
+reference/attention.py). One program = BLOCK_M query tokens of one sequence x one query head; it walks the
+sequence's keys BLOCK_N at a time through the block table (per-key block lookup, so any block size works), with
+a base-2 online softmax (FlashAttention-2). The head dim is split into a power-of-two part and a remainder
+(576 = 512 + 64 for MLA; no padding to 1024). Causal: query at position L - n + i sees keys <= that position,
+and the key loop stops at the tile's last query. In the interpreter (TRITON_INTERPRET=1) operands are upcast to
+fp32 before tl.dot, whose bf16 path is broken there."""
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU-only installs
+    triton = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
 def available() -> bool:
-    return False
+    return triton is not None
 
 
-def paged_prefill_triton(*args, **kwargs):
-    raise NotImplementedError("paged_prefill_triton: not built yet")
+if triton is not None:
+
+    @triton.jit
+    def _tile_scores(q_a, q_b, K, k_off, n_mask, offs_a, offs_b, D, DA: tl.constexpr, HAS_B: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """q . k for a key tile: the [0, DA) part plus the [DA, D) remainder. -> [BLOCK_M, BLOCK_N] fp32."""
+        ka = tl.load(K + k_off[None, :] + offs_a[:, None], mask=n_mask[None, :] & (offs_a[:, None] < D), other=0.0)
+        if UPCAST:
+            ka = ka.to(tl.float32)
+        s = tl.dot(q_a, ka)
+        if HAS_B:
+            kb = tl.load(K + k_off[None, :] + DA + offs_b[:, None],
+                         mask=n_mask[None, :] & (DA + offs_b[:, None] < D), other=0.0)
+            if UPCAST:
+                kb = kb.to(tl.float32)
+            s += tl.dot(q_b, kb)
+        return s
+
+    @triton.jit
+    def _prefill_fwd_kernel(Q, K, V, O, BT, CU, SL, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_t, so_h,
+                            s_bt, scale_log2, G, D, DV, BS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+        mt = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2)
+        q0 = tl.load(CU + b)
+        n = tl.load(CU + b + 1) - q0
+        if mt * BLOCK_M >= n:
+            return
+        L = tl.load(SL + b)
+        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence's new tokens
+        m_mask = offs_m < n
+        qpos = L - n + offs_m  # absolute positions
+        rows = (q0 + offs_m).to(tl.int64)
+        offs_a = tl.arange(0, DA)
+        offs_b = tl.arange(0, BLOCK_DB)
+        offs_v = tl.arange(0, BLOCK_DV)
+        q_ptr = Q + rows[:, None] * sq_t + h * sq_h
+        q_a = tl.load(q_ptr + offs_a[None, :], mask=m_mask[:, None] & (offs_a[None, :] < D), other=0.0)
+        q_b = tl.load(q_ptr + DA + offs_b[None, :], mask=m_mask[:, None] & (DA + offs_b[None, :] < D), other=0.0)
+        if UPCAST:
+            q_a = q_a.to(tl.float32)
+            q_b = q_b.to(tl.float32)
+        kvh = h // G
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        hi = L
+        if CAUSAL:
+            hi = L - n + tl.minimum((mt + 1) * BLOCK_M, n)
+        for start in range(0, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            blk = tl.load(BT + b * s_bt + offs_n // BS, mask=n_mask, other=0).to(tl.int64)
+            slot = (offs_n % BS).to(tl.int64)
+            k_off = blk * sk_b + slot * sk_t + kvh * sk_h
+            s = _tile_scores(q_a, q_b, K, k_off, n_mask, offs_a, offs_b, D, DA, HAS_B, UPCAST) * scale_log2
+            keep = n_mask[None, :] & m_mask[:, None]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= qpos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_off = blk * sv_b + slot * sv_t + kvh * sv_h
+            v = tl.load(V + v_off[:, None] + offs_v[None, :], mask=n_mask[:, None] & (offs_v[None, :] < DV),
+                        other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptr = O + rows[:, None] * so_t + h * so_h + offs_v[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
+
+
+def _dim_split(D: int) -> tuple[int, int]:
+    """D = DA + rest with DA the largest power of two <= D (>= 16); rest padded to a power of two >= 16 (0: none)."""
+    da = max(16, 1 << (D.bit_length() - 1))
+    rest = D - da
+    return da, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+
+
+def _tiles(Dv: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tiny in the interpreter; wide value rows (MLA, Dv 512) get a 32-row tile so
+    the fp32 accumulator stays in registers."""
+    if _interpreting():
+        return 16, 16, 4
+    if Dv > 256 or D > 256:
+        return 32, 32, 8
+    if Dv > 128 or D > 128:
+        return 64, 32, 4
+    return 128, 64, 8
+
+
+def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool,
+                         max_q: int) -> torch.Tensor:
+    """Launcher: q [Nq, Hq, D], k_cache [NB, BS, Hkv, D], v_cache [NB, BS, Hkv, Dv] (any strides with a unit last
+    stride; v may be a view of k) -> [Nq, Hq, Dv]. Argument checks are done by attention.paged_prefill."""
+    Nq, Hq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
+    B = cu_seqlens_q.shape[0] - 1
+    out = torch.empty(Nq, Hq, Dv, dtype=q.dtype, device=q.device)
+    if Nq == 0 or B == 0 or max_q == 0:
+        return out.zero_()
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache / v_cache: last dim must be contiguous")
+    bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    da, db = _dim_split(D)
+    bm, bn, warps = _tiles(Dv, D)
+    grid = (triton.cdiv(max_q, bm), B, Hq)
+    _prefill_fwd_kernel[grid](
+        q, k_cache, v_cache, out, bt, cu_seqlens_q.contiguous(), seq_lens.contiguous(),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
+        float(scale) * math.log2(math.e), Hq // Hkv, D, Dv, k_cache.shape[1],
+        BLOCK_M=bm, BLOCK_N=bn, DA=da, BLOCK_DB=max(db, 16), HAS_B=db > 0,
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)), CAUSAL=bool(causal), UPCAST=_interpreting(),
+        num_warps=warps, num_stages=2,
+    )
+    return out

@@ -105,3 +105,35 @@ def mla_prefill_ref(q, kv_cache, block_tables, cu_seqlens_q, seq_lens, scale: fl
     """Absorbed MLA prefill: q [Nq, H, Dc + Dr] against the latent cache -> [Nq, H, Dc] (see paged_prefill_ref)."""
     kv = kv_cache.unsqueeze(2)
     return paged_prefill_ref(q, kv, kv[..., :v_head_dim], block_tables, cu_seqlens_q, seq_lens, scale, causal)
+
+
+def paginate(seqs: list[torch.Tensor], block_size: int, *, spare_blocks: int = 3, fill: float = float("nan"),
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test/bench helper, the inverse of gather_kv: scatter dense per-sequence rows seqs[b] [L_b, ...] into a
+    paged cache whose blocks are randomly permuted. Unused slots hold `fill` (NaN: a kernel that reads past a
+    sequence poisons its output); unused block-table entries hold 2**30 (out of range: reading one is a bug).
+    Returns cache [NB, BS, ...] and block_tables [B, max_blocks] int32; build a second cache with the same
+    tables via paginate_like."""
+    B = len(seqs)
+    used = [-(-s.shape[0] // block_size) for s in seqs]
+    maxb = max([1, *used])
+    nb = sum(used) + spare_blocks
+    perm = torch.randperm(nb, generator=generator)
+    tables = torch.full((B, maxb), 2**30, dtype=torch.int32)
+    at = 0
+    for b, u in enumerate(used):
+        tables[b, :u] = perm[at : at + u].to(torch.int32)
+        at += u
+    return paginate_like(seqs, tables, nb, block_size, fill=fill), tables.to(seqs[0].device)
+
+
+def paginate_like(seqs: list[torch.Tensor], block_tables: torch.Tensor, num_blocks: int, block_size: int, *,
+                  fill: float = float("nan")) -> torch.Tensor:
+    """Scatter seqs[b] [L_b, ...] into a new cache [num_blocks, block_size, ...] through given block tables."""
+    s0 = seqs[0]
+    cache = torch.full((num_blocks, block_size, *s0.shape[1:]), fill, dtype=s0.dtype, device=s0.device)
+    for b, s in enumerate(seqs):
+        pos = torch.arange(s.shape[0], device=s.device)
+        blocks = block_tables[b].to(s.device).long()[pos // block_size]
+        cache[blocks, pos % block_size] = s
+    return cache
