@@ -1,0 +1,244 @@
+"""Triton grouped GEMM for the MoE expert layer (Hopper: tl.dot lowers to wgmma).
+
+`_gemm_kernel`: y[r] = x[src(r)] @ w[g].T for the rows r of expert g's segment [off[g], off[g+1]). Persistent:
+the grid is a fixed number of programs (SMs, or fewer when there are fewer tiles) that walk the (expert, m-tile,
+n-tile) space with stride `num_programs`; the segment sizes are read on the device, so there is no host sync and
+the launch is CUDA-graph safe. m-tiles are the fast index inside an expert, so programs running together share
+the same weight tile in L2. A virtual group E covers the rows past off[E] and writes zeros.
+Switches (tl.constexpr): GATHER — A rows come from x[rows[r]] (the permutation folded into the A load, -1 = a
+zero row); ACT — w holds 2N rows (gate then up), the tile computes both and stores silu(g) * u (the SwiGLU
+epilogue); SCALE — multiply row r by scale[r] (the routing weight); UPCAST — fp32 dot, for the interpreter
+whose bf16 tl.dot is broken.
+`_wgrad_kernel`: dw[g] = dy[seg].T @ x[seg], one program per (expert, n-tile, k-tile), looping over the segment.
+
+Autotuning is keyed on (N, K, rows-per-expert bucket) over a small config list pruned by the bucket (decode-size
+segments get BM 16-32, prefill segments BM 64-128), so the first call of a new shape times at most 4 configs.
+Under TRITON_INTERPRET=1 one small fixed config runs (no autotune)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, mbucket,
+                 sxm, sxk, swe, swn, swk, sym, syn,
+                 GATHER: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    num_n = tl.cdiv(N, BN)
+    tile_base = 0
+    for g in range(E + 1):
+        start = tl.minimum(tl.maximum(tl.load(off_ptr + g).to(tl.int32), 0), M)
+        end = tl.where(g < E, tl.load(off_ptr + tl.minimum(g + 1, E)).to(tl.int32), M)
+        end = tl.minimum(tl.maximum(end, start), M)
+        num_m = tl.cdiv(end - start, BM)
+        tiles = num_m * num_n
+        first = (pid - tile_base % nprog + nprog) % nprog
+        k_iters = tl.where(g < E, tl.cdiv(K, BK), 0)  # the virtual tail group only writes zeros
+        for t in range(first, tiles, nprog):
+            m_tile = t % num_m
+            n_tile = t // num_m
+            rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
+            mask_m = rows < end
+            if GATHER:
+                src = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
+                a_ok = mask_m & (src >= 0)
+                src = tl.maximum(src, 0).to(tl.int64)
+            else:
+                a_ok = mask_m
+                src = rows.to(tl.int64)
+            cols = n_tile * BN + tl.arange(0, BN)  # [BN]
+            mask_n = cols < N
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            w_base = w_ptr + tl.cast(g, tl.int64) * swe
+            for kk in range(k_iters):
+                ks = kk * BK + tl.arange(0, BK)  # [BK]
+                mask_k = ks < K
+                a = tl.load(x_ptr + src[:, None] * sxm + ks[None, :] * sxk, mask=a_ok[:, None] & mask_k[None, :],
+                            other=0.0)  # [BM, BK]
+                b_ptrs = w_base + cols[None, :].to(tl.int64) * swn + ks[:, None] * swk  # [BK, BN]
+                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+                if ACT:  # up rows sit N rows below the gate rows
+                    bu = tl.load(b_ptrs + N * swn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                    if UPCAST:
+                        bu = bu.to(tl.float32)
+                    if IEEE:
+                        acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+                    else:
+                        acc_u = tl.dot(a, bu, acc_u)
+            if ACT:
+                acc = acc * tl.sigmoid(acc) * acc_u
+            if SCALE:
+                acc = acc * tl.load(scale_ptr + rows, mask=mask_m, other=0.0)[:, None]
+            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :] * syn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tile_base += tiles
+
+
+@triton.jit
+def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, M, N, K, mbucket,
+                  sdym, sdyn, sxm, sxk, swe, swn, swk,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    num_k = tl.cdiv(K, BK)
+    g = pid // (num_n * num_k)
+    rest = pid % (num_n * num_k)
+    n_tile = rest // num_k
+    k_tile = rest % num_k
+    start = tl.minimum(tl.maximum(tl.load(off_ptr + g).to(tl.int32), 0), M)
+    end = tl.minimum(tl.maximum(tl.load(off_ptr + g + 1).to(tl.int32), start), M)
+    cols = n_tile * BN + tl.arange(0, BN)  # [BN]
+    ks = k_tile * BK + tl.arange(0, BK)  # [BK]
+    mask_n = cols < N
+    mask_k = ks < K
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        mask_m = rows < end
+        r64 = rows.to(tl.int64)
+        dyt = tl.load(dy_ptr + r64[None, :] * sdym + cols[:, None] * sdyn, mask=mask_n[:, None] & mask_m[None, :],
+                      other=0.0)  # [BN, BM]
+        xt = tl.load(x_ptr + r64[:, None] * sxm + ks[None, :] * sxk, mask=mask_m[:, None] & mask_k[None, :],
+                     other=0.0)  # [BM, BK]
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(dyt, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(dyt, xt, acc)
+    dw_ptrs = dw_ptr + tl.cast(g, tl.int64) * swe + cols[:, None] * swn + ks[None, :] * swk
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+
+
+# ---------------------------------------------------------------- configs and autotuning
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+_GEMM_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4),  # decode
+    _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),
+]
+_WGRAD_CONFIGS = [_cfg(32, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 8, 3), _cfg(64, 256, 64, 8, 3)]
+
+
+def _bucket(rows: int, experts: int) -> int:
+    """Rows per expert, rounded to a power of two and capped: the autotune key, so new token counts reuse it."""
+    return min(1 << max(int(rows / max(experts, 1)), 1).bit_length(), 4096)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    b = named_args["mbucket"]
+    lo, hi = (16, 32) if b <= 16 else (32, 64) if b <= 64 else (64, 128)
+    return [c for c in configs if lo <= c.kwargs["BM"] <= hi]
+
+
+_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "mbucket", "ACT", "GATHER"],
+                              prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_kernel)
+_wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["N", "K", "mbucket"])(_wgrad_kernel)
+
+_INTERP_GEMM = {"BM": 16, "BN": 32, "BK": 32}
+_INTERP_WGRAD = {"BM": 16, "BN": 32, "BK": 32}
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ---------------------------------------------------------------- launchers
+
+def _gemm(x, w, offsets, *, rows=None, scale=None, act=False, out_dtype=None):
+    """y [R, N] (N = w.shape[1] // 2 with act) for x [M, K], w [E, N(*2), K] (any strides), offsets [E+1]; with
+    rows [R] (int32, -1 = zero row) the A operand is gathered, else R = M."""
+    E, NW, K = w.shape
+    N = NW // 2 if act else NW
+    R = rows.shape[0] if rows is not None else x.shape[0]
+    y = torch.empty(R, N, dtype=out_dtype or x.dtype, device=x.device)
+    if R == 0 or N == 0:
+        return y
+    upcast = INTERPRET and x.dtype == torch.bfloat16
+    ieee = x.dtype in (torch.float32, torch.float64) or upcast
+    dummy = offsets
+    args = (x, w, y, offsets, rows if rows is not None else dummy, scale if scale is not None else dummy, R, N, K,
+            E, _bucket(R, E), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
+            y.stride(1))
+    flags = {"GATHER": rows is not None, "ACT": act, "SCALE": scale is not None, "UPCAST": upcast, "IEEE": ieee}
+    progs = _num_programs(x.device)
+    if INTERPRET or x.dtype == torch.float64:
+        cfg = dict(_INTERP_GEMM) if INTERPRET else {"BM": 32, "BN": 32, "BK": 32}
+        tiles = (triton.cdiv(R, cfg["BM"]) + E + 1) * triton.cdiv(N, cfg["BN"])
+        _gemm_kernel[(min(progs, tiles),)](*args, **flags, **cfg)
+        return y
+
+    def grid(meta):
+        return (min(progs * 2, (triton.cdiv(R, meta["BM"]) + E + 1) * triton.cdiv(N, meta["BN"])),)
+
+    _gemm_tuned[grid](*args, **flags)
+    return y
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = per-segment x @ w[g].T (w any strided [E, N, K] view); rows past offsets[E] are 0."""
+    if x.dtype == torch.float64:
+        raise TypeError("x: float64 is not supported by the Triton grouped GEMM")
+    return _gemm(x, w, offsets)
+
+
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int) -> torch.Tensor:
+    """dw [E, N, K] with dw[g] = dy[seg_g].T @ x[seg_g] (zero for empty experts)."""
+    M, N = dy.shape
+    K = x.shape[1]
+    dw = torch.empty(E, N, K, dtype=dy.dtype, device=dy.device)
+    if dw.numel() == 0:
+        return dw
+    upcast = INTERPRET and dy.dtype == torch.bfloat16
+    ieee = dy.dtype == torch.float32 or upcast
+    args = (dy, x, dw, offsets, M, N, K, _bucket(M, E), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2))
+    if INTERPRET:
+        cfg = _INTERP_WGRAD
+        grid = (E * triton.cdiv(N, cfg["BN"]) * triton.cdiv(K, cfg["BK"]),)
+        _wgrad_kernel[grid](*args, UPCAST=upcast, IEEE=ieee, **cfg)
+        return dw
+
+    def grid(meta):
+        return (E * triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]),)
+
+    _wgrad_tuned[grid](*args, UPCAST=False, IEEE=ieee)
+    return dw
+
+
+def moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets, inverse):
+    """Inference expert layer on the contiguous layout: gate-up GEMM with the gather folded into the A load and
+    SiLU-and-mul in the epilogue, down GEMM with the routing weight in the epilogue, then a deterministic combine
+    (sum of each token's K rows, fp32)."""
+    T, K = weights.shape
+    valid = order >= 0
+    src = torch.where(valid, torch.div(order, K, rounding_mode="floor"), -1).to(torch.int32)  # [R] token per row
+    scale = torch.where(valid, weights.reshape(-1)[order.clamp_min(0).long()], 0.0)  # [R] f32
+    a = _gemm(x, w_gate_up, offsets, rows=src, act=True)  # [R, I]
+    y = _gemm(a, w_down, offsets, scale=scale)  # [R, H]
+    if T == 0:
+        return x.new_zeros(0, x.shape[1])
+    return y[inverse.long()].float().sum(dim=1).to(x.dtype)  # [T, H]
