@@ -1,0 +1,83 @@
+"""The engine on real tiny checkpoints (MLA: deepseek_v2, deepseek_v3; GQA: qwen3_moe) written by transformers'
+save_pretrained and loaded from disk: greedy outputs token-identical to transformers' `generate`, token_logprobs
+equal to our model's own full-forward log-softmax, and the same outputs under chunked prefill, n-way forks and
+preemption (a KV cache too small for all requests)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from model.engine import LLM, SamplingParams  # noqa: E402
+from model.presets import preset_dict  # noqa: E402
+
+NEW = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def randomize(model) -> None:
+    """Weights large enough that routing and argmax are decisive (no near-ties between fp32 paths)."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1 + 0.1 * torch.randn_like(p))
+        elif name.endswith("mlp.gate.weight"):
+            p.normal_(0, 0.5)
+        else:
+            p.normal_(0, 0.1)
+    for name, b in model.named_buffers():
+        if "e_score_correction_bias" in name:
+            b.copy_(0.1 * torch.randn_like(b))
+
+
+@pytest.fixture(scope="module", params=["tiny-v2", "tiny-v3", "tiny-qwen3"])
+def checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    d = preset_dict(request.param)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d))
+    randomize(hf)
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, d["vocab_size"], (n,), generator=g).tolist() for n in (1, 5, 9, 16)]
+    with torch.no_grad():
+        want = [hf.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return path, prompts, want
+
+
+def greedy(n: int = 1) -> SamplingParams:
+    return SamplingParams(n=n, temperature=0, max_tokens=NEW, ignore_eos=True, logprobs=True)
+
+
+def test_greedy_matches_transformers_generate(checkpoint):
+    path, prompts, want = checkpoint
+    llm = LLM(path, dtype=torch.float32, device="cpu", num_blocks=64, block_size=4, max_num_batched_tokens=12)
+    outs = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert llm.stats.decode_steps > 0 and llm.block_manager.check_all_free()
+    # token_logprobs are the model's own log-softmax at those positions (full forward, no cache)
+    for p, o in zip(prompts, outs):
+        ids = torch.tensor([p + o.outputs[0].token_ids])
+        with torch.no_grad():
+            logp = llm.model(ids).logits[0, len(p) - 1:-1].float().log_softmax(-1)     # [NEW, V]
+        ref = logp.gather(-1, torch.tensor(o.outputs[0].token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(o.outputs[0].token_logprobs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_forks_and_preemption_keep_greedy_outputs(checkpoint):
+    path, prompts, want = checkpoint
+    llm = LLM(path, dtype=torch.float32, device="cpu", num_blocks=10, block_size=4)  # < the 4 x 2 samples' need
+    outs = llm.generate(prompts, greedy(n=2), use_tqdm=False)
+    assert llm.scheduler.num_preemptions > 0
+    for o, w in zip(outs, want):
+        assert [c.token_ids for c in o.outputs] == [w, w]
+    assert llm.block_manager.check_all_free()
