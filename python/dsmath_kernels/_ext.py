@@ -19,7 +19,7 @@ DTYPE_CODES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def C():
     """The compiled module, or None when the package was installed without it (pure-Python fallback)."""
     try:
@@ -29,7 +29,7 @@ def C():
     return _C
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_info() -> dict:
     c = C()
     if c is None:
@@ -43,7 +43,7 @@ def has_cpu_kernels() -> bool:
     return C() is not None and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_arch_ok(index: int) -> bool:
     """True when the compiled CUDA code can run on GPU `index`. CMake's "90a" is SASS for exactly sm_90;
     a plain "80" also embeds PTX, which the driver JIT-compiles for any newer GPU; "80-real" is SASS only."""

@@ -30,7 +30,8 @@ register_backend("route_topk", lambda device: _backend(device))
 
 @torch.library.custom_op("dsmath::route_topk", mutates_args=())
 def _route_topk_op(logits: torch.Tensor, top_k: int, scoring: str, bias: torch.Tensor | None, n_group: int,
-                   topk_group: int, renormalize: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   topk_group: int, renormalize: bool,
+                   routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     T, E = logits.shape
     backend = _backend(logits.device, E, top_k, n_group)
     if backend == "reference":
