@@ -1,0 +1,76 @@
+"""The toy task that proves the GRPO loop learns on a CPU: single-digit arithmetic answered in \\boxed{}.
+
+- `char_tokenizer()`: a character-level transformers tokenizer built offline (a `tokenizers` WordLevel model over
+  printable ASCII + newline, specials <bos> <eos> <pad> <unk>; 100 ids, fits the tiny presets' vocab of 128).
+- `toy_problems()`: "a+b=" and "a-b=" with single-digit operands and a single-digit result (a reward-checkable
+  answer "c"); the prompt is the bare expression, the expected completion `\\boxed{c}` then EOS.
+- `warm_start()`: a brief supervised pass on the FORMAT only — targets `\\boxed{r}<eos>` with r a random digit
+  — so the policy answers in a box but at chance accuracy (~0.1); everything above chance comes from GRPO.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from train.data import Problem
+
+SPECIALS = ["<bos>", "<eos>", "<pad>", "<unk>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def char_tokenizer(chat_template: bool = False):
+    """A PreTrainedTokenizerFast with one token per character (no download)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + ["\n"] + [chr(c) for c in range(32, 127)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def toy_problems() -> list[Problem]:
+    """All a+b and a-b with digits a, b and a result in 0..9 (55 sums + 55 differences)."""
+    out = []
+    for a in range(10):
+        for b in range(10):
+            if a + b <= 9:
+                out.append(Problem(f"{a}+{b}=", str(a + b), f"{a}+{b}"))
+            if a - b >= 0:
+                out.append(Problem(f"{a}-{b}=", str(a - b), f"{a}-{b}"))
+    return out
+
+
+def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int = 32, lr: float = 3e-3,
+               seed: int = 0) -> list[float]:
+    """Teach the answer format with random digits (see the module docstring); returns the loss per step."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    eos = tokenizer.eos_token_id
+    losses = []
+    model.train()
+    for _ in range(steps):
+        rows, masks = [], []
+        for p in rng.choices(problems, k=batch):
+            prompt = tokenizer.encode(p.problem)
+            target = tokenizer.encode(f"\\boxed{{{rng.randrange(10)}}}") + [eos]
+            rows.append(prompt + target)
+            masks.append([0] * len(prompt) + [1] * len(target))
+        T = max(map(len, rows))
+        ids = torch.tensor([r + [eos] * (T - len(r)) for r in rows])  # [B, T]
+        mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], dtype=torch.bool)  # [B, T]
+        logits = model(ids[:, :-1]).logits.float()  # [B, T-1, V]
+        loss = torch.nn.functional.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
