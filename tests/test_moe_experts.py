@@ -4,6 +4,7 @@ w_down vs autograd through the fp64 reference, boundary checks."""
 
 import pytest
 import torch
+
 from dsmath_kernels import moe_experts
 from dsmath_kernels.reference.moe import moe_experts_ref
 from dsmath_kernels.testing import assert_close
@@ -11,10 +12,10 @@ from dsmath_kernels.testing import assert_close
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
 
 
-def _layer(T, H, I, E, K, dtype, kind="uniform", device="cpu"):
+def _layer(T, H, Im, E, K, dtype, kind="uniform", device="cpu"):
     x = torch.randn(T, H, dtype=dtype, device=device)
-    w_gate_up = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype)
-    w_down = (torch.randn(E, H, I, device=device) / I**0.5).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * Im, H, device=device) / H**0.5).to(dtype)
+    w_down = (torch.randn(E, H, Im, device=device) / Im**0.5).to(dtype)
     weights = torch.rand(T, K, device=device)
     if kind == "hot":
         ids = torch.zeros(T, K, dtype=torch.int32, device=device)
@@ -29,12 +30,12 @@ def _layer(T, H, I, E, K, dtype, kind="uniform", device="cpu"):
 SHAPES = [(0, 16, 8, 4, 2), (1, 40, 24, 6, 3), (7, 96, 40, 5, 2), (33, 40, 20, 16, 4)]
 
 
-@pytest.mark.parametrize("T,H,I,E,K", SHAPES)
+@pytest.mark.parametrize("T,H,Im,E,K", SHAPES)
 @pytest.mark.parametrize("kind", ["uniform", "hot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grad", [False, True])
-def test_matches_reference(T, H, I, E, K, kind, dtype, grad):
-    x, wgu, wd, w, ids = _layer(T, H, I, E, K, dtype, kind)
+def test_matches_reference(T, H, Im, E, K, kind, dtype, grad):
+    x, wgu, wd, w, ids = _layer(T, H, Im, E, K, dtype, kind)
     want = moe_experts_ref(x, wgu, wd, w, ids)
     with torch.set_grad_enabled(grad):
         got = moe_experts(x.requires_grad_(grad), wgu, wd, w, ids)
@@ -43,17 +44,17 @@ def test_matches_reference(T, H, I, E, K, kind, dtype, grad):
     assert_close(got, want, atol=atol, rtol=rtol, name="out")
 
 
-@pytest.mark.parametrize("T,H,I,E,K", [(9, 32, 16, 8, 3), (1, 24, 8, 4, 4)])
+@pytest.mark.parametrize("T,H,Im,E,K", [(9, 32, 16, 8, 3), (1, 24, 8, 4, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_transformers_deepseek_v3(T, H, I, E, K, dtype):
+def test_matches_transformers_deepseek_v3(T, H, Im, E, K, dtype):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
-    cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=Im, n_routed_experts=E, num_experts_per_tok=K,
                            hidden_act="silu")
     cfg.num_local_experts = E
     hf = DeepseekV3Experts(cfg).to(dtype)
-    x, wgu, wd, w, ids = _layer(T, H, I, E, K, dtype)
+    x, wgu, wd, w, ids = _layer(T, H, Im, E, K, dtype)
     with torch.no_grad():
         hf.gate_up_proj.copy_(wgu)
         hf.down_proj.copy_(wd)
@@ -66,10 +67,10 @@ def test_matches_transformers_deepseek_v3(T, H, I, E, K, dtype):
     assert_close(got, want, atol=atol, rtol=rtol, name="out vs DeepseekV3Experts")
 
 
-@pytest.mark.parametrize("T,H,I,E,K,kind", [(6, 12, 8, 4, 2, "uniform"), (5, 8, 6, 3, 3, "hot"),
+@pytest.mark.parametrize("T,H,Im,E,K,kind", [(6, 12, 8, 4, 2, "uniform"), (5, 8, 6, 3, 3, "hot"),
                                             (1, 8, 4, 5, 2, "uniform")])
-def test_gradients_vs_fp64_reference(T, H, I, E, K, kind):
-    x, wgu, wd, w, ids = _layer(T, H, I, E, K, torch.float64, kind)
+def test_gradients_vs_fp64_reference(T, H, Im, E, K, kind):
+    x, wgu, wd, w, ids = _layer(T, H, Im, E, K, torch.float64, kind)
     w = w.float()
     ins = [t.clone().requires_grad_(True) for t in (x, wgu, wd, w)]
     ref_ins = [t.detach().double().requires_grad_(True) for t in (x, wgu, wd, w)]
@@ -143,3 +144,72 @@ def test_fake_tensor_shapes():
         assert tuple(torch.ops.dsmath.moe_experts(x, wgu, wd, w, ids).shape) == (5, 16)
         outs = torch.ops.dsmath.moe_experts_train(x, wgu, wd, w, ids)
         assert [tuple(o.shape) for o in outs] == [(5, 16), (10, 16), (10, 16), (10,), (5,), (5, 2)]
+
+
+# ---------------------------------------------------------------- Triton path (interpreter without a GPU)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_fused_inference_matches_reference(dtype, monkeypatch):
+    monkeypatch.setenv("DSMATH_GROUPED_GEMM", "triton")
+    x, wgu, wd, w, ids = _layer(9, 40, 24, 5, 3, dtype)
+    ids[0] = torch.tensor([4, 3, 2], dtype=torch.int32)  # expert 4: one row; expert 1 may be empty
+    with torch.no_grad():
+        got = moe_experts(x, wgu, wd, w, ids)
+    atol, rtol = TOL[dtype]
+    assert_close(got, moe_experts_ref(x, wgu, wd, w, ids), atol=atol, rtol=rtol, name="out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_training_gradients(dtype, monkeypatch):
+    monkeypatch.setenv("DSMATH_GROUPED_GEMM", "triton")
+    x, wgu, wd, w, ids = _layer(7, 24, 16, 4, 2, dtype, "hot")
+    ins = [t.clone().requires_grad_(True) for t in (x, wgu, wd, w)]
+    ref_ins = [t.detach().double().requires_grad_(True) for t in (x, wgu, wd, w)]
+    out = moe_experts(*ins, ids)
+    ref = moe_experts_ref(*ref_ins, ids)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, ins, dout.to(dtype))
+    want = torch.autograd.grad(ref, ref_ins, dout)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert_close(out, ref, atol=tol, rtol=tol, name="out")
+    for name, a, b in zip(("x", "w_gate_up", "w_down", "weights"), got, want):
+        scale = b.abs().max().item() + 1e-6
+        assert_close(a, b, atol=tol * scale, rtol=tol, name=f"d{name}", max_global_rel=tol)
+
+
+# ---------------------------------------------------------------- GPU (bf16, real shapes)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,Im,E,K", [(1, 2048, 1408, 64, 6), (256, 2048, 1408, 64, 6), (2048, 7168, 2048, 32, 8)])
+def test_gpu_bf16_forward_and_backward(T, H, Im, E, K):
+    x, wgu, wd, w, ids = _layer(T, H, Im, E, K, torch.bfloat16, device="cuda")
+    ref_in = [t.float() for t in (x, wgu, wd)]
+    with torch.no_grad():
+        got = moe_experts(x, wgu, wd, w, ids)
+        want = moe_experts_ref(*ref_in, w, ids)
+    assert_close(got, want, atol=5e-2, rtol=5e-2, name="out", max_global_rel=2e-2)
+    ins = [t.clone().requires_grad_(True) for t in (x, wgu, wd, w)]
+    out = moe_experts(*ins, ids)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, ins, dout)
+    r_ins = [t.detach().float().requires_grad_(True) for t in (x, wgu, wd, w)]
+    want = torch.autograd.grad(moe_experts_ref(*r_ins, ids), r_ins, dout.float())
+    for name, a, b in zip(("x", "w_gate_up", "w_down", "weights"), got, want):
+        assert_close(a, b, atol=5e-2 * (b.abs().max().item() + 1e-6), rtol=5e-2, name=f"d{name}",
+                     max_global_rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode():
+    """Decode step captured in a CUDA graph: permutation + fused GEMMs, replayed with new routing."""
+    x, wgu, wd, w, ids = _layer(8, 2048, 1408, 64, 6, torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        moe_experts(x, wgu, wd, w, ids)  # compile / autotune outside capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = moe_experts(x, wgu, wd, w, ids)
+        ids.copy_(torch.stack([torch.randperm(64)[:6] for _ in range(8)]).int().cuda())
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        want = moe_experts_ref(x.float(), wgu.float(), wd.float(), w, ids)
+    assert_close(out, want, atol=5e-2, rtol=5e-2, name="graph out", max_global_rel=2e-2)

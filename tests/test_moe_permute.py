@@ -3,6 +3,7 @@ reference exactly, on odd shapes, empty experts, one hot expert, padding to bloc
 
 import pytest
 import torch
+
 from dsmath_kernels import moe as moe_mod
 from dsmath_kernels import moe_permute
 from dsmath_kernels.reference.moe import moe_permute_ref
