@@ -149,7 +149,8 @@ def _bucket(rows: int, experts: int) -> int:
 def _prune_gemm(configs, named_args, **kwargs):
     b = named_args["mbucket"]
     lo, hi = (16, 32) if b <= 16 else (32, 64) if b <= 64 else (64, 128)
-    return [c for c in configs if lo <= c.kwargs["BM"] <= hi]
+    act = kwargs.get("ACT", named_args.get("ACT", False))  # two B tiles: BN 256 would not fit shared memory
+    return [c for c in configs if lo <= c.kwargs["BM"] <= hi and not (act and c.kwargs["BN"] > 128)]
 
 
 _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "mbucket", "ACT", "GATHER"],
