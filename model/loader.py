@@ -110,8 +110,8 @@ def load_pretrained(cls, path: str, dtype=None, device=None):
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg)
+    model.cast(dtype)  # still on meta: materialise once, directly in dtype
     model.to_empty(device=device)
-    model.cast(dtype)
     model.tie_weights()
     targets = _Targets(model)
     unknown = []
@@ -138,7 +138,6 @@ def load_pretrained(cls, path: str, dtype=None, device=None):
     missing = [n for n in targets.required() if n not in targets.filled]
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint at {path}: {', '.join(missing[:8])}")
-    model.reset_buffers()
     return model.eval()
 
 

@@ -22,7 +22,7 @@ from model.config import ModelConfig
 from model.layers.attention import GQAAttention, MLAttention
 from model.layers.moe import MLP, MoE
 from model.layers.rmsnorm import RMSNorm
-from model.layers.rope import Rotary, inv_freq_and_scale
+from model.layers.rope import Rotary
 from model.meta import ForwardMeta
 
 
@@ -103,10 +103,12 @@ class MoEForCausalLM(nn.Module):
         cfg = ModelConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
         with torch.device("meta"):
             m = cls(cfg)
+        if dtype is not None:
+            m.cast(dtype)  # on meta: the weights are materialised once, directly in dtype
         m.to_empty(device=device or "cpu")
         m.tie_weights()
         m.init_weights(init_std)
-        return m.cast(dtype) if dtype is not None else m
+        return m
 
     @classmethod
     def from_preset(cls, name: str, dtype=None, device=None):
@@ -134,23 +136,14 @@ class MoEForCausalLM(nn.Module):
         for mod in self.modules():
             if getattr(mod, "e_score_correction_bias", None) is not None:
                 mod.e_score_correction_bias.zero_()
-        self.reset_buffers()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    @torch.no_grad()
-    def reset_buffers(self) -> None:
-        """Recompute the non-persistent rope frequencies (lost when built on the meta device)."""
-        inv_freq, _ = inv_freq_and_scale(self.config.rope)
-        self.model.rotary.inv_freq = inv_freq.to(self.device)
-
     def cast(self, dtype: torch.dtype):
         """Cast to dtype; DeepSeek routers (gate.weight, e_score_correction_bias) stay float32 as in transformers."""
-        inv_freq = self.model.rotary.inv_freq
         self.to(dtype)
-        self.model.rotary.inv_freq = inv_freq
         self.tie_weights()
         if self.config.router_fp32:
             for name, mod in self.named_modules():

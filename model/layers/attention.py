@@ -17,11 +17,11 @@ Dr rope dim, Dn nope dim, Dv value dim.
 
 from __future__ import annotations
 
-import dsmath_kernels as dk
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dsmath_kernels as dk
 from model.config import ModelConfig
 from model.layers.rmsnorm import RMSNorm
 from model.layers.rope import apply_rope

@@ -8,11 +8,11 @@ Letters: T tokens, H hidden, E experts, K top-k, I expert intermediate.
 
 from __future__ import annotations
 
-import dsmath_kernels as dk
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dsmath_kernels as dk
 from model.config import ModelConfig
 
 

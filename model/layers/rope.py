@@ -22,7 +22,8 @@ from model.config import RopeConfig, yarn_mscale
 def inv_freq_and_scale(r: RopeConfig) -> tuple[torch.Tensor, float]:
     """-> (inv_freq [dim/2] float32, attention_factor multiplying cos and sin)."""
     d = r.dim
-    pos_freqs = r.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
+    cpu = torch.device("cpu")  # explicit: also right when the model is being built under torch.device("meta")
+    pos_freqs = r.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=cpu) / d)  # [d/2]
     if r.kind == "default":
         return 1.0 / pos_freqs, 1.0
     factor = r.factor
@@ -42,22 +43,26 @@ def inv_freq_and_scale(r: RopeConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [d/2]
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=cpu) - low) / (high - low)).clamp(0, 1)  # [d/2]
     extrap = 1 - ramp  # 1 -> keep the original frequency (high-frequency dims)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
     return inv_freq, float(attn)
 
 
 class Rotary(nn.Module):
+    """inv_freq is a plain float32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+    (at position 100K a bf16 frequency is off by hundreds of radians). It follows the positions' device."""
+
     def __init__(self, r: RopeConfig):
         super().__init__()
         self.interleaved = r.interleaved
-        inv_freq, self.scale = inv_freq_and_scale(r)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq, self.scale = inv_freq_and_scale(r)  # [d/2] float32
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] int -> (cos, sin) [..., dim/2] float32, already times attention_factor."""
-        freqs = positions.float()[..., None] * self.inv_freq.float()  # [..., d/2]
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * self.inv_freq  # [..., d/2]
         return freqs.cos() * self.scale, freqs.sin() * self.scale
 
 
