@@ -14,15 +14,28 @@ namespace {
 
 using attn::DecodeParams;
 
+// Dot product with 8 independent partial sums (vectorisable without -ffast-math).
+inline float dot(const float* a, const float* b, int n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int i = 0; i < 8; ++i) part[i] += a[d + i] * b[d + i];
+  float s = 0.f;
+  for (; d < n; ++d) s += a[d] * b[d];
+  for (int i = 0; i < 8; ++i) s += part[i];
+  return s;
+}
+
 template <int DT>
 void decode_item(const DecodeParams& p, int b, int kvh, int s, std::vector<float>& buf) {
   const int G = p.Hq / p.Hkv, D = p.D, Dv = p.Dv;
-  buf.assign(static_cast<size_t>(G) * (D + Dv + 2) + D, 0.f);
+  buf.assign(static_cast<size_t>(G) * (D + Dv + 2) + D + Dv, 0.f);
   float* q = buf.data();            // [G, D], pre-scaled into the log2 domain
   float* acc = q + G * D;           // [G, Dv]
   float* m = acc + G * Dv;          // [G]
   float* l = m + G;                 // [G]
   float* krow = l + G;              // [D]
+  float* vrow = krow + D;           // [Dv]
   const float qs = p.scale * attn::kLog2e;
   for (int g = 0; g < G; ++g) {
     const int64_t qo = b * p.q_sb + static_cast<int64_t>(kvh * G + g) * p.q_sh;
@@ -36,13 +49,13 @@ void decode_item(const DecodeParams& p, int b, int kvh, int s, std::vector<float
     const int64_t ko = attn::token_offset(bt, t, p.block_size, p.k_sblk, p.k_stok) + kvh * p.k_sh;
     const int64_t vo = attn::token_offset(bt, t, p.block_size, p.v_sblk, p.v_stok) + kvh * p.v_sh;
     for (int d = 0; d < D; ++d) krow[d] = attn::load_t<DT>(p.k, ko + d);
+    for (int d = 0; d < Dv; ++d) vrow[d] = attn::load_t<DT>(p.v, vo + d);
     for (int g = 0; g < G; ++g) {
-      float sc = 0.f;
-      for (int d = 0; d < D; ++d) sc += q[g * D + d] * krow[d];
+      const float sc = dot(q + g * D, krow, D);
       float alpha, w;
       attn::online_update(m[g], l[g], sc, alpha, w);
       float* a = acc + g * Dv;
-      for (int d = 0; d < Dv; ++d) a[d] = a[d] * alpha + w * attn::load_t<DT>(p.v, vo + d);
+      for (int d = 0; d < Dv; ++d) a[d] = a[d] * alpha + w * vrow[d];
     }
   }
   for (int g = 0; g < G; ++g) {

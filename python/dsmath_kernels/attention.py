@@ -7,7 +7,8 @@ is at block block_tables[b, p // BS], offset p % BS; slot = block * BS + offset.
 
 Backends: decode and MLA decode run a split-KV (flash-decoding) kernel — CUDA on GPU, C++ threads on CPU, both
 using the math of csrc/include/dsmath/attention.h (online softmax, log-sum-exp merge of the splits, 64-bit
-offsets). Prefill runs a Triton kernel on GPU and the PyTorch reference on CPU. Cache writes: CUDA kernel on GPU.
+offsets). Prefill runs a Triton kernel on GPU; on CPU, torch SDPA per sequence on its gathered KV. Cache
+writes: a CUDA kernel on GPU (graph safe), indexing on CPU.
 
 Plan / run: `plan = plan_decode(B, max_seq_len, num_kv_heads=Hkv, device=dev)` picks the number of KV splits
 and the tokens per split from host integers only (no device sync, so it is CUDA-graph safe); compute it once per
@@ -34,12 +35,14 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dsmath_kernels import _ext
 from dsmath_kernels._checks import FLOAT_DTYPES, check_int, check_tensor
 from dsmath_kernels._registry import register_backend
 from dsmath_kernels.reference.attention import (
     cache_write_ref,
+    gather_kv,
     mla_cache_write_ref,
     paged_decode_ref,
     paged_prefill_ref,
@@ -163,6 +166,8 @@ def _prefill_backend(device: torch.device) -> str:
         from dsmath_kernels import attention_triton
 
         return "triton" if attention_triton.available() else "reference"
+    if device.type == "cpu" and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1":
+        return "cpu-sdpa"
     return "reference"
 
 
@@ -397,12 +402,35 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- prefill
+def _prefill_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal) -> torch.Tensor:
+    """CPU path: per sequence, gather its KV and run torch SDPA with a bottom-right causal mask."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v_cache.shape[-1])
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    gqa = q.shape[1] != k_cache.shape[2]
+    for b in range(len(cu) - 1):
+        q0, q1, L = cu[b], cu[b + 1], lens[b]
+        n = q1 - q0
+        if n == 0 or L == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], L).transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, L, D]
+        v = gather_kv(v_cache, block_tables[b], L).transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, L, Dv]
+        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n) if causal and n != L else None
+        # 4-D inputs: CPU SDPA takes its fused kernel only for [batch, heads, seq, dim]
+        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1)[None], k, v, attn_mask=mask,
+                                           is_causal=causal and n == L, scale=scale, enable_gqa=gqa)
+        out[q0:q1] = o[0].transpose(0, 1)  # [n, Hq, Dv]
+    return out
+
+
 def _prefill_run(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q) -> torch.Tensor:
-    if _prefill_backend(q.device) == "triton" and q.dtype != torch.float64:
+    backend = _prefill_backend(q.device)
+    if backend == "triton" and q.dtype != torch.float64:
         from dsmath_kernels import attention_triton
 
         return attention_triton.paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                                      scale, causal, max_q)
+    if backend == "cpu-sdpa":
+        return _prefill_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal)
     return paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal)
 
 
