@@ -209,3 +209,19 @@ def test_max_model_len_and_errors(model):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     check_free(llm)
+
+
+def test_abort_frees_everything(model):
+    llm = LLM(model, num_blocks=64, block_size=4)
+    a = llm.add_request([1, 2, 3, 4, 5], SamplingParams(n=3, temperature=1.0, max_tokens=20))
+    b = llm.add_request([6, 7], SamplingParams(max_tokens=20))
+    c = llm.add_request([8] * 9, SamplingParams(max_tokens=3, temperature=0))
+    llm.step()
+    llm.step()
+    llm.abort(a)
+    llm.abort(b)
+    llm.abort(12345)
+    while llm.has_unfinished():
+        llm.step()
+    assert list(llm.finished) == [c] and len(llm.finished[c].outputs[0].token_ids) == 3
+    check_free(llm)

@@ -20,7 +20,7 @@ from model.engine.block_manager import BlockManager
 from model.engine.detokenizer import decode_step, final_text, find_stop
 from model.engine.model_runner import ModelRunner
 from model.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
-from model.engine.sampler import Sampler
+from model.engine.sampler import Sampler, to_device
 from model.engine.sampling_params import SamplingParams
 from model.engine.scheduler import Batch, Scheduler
 from model.engine.sequence import Sequence
@@ -119,6 +119,13 @@ class LLM:
         """Queue one prompt (string or token ids); returns its request id. Run `step()` to make progress."""
         return self._enqueue(self._make_request(prompt, params))
 
+    def abort(self, request_id: int) -> None:
+        """Drop a request (all its samples) and free its blocks; unknown or finished ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        for seq in req.samples.values() if req else ():
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -135,7 +142,7 @@ class LLM:
         rows, seqs = self._advance(batch)
         if not seqs:
             return []
-        rows_t = torch.tensor(rows, device=logits.device)
+        rows_t = to_device(rows, torch.int64, logits.device)
         tokens, logprobs = self.sampler(logits[rows_t], [s.params for s in seqs], [s.generator for s in seqs])
         values = torch.stack((tokens.double(), logprobs.double())).tolist()  # the step's one host sync
         return [self._append(s, int(t), lp) for s, t, lp in zip(seqs, *values)]

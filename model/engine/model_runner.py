@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from model.engine.sampler import to_device
 from model.engine.scheduler import Batch
 from model.meta import ForwardMeta
 
@@ -63,7 +64,8 @@ class ModelRunner:
         ids = [t for s, a, k in zip(batch.seqs, starts, batch.num_new) for t in s.token_ids[a:a + k]]
         slots = tables[row, pos // bs].long() * bs + pos % bs                      # [N]
         return {"input_ids": torch.tensor(ids, dtype=torch.int64), "positions": pos, "cu_seqlens_q": cu.int(),
-                    "seq_lens": seq_lens.int(), "block_tables": tables, "slot_mapping": slots, "logits_indices": cu[1:] - 1}
+                "seq_lens": seq_lens.int(), "block_tables": tables, "slot_mapping": slots,
+                "logits_indices": cu[1:] - 1}
 
     def prepare(self, batch: Batch) -> ForwardMeta:
         h = self.host_meta(batch)
@@ -85,8 +87,8 @@ class ModelRunner:
         """Copy-on-write: cache block src -> dst in every layer."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = to_device([s for s, _ in copies], torch.int64, self.device)
+        dst = to_device([d for _, d in copies], torch.int64, self.device)
         for i in range(len(self.kv_cache)):
             layer = self.kv_cache[i]
             for t in layer if isinstance(layer, (tuple, list)) else (layer,):
@@ -128,7 +130,7 @@ class ModelRunner:
     def _replay(self, batch: Batch) -> torch.Tensor:
         B = len(batch.seqs)
         bs = min(b for b in self.graphs if b >= B)
-        h, st = self.host_meta(batch), self.static
+        h, st = {k: v.pin_memory() for k, v in self.host_meta(batch).items()}, self.static
         for k in ("input_ids", "positions", "seq_lens", "slot_mapping"):
             st[k][:B].copy_(h[k], non_blocking=True)
         st["block_tables"][:B, : h["block_tables"].shape[1]].copy_(h["block_tables"], non_blocking=True)

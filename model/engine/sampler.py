@@ -13,6 +13,14 @@ import torch
 from model.engine.sampling_params import SamplingParams
 
 
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a host sync (pinned buffer, non-blocking copy on CUDA)."""
+    t = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def _mask_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """scaled [B, V]; top_k [B] int (<=0: off); top_p [B] float. Returns scaled with cut tokens at -inf."""
     V = scaled.shape[-1]
@@ -43,16 +51,16 @@ class Sampler:
         if all(t == 0.0 for t in temps):
             logp = logits.log_softmax(dim=-1)
             return greedy_tok, logp.gather(-1, greedy_tok[:, None])[:, 0]
-        t = torch.tensor([t if t > 0 else 1.0 for t in temps], device=dev)
+        t = to_device([t if t > 0 else 1.0 for t in temps], torch.float32, dev)
         scaled = logits / t[:, None]                                           # [B, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=dev)
-            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            top_k = to_device([p.top_k for p in params], torch.int64, dev)
+            top_p = to_device([p.top_p for p in params], torch.float32, dev)
             scaled = _mask_top_k_top_p(scaled, top_k, top_p)
         logp = scaled.log_softmax(dim=-1)                                      # [B, V]
         q = self._exponential(logp, generators)                                # [B, V]
         sampled = (logp - q.log()).argmax(dim=-1)                              # argmax p / q
-        greedy = torch.tensor([x == 0.0 for x in temps], device=dev)
+        greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
         tokens = torch.where(greedy, greedy_tok, sampled)
         logp = torch.where(greedy[:, None], logits.log_softmax(dim=-1), logp)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]

@@ -109,6 +109,14 @@ class Scheduler:
             child.status = Status.RUNNING
             bisect.insort(self.running, child, key=_age)
 
+    def abort(self, seq: Sequence) -> None:
+        if seq.status == Status.RUNNING:
+            self.running.remove(seq)
+            self.bm.free_seq(seq)
+        elif seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED
         self.running.remove(seq)
