@@ -20,3 +20,5 @@ class ForwardMeta:                 # one engine step: a flat batch of new tokens
     logits_indices: torch.Tensor   # [B] int64  index into the N tokens of each sequence's last new token
     is_decode: bool                # every sequence has exactly one new token -> paged_decode / mla_decode
     decode_plan: object = None     # optional plan from dsmath_kernels.plan_decode, reused by every layer
+    max_seqlen_q: int | None = None  # optional host int: max new tokens of one sequence (prefill steps); when
+                                     #   None, forward_paged reads it from cu_seqlens_q once per step (one sync)

@@ -12,6 +12,7 @@ Parameter names equal transformers' in-memory names, so state_dict keys line up 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +195,8 @@ class MoEForCausalLM(nn.Module):
     def forward_paged(self, meta: ForwardMeta, kv_cache: KVCache) -> torch.Tensor:
         """One engine step: writes the new tokens' K/V (latent rows) into the cache, returns logits [B, V] float32
         of each sequence's last new token (meta.logits_indices)."""
+        if not meta.is_decode and meta.max_seqlen_q is None:  # one host sync per step rather than one per layer
+            meta = dataclasses.replace(meta, max_seqlen_q=int((meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).max()))
         cos, sin = self.model.rotary(meta.positions)  # [N, Dr/2]
         x = self.model.embed_tokens(meta.input_ids)  # [N, H]
         for i, layer in enumerate(self.model.layers):

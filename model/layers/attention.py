@@ -78,7 +78,7 @@ class GQAAttention(nn.Module):
                                   plan=meta.decode_plan)
         else:
             out = dk.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                   self.scale, causal=True)
+                                   self.scale, causal=True, max_seqlen_q=meta.max_seqlen_q)
         return self.o_proj(out.reshape(x.shape[0], -1))  # [N, H]
 
 
@@ -145,6 +145,6 @@ class MLAttention(nn.Module):
                                   plan=meta.decode_plan)
         else:
             o_lat = dk.mla_prefill(q, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                                   v_head_dim=self.dc)
+                                   v_head_dim=self.dc, max_seqlen_q=meta.max_seqlen_q)
         out = torch.einsum("nhc,hvc->nhv", o_lat, w_uv)  # [N, Hq, Dv]
         return self.o_proj(out.reshape(x.shape[0], -1))
