@@ -3,6 +3,7 @@ exact zeros for zero-variance groups, boundary checks."""
 
 import pytest
 import torch
+
 from dsmath_kernels import group_advantages
 from dsmath_kernels.testing import assert_close
 

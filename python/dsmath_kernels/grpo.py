@@ -73,12 +73,11 @@ def _torch_fwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, inv_temp: floa
         scale = torch.exp(m - m_new)
         hit = (t >= v0) & (t < v0 + z.shape[1])
         tz = torch.where(hit, z.gather(1, (t - v0).clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), tz)
-        zu = (z * torch.exp(z - m_new.unsqueeze(1)))  # [N, Vc]
-        z.sub_(m_new.unsqueeze(1)).exp_()
-        s = s * scale + z.sum(1)
-        u = u * scale + zu.sum(1)
+        e = (z - m_new.unsqueeze(1)).exp_()  # [N, Vc]
+        s = s * scale + e.sum(1)
+        u = u * scale + e.mul_(z).sum(1)
         m = m_new
-        del z, zu
+        del z, e
     lse = m + torch.log(s)
     return tz - lse, lse, lse - u / s
 

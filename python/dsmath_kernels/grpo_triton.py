@@ -35,12 +35,14 @@ def _logits_tile(h_ptr, w_ptr, offs_m, offs_n, row_ok, col_ok, H, s_hm, s_hk, s_
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """[BM, BN] fp32 = hidden[offs_m] @ weight[offs_n].T * inv_temp (zeros outside the rows / columns)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rows_h = offs_m.to(tl.int64) * s_hm  # int64: V * H may pass 2**31
+    rows_w = offs_n.to(tl.int64) * s_wv
     for k0 in range(0, H, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < H
-        a = tl.load(h_ptr + offs_m[:, None] * s_hm + offs_k[None, :] * s_hk, mask=row_ok[:, None] & k_ok[None, :],
+        a = tl.load(h_ptr + rows_h[:, None] + offs_k[None, :] * s_hk, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BM, BK]
-        b = tl.load(w_ptr + offs_n[None, :] * s_wv + offs_k[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
+        b = tl.load(w_ptr + rows_w[None, :] + offs_k[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)  # [BK, BN]
         if UPCAST:
             a = a.to(tl.float32)
@@ -110,16 +112,18 @@ def _lse_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, dz_ptr,
     ok = row_ok[:, None] & col_ok[None, :]
     dz = tl.where(ok, dz, 0.0)
     if WRITE_DZ:
-        dz_ptrs = dz_ptr + offs_m[:, None] * s_dz + (offs_n - v_base)[None, :]
+        dz_ptrs = dz_ptr + offs_m.to(tl.int64)[:, None] * s_dz + (offs_n - v_base)[None, :]
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=ok)
     else:
         if not UPCAST:
             dz = dz.to(h_ptr.dtype.element_ty)  # half-precision operands for the tensor cores, fp32 accumulation
+        m64 = offs_m.to(tl.int64)
+        n64 = offs_n.to(tl.int64)
         for k0 in range(0, H, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < H
             if NEED_DH:
-                wt = tl.load(w_ptr + offs_n[:, None] * s_wv + offs_k[None, :] * s_wk,
+                wt = tl.load(w_ptr + n64[:, None] * s_wv + offs_k[None, :] * s_wk,
                              mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BN, BK]
                 if UPCAST:
                     wt = wt.to(tl.float32)
@@ -127,10 +131,10 @@ def _lse_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, dz_ptr,
                     part = tl.dot(dz, wt, input_precision="ieee")
                 else:
                     part = tl.dot(dz, wt)  # [BM, BK]
-                tl.atomic_add(dh_ptr + offs_m[:, None] * H + offs_k[None, :], part,
+                tl.atomic_add(dh_ptr + m64[:, None] * H + offs_k[None, :], part,
                               mask=row_ok[:, None] & k_ok[None, :])
             if NEED_DW:
-                ht = tl.load(h_ptr + offs_m[:, None] * s_hm + offs_k[None, :] * s_hk,
+                ht = tl.load(h_ptr + m64[:, None] * s_hm + offs_k[None, :] * s_hk,
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
                 if UPCAST:
                     ht = ht.to(tl.float32)
@@ -138,7 +142,7 @@ def _lse_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, dz_ptr,
                     part = tl.dot(tl.trans(dz), ht, input_precision="ieee")
                 else:
                     part = tl.dot(tl.trans(dz), ht)  # [BN, BK]
-                tl.atomic_add(dw_ptr + offs_n[:, None] * H + offs_k[None, :], part,
+                tl.atomic_add(dw_ptr + n64[:, None] * H + offs_k[None, :], part,
                               mask=col_ok[:, None] & k_ok[None, :])
 
 
