@@ -84,7 +84,7 @@ def make_workloads(args, vocab: int, max_len: int) -> list[Workload]:
     if "b" in want:
         k, lo, hi = s["b"]
         prompts = [rand_prompt(uni(lo, hi)) for _ in range(k)]
-        params = [SamplingParams(temperature=1.0, max_tokens=uni(lo, hi), ignore_eos=True, seed=i) for i in range(k)]
+        params = [SamplingParams(temperature=1.0, max_tokens=uni(lo, hi), ignore_eos=True) for _ in range(k)]
         out.append(Workload("b_offline", prompts, params, True))
     if "c" in want:
         k, n, p, new = s["c"]
@@ -242,8 +242,11 @@ def baselines(args, model, config_dict, workloads, device, dtype) -> dict[str, f
             out[wl.name] = tokens / secs
         except torch.cuda.OutOfMemoryError:
             out[wl.name] = "OOM"
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     del hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
