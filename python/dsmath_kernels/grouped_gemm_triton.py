@@ -1,10 +1,11 @@
 """Triton grouped GEMM for the MoE expert layer (Hopper: tl.dot lowers to wgmma).
 
 `_gemm_kernel`: y[r] = x[src(r)] @ w[g].T for the rows r of expert g's segment [off[g], off[g+1]). Persistent:
-the grid is a fixed number of programs (SMs, or fewer when there are fewer tiles) that walk the (expert, m-tile,
-n-tile) space with stride `num_programs`; the segment sizes are read on the device, so there is no host sync and
-the launch is CUDA-graph safe. m-tiles are the fast index inside an expert, so programs running together share
-the same weight tile in L2. A virtual group E covers the rows past off[E] and writes zeros.
+the grid is a fixed number of programs (2 per SM, or fewer when there are fewer tiles) that walk the (expert,
+m-tile, n-tile) space with stride `num_programs`. Each program loads the E+1 offsets as one vector, turns them into
+a prefix sum of tiles per expert, and maps a tile to its expert with a vector compare — no serial walk over the
+experts, no host sync, so the launch is CUDA-graph safe. m-tiles are the fast index inside an expert, so programs
+running together share the same weight tile in L2. A virtual group E covers the rows past off[E] and writes zeros.
 Switches (tl.constexpr): GATHER — A rows come from x[rows[r]] (the permutation folded into the A load, -1 = a
 zero row); ACT — w holds 2N rows (gate then up), the tile computes both and stores silu(g) * u (the SwiGLU
 epilogue); SCALE — multiply row r by scale[r] (the routing weight); UPCAST — fp32 dot, for the interpreter
@@ -30,71 +31,81 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, mbucket,
                  sxm, sxk, swe, swn, swk, sym, syn,
                  GATHER: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 IEEE: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Tile schedule, computed by every program from the offsets in registers (no serial per-expert loop):
+    # group g < E is expert g's segment, group E the rows past off[E] (zero-filled).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     num_n = tl.cdiv(N, BN)
-    tile_base = 0
-    for g in range(E + 1):
-        start = tl.minimum(tl.maximum(tl.load(off_ptr + g).to(tl.int32), 0), M)
-        end = tl.where(g < E, tl.load(off_ptr + tl.minimum(g + 1, E)).to(tl.int32), M)
-        end = tl.minimum(tl.maximum(end, start), M)
-        num_m = tl.cdiv(end - start, BM)
-        tiles = num_m * num_n
-        first = (pid - tile_base % nprog + nprog) % nprog
-        k_iters = tl.where(g < E, tl.cdiv(K, BK), 0)  # the virtual tail group only writes zeros
-        for t in range(first, tiles, nprog):
-            m_tile = t % num_m
-            n_tile = t // num_m
-            rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
-            mask_m = rows < end
-            if GATHER:
-                src = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
-                a_ok = mask_m & (src >= 0)
-                src = tl.maximum(src, 0).to(tl.int64)
+    ar = tl.arange(0, EP)  # [EP] groups, EP = next power of two >= E + 1
+    lo = tl.load(off_ptr + ar, mask=ar <= E, other=0).to(tl.int32)
+    hi = tl.load(off_ptr + ar + 1, mask=ar < E, other=0).to(tl.int32)
+    lo = tl.minimum(tl.maximum(lo, 0), M)
+    hi = tl.where(ar == E, M, hi)
+    hi = tl.where(ar <= E, tl.minimum(tl.maximum(hi, lo), M), lo)
+    num_m = tl.cdiv(hi - lo, BM)  # [EP]
+    tiles = num_m * num_n
+    cum = tl.cumsum(tiles, 0)  # [EP] inclusive
+    total = tl.sum(tiles, 0)
+    for t in range(pid, total, nprog):
+        g = tl.sum((cum <= t).to(tl.int32), 0)  # group holding tile t
+        sel = ar == g
+        local = t - tl.sum(tl.where(sel, cum - tiles, 0), 0)
+        start = tl.sum(tl.where(sel, lo, 0), 0)
+        end = tl.sum(tl.where(sel, hi, 0), 0)
+        nm = tl.sum(tl.where(sel, num_m, 0), 0)
+        m_tile = local % nm  # m fastest: programs running together share the weight tile
+        n_tile = local // nm
+        rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
+        mask_m = rows < end
+        if GATHER:
+            src = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
+            a_ok = mask_m & (src >= 0)
+            src = tl.maximum(src, 0).to(tl.int64)
+        else:
+            a_ok = mask_m
+            src = rows.to(tl.int64)
+        cols = n_tile * BN + tl.arange(0, BN)  # [BN]
+        mask_n = cols < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        w_base = w_ptr + tl.cast(g, tl.int64) * swe
+        k_iters = tl.where(g < E, tl.cdiv(K, BK), 0)  # the tail group only writes zeros
+        for kk in range(k_iters):
+            ks = kk * BK + tl.arange(0, BK)  # [BK]
+            mask_k = ks < K
+            a = tl.load(x_ptr + src[:, None] * sxm + ks[None, :] * sxk, mask=a_ok[:, None] & mask_k[None, :],
+                        other=0.0)  # [BM, BK]
+            b_ptrs = w_base + cols[None, :].to(tl.int64) * swn + ks[:, None] * swk  # [BK, BN]
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
-                a_ok = mask_m
-                src = rows.to(tl.int64)
-            cols = n_tile * BN + tl.arange(0, BN)  # [BN]
-            mask_n = cols < N
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-            w_base = w_ptr + tl.cast(g, tl.int64) * swe
-            for kk in range(k_iters):
-                ks = kk * BK + tl.arange(0, BK)  # [BK]
-                mask_k = ks < K
-                a = tl.load(x_ptr + src[:, None] * sxm + ks[None, :] * sxk, mask=a_ok[:, None] & mask_k[None, :],
-                            other=0.0)  # [BM, BK]
-                b_ptrs = w_base + cols[None, :].to(tl.int64) * swn + ks[:, None] * swk  # [BK, BN]
-                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
+            if ACT:  # up rows sit N rows below the gate rows
+                bu = tl.load(b_ptrs + N * swn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    bu = bu.to(tl.float32)
                 if IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                    acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
                 else:
-                    acc = tl.dot(a, b, acc)
-                if ACT:  # up rows sit N rows below the gate rows
-                    bu = tl.load(b_ptrs + N * swn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                    if UPCAST:
-                        bu = bu.to(tl.float32)
-                    if IEEE:
-                        acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
-                    else:
-                        acc_u = tl.dot(a, bu, acc_u)
-            if ACT:
-                acc = acc * tl.sigmoid(acc) * acc_u
-            if SCALE:
-                acc = acc * tl.load(scale_ptr + rows, mask=mask_m, other=0.0)[:, None]
-            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :] * syn
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-        tile_base += tiles
+                    acc_u = tl.dot(a, bu, acc_u)
+        if ACT:
+            acc = acc * tl.sigmoid(acc) * acc_u
+        if SCALE:
+            acc = acc * tl.load(scale_ptr + rows, mask=mask_m, other=0.0)[:, None]
+        y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :] * syn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, M, N, K, mbucket,
+def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, rows_ptr, M, N, K, mbucket,
                   sdym, sdyn, sxm, sxk, swe, swn, swk,
-                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  GATHER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     num_k = tl.cdiv(K, BK)
@@ -115,7 +126,14 @@ def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, M, N, K, mbucket,
         r64 = rows.to(tl.int64)
         dyt = tl.load(dy_ptr + r64[None, :] * sdym + cols[:, None] * sdyn, mask=mask_n[:, None] & mask_m[None, :],
                       other=0.0)  # [BN, BM]
-        xt = tl.load(x_ptr + r64[:, None] * sxm + ks[None, :] * sxk, mask=mask_m[:, None] & mask_k[None, :],
+        if GATHER:
+            src = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
+            x_ok = mask_m & (src >= 0)
+            src = tl.maximum(src, 0).to(tl.int64)
+        else:
+            x_ok = mask_m
+            src = r64
+        xt = tl.load(x_ptr + src[:, None] * sxm + ks[None, :] * sxk, mask=x_ok[:, None] & mask_k[None, :],
                      other=0.0)  # [BM, BK]
         if UPCAST:
             dyt = dyt.to(tl.float32)
@@ -153,9 +171,9 @@ def _prune_gemm(configs, named_args, **kwargs):
     return [c for c in configs if lo <= c.kwargs["BM"] <= hi and not (act and c.kwargs["BN"] > 128)]
 
 
-_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "mbucket", "ACT", "GATHER"],
+_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "E", "mbucket", "ACT", "GATHER"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_kernel)
-_wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["N", "K", "mbucket"])(_wgrad_kernel)
+_wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["N", "K", "mbucket", "GATHER"])(_wgrad_kernel)
 
 _INTERP_GEMM = {"BM": 16, "BN": 32, "BK": 32}
 _INTERP_WGRAD = {"BM": 16, "BN": 32, "BK": 32}
@@ -184,7 +202,8 @@ def _gemm(x, w, offsets, *, rows=None, scale=None, act=False, out_dtype=None):
     args = (x, w, y, offsets, rows if rows is not None else dummy, scale if scale is not None else dummy, R, N, K,
             E, _bucket(R, E), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
             y.stride(1))
-    flags = {"GATHER": rows is not None, "ACT": act, "SCALE": scale is not None, "UPCAST": upcast, "IEEE": ieee}
+    flags = {"GATHER": rows is not None, "ACT": act, "SCALE": scale is not None, "UPCAST": upcast, "IEEE": ieee,
+             "EP": triton.next_power_of_2(E + 1)}
     progs = _num_programs(x.device)
     if INTERPRET or x.dtype == torch.float64:
         cfg = dict(_INTERP_GEMM) if INTERPRET else {"BM": 32, "BN": 32, "BK": 32}
@@ -199,15 +218,17 @@ def _gemm(x, w, offsets, *, rows=None, scale=None, act=False, out_dtype=None):
     return y
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """y [M, N] = per-segment x @ w[g].T (w any strided [E, N, K] view); rows past offsets[E] are 0."""
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None) -> torch.Tensor:
+    """y [R, N] = per-segment x[rows] @ w[g].T (w any strided [E, N, K] view; rows None = all of x, R = M);
+    rows past offsets[E] are 0."""
     if x.dtype == torch.float64:
         raise TypeError("x: float64 is not supported by the Triton grouped GEMM")
-    return _gemm(x, w, offsets)
+    return _gemm(x, w, offsets, rows=rows)
 
 
-def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int) -> torch.Tensor:
-    """dw [E, N, K] with dw[g] = dy[seg_g].T @ x[seg_g] (zero for empty experts)."""
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int, rows=None) -> torch.Tensor:
+    """dw [E, N, K] with dw[g] = dy[seg_g].T @ x[seg_g] (zero for empty experts); with rows [M] (int32, -1 = zero
+    row) the x rows are gathered: x[rows[seg_g]]."""
     M, N = dy.shape
     K = x.shape[1]
     dw = torch.empty(E, N, K, dtype=dy.dtype, device=dy.device)
@@ -215,18 +236,18 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: i
         return dw
     upcast = INTERPRET and dy.dtype == torch.bfloat16
     ieee = dy.dtype == torch.float32 or upcast
-    args = (dy, x, dw, offsets, M, N, K, _bucket(M, E), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2))
+    args = (dy, x, dw, offsets, rows if rows is not None else offsets, M, N, K, _bucket(M, E), dy.stride(0),
+            dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
     if INTERPRET:
         cfg = _INTERP_WGRAD
         grid = (E * triton.cdiv(N, cfg["BN"]) * triton.cdiv(K, cfg["BK"]),)
-        _wgrad_kernel[grid](*args, UPCAST=upcast, IEEE=ieee, **cfg)
+        _wgrad_kernel[grid](*args, GATHER=rows is not None, UPCAST=upcast, IEEE=ieee, **cfg)
         return dw
 
     def grid(meta):
         return (E * triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]),)
 
-    _wgrad_tuned[grid](*args, UPCAST=False, IEEE=ieee)
+    _wgrad_tuned[grid](*args, GATHER=rows is not None, UPCAST=False, IEEE=ieee)
     return dw
 
 

@@ -146,12 +146,14 @@ def _segments(expert_offsets: torch.Tensor, M: int) -> list[tuple[int, int, int]
     return [(i, s, e) for i, (s, e) in enumerate(itertools.pairwise(off)) if e > s]
 
 
-def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """y [M, N] = per-segment x @ w[i].T; w may be any strided view (backward passes w.transpose(1, 2))."""
-    if _gemm_backend(x.device) == "triton":
+def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None) -> torch.Tensor:
+    """y [R, N] = per-segment x[rows] @ w[i].T (rows None: R = M, all of x; -1 = a zero row); w may be any strided
+    view (backward passes w.transpose(1, 2))."""
+    if _gemm_backend(x.device) == "triton" and x.dtype != torch.float64:
         from dsmath_kernels import grouped_gemm_triton
 
-        return grouped_gemm_triton.grouped_gemm(x, w, offsets)
+        return grouped_gemm_triton.grouped_gemm(x, w, offsets, rows=rows)
+    x = x if rows is None else _gather(x, rows)
     M, N = x.shape[0], w.shape[1]
     y = x.new_zeros(M, N)  # rows outside every segment stay 0
     for i, s, e in _segments(offsets, M):
@@ -159,16 +161,23 @@ def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return y
 
 
-def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int) -> torch.Tensor:
-    """dw [E, N, K] with dw[i] = dy[s:e].T @ x[s:e] on expert i's segment (zero for empty experts)."""
-    if _gemm_backend(x.device) == "triton":
+def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int, rows=None) -> torch.Tensor:
+    """dw [E, N, K] with dw[i] = dy[s:e].T @ x[rows][s:e] on expert i's segment (zero for empty experts)."""
+    if _gemm_backend(x.device) == "triton" and x.dtype != torch.float64:
         from dsmath_kernels import grouped_gemm_triton
 
-        return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E)
+        return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E, rows=rows)
+    x = x if rows is None else _gather(x, rows)
     dw = dy.new_zeros(E, dy.shape[1], x.shape[1])
     for i, s, e in _segments(offsets, x.shape[0]):
         torch.matmul(dy[s:e].T, x[s:e], out=dw[i])
     return dw
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] with rows = -1 giving zero rows."""
+    out = x[rows.clamp_min(0).long()]
+    return out.masked_fill_((rows < 0)[:, None], 0) if rows.numel() else out
 
 
 @torch.library.custom_op("dsmath::grouped_gemm", mutates_args=())
@@ -182,7 +191,8 @@ def _(x, w, expert_offsets):
 
 
 @torch.library.custom_op("dsmath::grouped_gemm_wgrad", mutates_args=())
-def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
+def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor,
+                      num_experts: int) -> torch.Tensor:
     return _wgrad_impl(dy, x, expert_offsets, num_experts)
 
 
@@ -242,13 +252,16 @@ def _silu_mul(h: torch.Tensor) -> torch.Tensor:
     return (F.silu(g) * u).to(h.dtype)
 
 
+def _token_rows(order: torch.Tensor, K: int) -> torch.Tensor:
+    """Token of each permuted row, -1 for padding rows. [R] int32"""
+    return torch.where(order >= 0, torch.div(order, K, rounding_mode="floor"), -1).to(torch.int32)
+
+
 def _experts_forward(x, w_gate_up, w_down, ids):
-    """Permute, gather, gate-up GEMM, SiLU-mul, down GEMM. Returns h [R, 2I], y [R, H] (unweighted), perm."""
-    _T, K = ids.shape
+    """Permute, gate-up GEMM on gathered rows, SiLU-mul, down GEMM. Returns h [R, 2I], y [R, H] (unweighted),
+    and the permutation."""
     order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
-    tok = order.clamp_min(0).long() // K  # [R]
-    xs = x[tok]  # [R, H]  (block_m = 1: no padding rows)
-    h = _gemm_impl(xs, w_gate_up, offsets)  # [R, 2I]
+    h = _gemm_impl(x, w_gate_up, offsets, rows=_token_rows(order, ids.shape[1]))  # [R, 2I]
     y = _gemm_impl(_silu_mul(h), w_down, offsets)  # [R, H]
     return h, y, order, offsets, inverse
 
@@ -318,7 +331,7 @@ def _train_backward(ctx, dout, *unused):
     du = da * g * sg
     dh = torch.cat([dg, du], dim=-1).to(x.dtype)  # [R, 2I]
     dxs = _gemm_impl(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
-    dw_gate_up = _wgrad_impl(dh, x[tok], offsets, E)  # [E, 2I, H]
+    dw_gate_up = _wgrad_impl(dh, x, offsets, E, rows=_token_rows(order, K))  # [E, 2I, H]
     dx = dxs[inverse.long()].to(acc).sum(dim=1).to(x.dtype)  # [T, H]
     return dx, dw_gate_up, dw_down, dweights, None
 
