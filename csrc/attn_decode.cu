@@ -122,11 +122,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
         else vr[u][c].zero();
       }
     }
+    // scores of the U tokens of this lane group, reduced over its LPT lanes
+    float sc[U][GT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float sc[GT];
 #pragma unroll
-      for (int g = 0; g < GT; ++g) sc[g] = 0.f;
+      for (int g = 0; g < GT; ++g) sc[u][g] = 0.f;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         float kf[8];
@@ -134,26 +135,39 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 #pragma unroll
         for (int g = 0; g < GT; ++g)
 #pragma unroll
-          for (int i = 0; i < 8; ++i) sc[g] = fmaf(q[g][c][i], kf[i], sc[g]);
+          for (int i = 0; i < 8; ++i) sc[u][g] = fmaf(q[g][c][i], kf[i], sc[u][g]);
       }
 #pragma unroll
       for (int g = 0; g < GT; ++g) {
 #pragma unroll
-        for (int off = LPT / 2; off > 0; off >>= 1) sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], off);
+        for (int off = LPT / 2; off > 0; off >>= 1) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
       }
-      const bool ok = base + u * TPW + sg < end;
-      float vf[VCH][8];
+      if (base + u * TPW + sg >= end) {
 #pragma unroll
-      for (int c = 0; c < VCH; ++c) vr[u][c].to_float(vf[c]);
-#pragma unroll
-      for (int g = 0; g < GT; ++g) {
-        float alpha, w;
-        attn::online_update(m[g], l[g], ok ? sc[g] : -INFINITY, alpha, w);
-#pragma unroll
-        for (int c = 0; c < VCH; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][c][i] = fmaf(acc[g][c][i], alpha, w * vf[c][i]);
+        for (int g = 0; g < GT; ++g) sc[u][g] = -INFINITY;
       }
+    }
+    // one online-softmax rescale per U tokens, then acc += p v
+    float vf[U][VCH][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int c = 0; c < VCH; ++c) vr[u][c].to_float(vf[u][c]);
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      float su[U], pu[U], alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) su[u] = sc[u][g];
+      attn::online_update_tile<U>(m[g], l[g], su, alpha, pu);
+#pragma unroll
+      for (int c = 0; c < VCH; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float a = acc[g][c][i] * alpha;
+#pragma unroll
+          for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][c][i], a);
+          acc[g][c][i] = a;
+        }
     }
   }
 
@@ -236,8 +250,8 @@ void launch(const DecodeParams& p, cudaStream_t st) {
 template <int DT, int W>
 int launch_gqa(const DecodeParams& p, cudaStream_t st) {
   const int G = p.Hq / p.Hkv;
-  if (G == 1) launch<DT, W, 1, 1, 1, 2>(p, st);
-  else if (G <= 4 || W == 256) launch<DT, W, 1, 1, 4, 2>(p, st);
+  if (G == 1) launch<DT, W, 1, 1, 1, 4>(p, st);
+  else if (G <= 4 || W == 256) launch<DT, W, 1, 1, 4, 4>(p, st);
   else launch<DT, W, 1, 1, (W == 256 ? 4 : 8), 2>(p, st);
   return kOk;
 }

@@ -69,19 +69,31 @@ DSM_HD int64_t token_offset(const int32_t* bt_row, int64_t pos, int block_size, 
   return blk * s_blk + (pos % block_size) * s_tok;
 }
 
-// Online softmax step with a new score s (log2 domain): returns the factor `alpha` for the old accumulator and
-// the weight `p` of the new value; m, l are updated. A -inf score changes nothing.
-DSM_HD void online_update(float& m, float& l, float s, float& alpha, float& p) {
-  if (s == -INFINITY) {
+// Online softmax step over U new scores s[U] (log2 domain): returns the factor `alpha` for the old accumulator
+// and the weights p[U] of the new values (acc = alpha acc + sum_u p[u] v[u]); m, l are updated. -inf scores
+// (masked tokens) get weight 0; if every score so far is -inf nothing changes.
+template <int U>
+DSM_HD void online_update_tile(float& m, float& l, const float* s, float& alpha, float* p) {
+  float mx = m;
+  for (int u = 0; u < U; ++u) mx = s[u] > mx ? s[u] : mx;
+  if (mx == -INFINITY) {
     alpha = 1.f;
-    p = 0.f;
+    for (int u = 0; u < U; ++u) p[u] = 0.f;
     return;
   }
-  const float m_new = s > m ? s : m;
-  alpha = exp2_(m - m_new);  // m = -inf -> 0
-  p = exp2_(s - m_new);
-  l = l * alpha + p;
-  m = m_new;
+  alpha = exp2_(m - mx);  // m = -inf -> 0
+  float sum = 0.f;
+  for (int u = 0; u < U; ++u) {
+    p[u] = exp2_(s[u] - mx);
+    sum += p[u];
+  }
+  l = l * alpha + sum;
+  m = mx;
+}
+
+// One-token step (the CPU kernel's form).
+DSM_HD void online_update(float& m, float& l, float s, float& alpha, float& p) {
+  online_update_tile<1>(m, l, &s, alpha, &p);
 }
 
 // Merge two unnormalised states (m_a, l_a, acc_a) and (m_b, l_b, acc_b): acc = wa acc_a + wb acc_b.
