@@ -82,6 +82,10 @@ class BlockManager:
         Returns (number of tokens scheduled, copy-on-write (src, dst) block pairs), or None (nothing
         changed) when there are not enough free blocks.
         """
+        bs, table, done = self.block_size, seq.block_table, seq.num_computed
+        num_new = min(len(seq) - done, budget)
+        if done + num_new <= len(table) * bs and self.blocks[table[done // bs]].ref == 1:
+            return num_new, []                       # fast path (most decode steps): room in an owned block
         hits = self._match_prefix(seq)
         computed = seq.num_computed + len(hits) * self.block_size
         num_new = min(len(seq) - computed, budget)

@@ -48,23 +48,27 @@ class ModelRunner:
 
     def host_meta(self, batch: Batch) -> dict:
         """Host (CPU) tensors of the step's metadata."""
-        bs = self.block_size
-        starts = [s.num_computed for s in batch.seqs]
-        n = torch.tensor(batch.num_new, dtype=torch.int64)                          # [B]
-        seq_lens = torch.tensor(starts, dtype=torch.int64) + n                      # [B]
-        width = max(1, -(-int(seq_lens.max()) // bs))
-        tables = torch.zeros(len(batch.seqs), width, dtype=torch.int32)             # [B, W]
-        for b, s in enumerate(batch.seqs):
-            blocks = s.block_table[:width]
-            tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        cu = torch.zeros(len(batch.seqs) + 1, dtype=torch.int64)
-        cu[1:] = n.cumsum(0)
-        row = torch.repeat_interleave(torch.arange(len(batch.seqs)), n)             # [N] sequence of each token
-        pos = torch.arange(int(cu[-1])) - cu[row] + torch.tensor(starts)[row]       # [N]
-        ids = [t for s, a, k in zip(batch.seqs, starts, batch.num_new) for t in s.token_ids[a:a + k]]
-        slots = tables[row, pos // bs].long() * bs + pos % bs                      # [N]
+        bs, seqs = self.block_size, batch.seqs
+        starts = [s.num_computed for s in seqs]
+        lens = [a + k for a, k in zip(starts, batch.num_new)]
+        width = max(1, -(-max(lens) // bs))
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - min(width, len(s.block_table)))
+                               for s in seqs], dtype=torch.int32)                  # [B, W]
+        if batch.is_decode:  # one token per sequence: plain Python is cheaper than tensor ops
+            ids = [s.token_ids[a] for s, a in zip(seqs, starts)]
+            slots = [s.block_table[a // bs] * bs + a % bs for s, a in zip(seqs, starts)]
+            pos, cu = torch.tensor(starts), torch.arange(len(seqs) + 1)
+            slots = torch.tensor(slots)
+        else:
+            n = torch.tensor(batch.num_new)                                         # [B]
+            cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+            cu[1:] = n.cumsum(0)
+            row = torch.repeat_interleave(torch.arange(len(seqs)), n)               # [N] sequence of each token
+            pos = torch.arange(int(cu[-1])) - cu[row] + torch.tensor(starts)[row]   # [N]
+            ids = [t for s, a, k in zip(seqs, starts, batch.num_new) for t in s.token_ids[a:a + k]]
+            slots = tables[row, pos // bs].long() * bs + pos % bs                  # [N]
         return {"input_ids": torch.tensor(ids, dtype=torch.int64), "positions": pos, "cu_seqlens_q": cu.int(),
-                "seq_lens": seq_lens.int(), "block_tables": tables, "slot_mapping": slots,
+                "seq_lens": torch.tensor(lens, dtype=torch.int32), "block_tables": tables, "slot_mapping": slots,
                 "logits_indices": cu[1:] - 1}
 
     def prepare(self, batch: Batch) -> ForwardMeta:
