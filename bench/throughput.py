@@ -22,6 +22,7 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -242,9 +243,12 @@ def baselines(args, model, config_dict, workloads, device, dtype) -> dict[str, f
             out[wl.name] = tokens / secs
         except torch.cuda.OutOfMemoryError:
             out[wl.name] = "OOM"
+        except Exception as e:  # noqa: BLE001 - report and go on: the baseline is not what we test
+            out[wl.name] = f"failed: {type(e).__name__}: {e}"[:160]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del hf
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
