@@ -156,6 +156,11 @@ class ModelConfig:
             cfg = cls(**common, num_experts=E, moe_layers=moe, rope=rope, renormalize=bool(c["norm_topk_prob"]),
                       num_key_value_heads=c["num_key_value_heads"], head_dim=head_dim)
         else:
+            if (c.get("moe_layer_freq") or 1) != 1:  # transformers ignores it; refuse rather than build another model
+                raise ValueError(f"moe_layer_freq: only 1 is supported, got {c['moe_layer_freq']}")
+            want = "softmax" if mt == "deepseek_v2" else "sigmoid"
+            if c.get("scoring_func", want) != want:
+                raise ValueError(f"scoring_func: {mt} uses {want!r}, got {c['scoring_func']!r}")
             E = c["n_routed_experts"]
             moe = [i >= (c["first_k_dense_replace"] or 0) for i in range(L)]
             interleaved = True if mt == "deepseek_v2" else bool(c.get("rope_interleave", True))

@@ -152,3 +152,32 @@ def test_v2_lite_preset_shapes_on_meta():
     active = total - experts * (64 - 6) / 64 - cfg.vocab_size * cfg.hidden_size
     assert 15.6e9 < total < 15.8e9, total
     assert 2.3e9 < active < 2.5e9, active
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"moe_layer_freq": 2}, "moe_layer_freq"),
+    ({"topk_method": "noaux_tc"}, "topk_method"),
+    ({"scoring_func": "sigmoid"}, "scoring_func"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling"),
+])
+def test_unsupported_config_fields_are_named(bad, match):
+    from model.config import ModelConfig
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(preset_dict("tiny-v2", **bad))
+
+
+def test_config_aliases_and_qwen_fields():
+    """Either spelling of the expert count (transformers' attribute_map), Qwen3 head_dim / mlp_only_layers /
+    decoder_sparse_step, DeepSeek first_k_dense_replace, sliding window refused."""
+    from model.config import ModelConfig
+    q = ModelConfig.from_dict(preset_dict("tiny-qwen3", num_experts=6, decoder_sparse_step=2, mlp_only_layers=[]))
+    assert q.num_experts == 6 and q.moe_layers == [False, True, False] and q.head_dim == 16
+    q = ModelConfig.from_dict({k: v for k, v in preset_dict("tiny-qwen3").items() if k != "num_experts"}
+                              | {"num_local_experts": 5, "mlp_only_layers": [0]})
+    assert q.num_experts == 5 and q.moe_layers == [False, True, True]
+    v3 = ModelConfig.from_dict({k: v for k, v in preset_dict("tiny-v3").items() if k != "n_routed_experts"}
+                               | {"num_local_experts": 4, "first_k_dense_replace": 2})
+    assert v3.num_experts == 4 and v3.moe_layers == [False, False, True] and v3.scoring == "sigmoid"
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        ModelConfig.from_dict(preset_dict("tiny-qwen3", use_sliding_window=True))

@@ -168,3 +168,29 @@ def test_activation_checkpointing_same_gradients(preset):
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=lambda s, n=n: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("name", ["v2-lite", "tiny-v3-yarn", "qwen3-yarn"])
+def test_rope_tables_match_transformers_at_real_scales(name):
+    """inv_freq and cos/sin scaling of DeepSeek-V2-Lite's YaRN (factor 40 over 4K, mscale 0.707), a V3-style YaRN
+    with mscale != mscale_all_dim, and Qwen3 YaRN, against transformers' own rope init and softmax scale."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from model.config import ModelConfig
+    from model.layers.rope import inv_freq_and_scale
+    d = {"v2-lite": preset_dict("v2-lite"),
+         "tiny-v3-yarn": preset_dict("tiny-v3", max_position_embeddings=16384, rope_scaling={
+             "type": "yarn", "factor": 4, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+             "mscale": 1.0, "mscale_all_dim": 0.8}),
+         "qwen3-yarn": preset_dict("tiny-qwen3", max_position_embeddings=131072, rope_scaling={
+             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})}[name]
+    hf_cfg = transformers.AutoConfig.for_model(**d)
+    want_inv, want_scale = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    cfg = ModelConfig.from_dict(d)
+    inv, scale = inv_freq_and_scale(cfg.rope)
+    torch.testing.assert_close(inv, want_inv.float(), rtol=1e-6, atol=0)
+    assert abs(scale - want_scale) < 1e-7
+    if cfg.is_mla:
+        mod = __import__(f"transformers.models.{d['model_type']}.modeling_{d['model_type']}", fromlist=["x"])
+        want = mod.yarn_apply_mscale(hf_cfg.rope_parameters, cfg.qk_head_dim ** -0.5)
+        assert abs(cfg.softmax_scale() - want) < 1e-9
