@@ -190,6 +190,10 @@ def test_prefix_caching_hits_and_keeps_outputs(model):
     assert llm.block_manager.num_prefix_hits >= 6
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     check_free(llm)
+    llm.reset_prefix_cache()                                 # e.g. after a weight update: nothing is reused
+    hits = llm.block_manager.num_prefix_hits
+    llm.generate([ps[0]], params, use_tqdm=False)
+    assert llm.block_manager.num_prefix_hits == hits
 
 
 def test_max_model_len_and_errors(model):

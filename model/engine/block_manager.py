@@ -146,5 +146,11 @@ class BlockManager:
                 self.cached[h] = block.id
             seq.block_hashes.append(h)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block hash (e.g. after the weights changed: cached K/V are stale)."""
+        self.cached.clear()
+        for block in self.blocks:
+            block.hash, block.tokens = None, None
+
     def check_all_free(self) -> bool:
         return self.num_free == self.num_blocks and all(b.ref == 0 for b in self.blocks)

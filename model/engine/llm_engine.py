@@ -129,6 +129,13 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> None:
+        """Drop cached prompt blocks; call after changing the model's weights (e.g. a GRPO optimizer step)
+        when enable_prefix_caching=True, between generate calls."""
+        if self.has_unfinished():
+            raise RuntimeError("reset_prefix_cache: requests are still running")
+        self.block_manager.reset_prefix_cache()
+
     # ---- one engine step -----------------------------------------------------------------------------------------
     def step(self) -> list[StreamEvent]:
         batch = self.scheduler.schedule()
