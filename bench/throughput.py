@@ -327,7 +327,8 @@ def main(argv=None) -> dict:
                                if rows[-1]["baseline_tokens_per_s"] else None)
     result = dict(device=device_name(device), preset=name, dtype=str(dtype).replace("torch.", ""),
                   num_blocks=llm.block_manager.num_blocks, block_size=args.block_size,
-                  cuda_graphs=bool(llm.runner.graphs), preemptions=llm.scheduler.num_preemptions,
+                  cuda_graphs=bool(llm.runner.graphs), graph_error=llm.runner.capture_error,
+                  preemptions=llm.scheduler.num_preemptions,
                   copy_gbps=bw / 1e9, matmul_tflops=peak / 1e12, workloads=rows)
     print(f"# {result['device']}  preset {name}  {result['dtype']}  KV blocks {result['num_blocks']} x "
           f"{args.block_size}  graphs {result['cuda_graphs']}  copy {bw / 1e9:.0f} GB/s  matmul {peak / 1e12:.1f} "
@@ -336,6 +337,8 @@ def main(argv=None) -> dict:
                        ("output_tokens", "tokens", "d"), ("seconds", "s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
                        ("baseline_tokens_per_s", "hf tok/s", ".1f"), ("speedup", "x hf", ".2f"),
                        ("roofline_fraction", "roofline", ".3f")])
+    if result["graph_error"]:
+        print(f"# CUDA graph capture failed, decode ran eagerly: {result['graph_error']}")
     for r in rows:
         if r["baseline_note"]:
             print(f"# {r['name']} baseline: {r['baseline_note']}")

@@ -39,6 +39,7 @@ class ModelRunner:
         self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_error: str | None = None
         if self.device.type == "cuda" and not enforce_eager:
             self.capture(max_num_seqs)
 
@@ -129,7 +130,8 @@ class ModelRunner:
         except Exception as e:  # noqa: BLE001 - any capture failure means: run decode eagerly
             log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
             self.graphs.clear()
-            torch.cuda.synchronize()
+            self.capture_error = f"{type(e).__name__}: {e}"
+            torch.cuda.synchronize()  # a failed capture is not a sticky error: the device stays usable
 
     def _replay(self, batch: Batch) -> torch.Tensor:
         B = len(batch.seqs)
