@@ -140,7 +140,8 @@ class ModelConfig:
                 "moe_intermediate_size", "num_experts_per_tok", "max_position_embeddings", "rms_norm_eps")
         common = {k: c[k] for k in keys}
         common.update(model_type=mt, tie_word_embeddings=bool(c["tie_word_embeddings"]),
-                      attention_bias=bool(c["attention_bias"]), mlp_bias=bool(c.get("mlp_bias", False)),
+                      attention_bias=bool(c["attention_bias"]),
+                      mlp_bias=mt == "deepseek_v2" and bool(c.get("mlp_bias")),  # only V2's MLPs read it
                       eos_token_id=c.get("eos_token_id"), bos_token_id=c.get("bos_token_id"),
                       dtype=c.get("dtype") or c.get("torch_dtype"), raw=copy.deepcopy(orig))
         L = c["num_hidden_layers"]

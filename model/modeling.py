@@ -205,10 +205,14 @@ class MoEForCausalLM(nn.Module):
         return self.lm_head(x).float()
 
 
-def _padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+def _padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """[B, T] 1/0 -> bool [B, 1, T, T]: causal and key not padding. A query that would see no key (left padding)
-    sees itself, so its (ignored) output stays finite."""
-    _B, T = attention_mask.shape
+    sees itself, so its (ignored) output stays finite. Right padding only (every row 1...1 0...0, the GRPO batch
+    layout) -> None: under the causal mask a real token never sees a later pad, so plain causal attention (flash
+    kernels) gives the same real-token outputs."""
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    T = attention_mask.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     mask = causal[None] & attention_mask.bool()[:, None, :]  # [B, T, T]
     mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)[None]

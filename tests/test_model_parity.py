@@ -23,14 +23,16 @@ YARN_V3 = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16, 
 
 CASES = {
     "v2-group-limited": ("tiny-v2", {}),
-    "v2-greedy-yarn": ("tiny-v2", {"topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.5,
-                                   "max_position_embeddings": 128, "rope_scaling": YARN_V2}),
+    "v2-greedy-yarn-bias": ("tiny-v2", {"topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                                        "routed_scaling_factor": 1.5, "max_position_embeddings": 128,
+                                        "rope_scaling": YARN_V2, "attention_bias": True, "mlp_bias": True}),
     "v3": ("tiny-v3", {}),
     "v3-yarn-halves": ("tiny-v3", {"rope_interleave": False, "max_position_embeddings": 64, "rope_scaling": YARN_V3,
-                                   "q_lora_rank": None, "first_k_dense_replace": 0}),
+                                   "q_lora_rank": None, "first_k_dense_replace": 0, "attention_bias": True}),
     "qwen3": ("tiny-qwen3", {}),
-    "qwen3-tied-sparse-step": ("tiny-qwen3", {"tie_word_embeddings": True, "decoder_sparse_step": 2,
-                                              "mlp_only_layers": [], "norm_topk_prob": False}),
+    "qwen3-tied-sparse-step-bias": ("tiny-qwen3", {"tie_word_embeddings": True, "decoder_sparse_step": 2,
+                                                   "mlp_only_layers": [], "norm_topk_prob": False,
+                                                   "attention_bias": True}),
 }
 
 
@@ -114,15 +116,19 @@ def test_hidden_states_match_transformers(pair):
 def test_padding_mask_matches_transformers(pair):
     name, hf, ours = pair
     ids = torch.randint(0, ours.config.vocab_size, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 8:] = 0  # right padding
-    with torch.no_grad():
-        ref, out = hf(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
-    valid = mask.bool()
-    assert_logits_match(out[valid], ref[valid], f"{name} with padding")
+    for side in ("right", "left"):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        if side == "right":
+            mask[1, 8:] = 0
+        else:
+            mask[0, :3] = 0
+        with torch.no_grad():
+            ref, out = hf(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+        valid = mask.bool()
+        assert_logits_match(out[valid], ref[valid], f"{name} with {side} padding")
 
 
-@pytest.mark.parametrize("case", ["v2-greedy-yarn", "v3-yarn-halves"])
+@pytest.mark.parametrize("case", ["v2-greedy-yarn-bias", "v3-yarn-halves"])
 def test_yarn_past_original_context(case, tmp_path):
     """Positions 0..47 and 80..127 / 16..63: well past original_max_position_embeddings = 16."""
     preset, overrides = CASES[case]

@@ -69,7 +69,7 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         n = cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n) if n else None
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n, bias=cfg.mlp_bias) if n else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
