@@ -1,7 +1,8 @@
 """Benchmark of the paged attention ops: achieved KV bandwidth of paged_decode (GQA 32 q / 8 kv heads, D 128)
 and mla_decode (DeepSeek-V2-Lite 16 heads, V3 128 heads; Dc 512, Dr 64) against the measured copy bandwidth,
 and against torch SDPA on a contiguous copy of the same KV; paged_prefill TFLOP/s at 8K tokens (causal) against
-SDPA and the dense bf16 peak. Batch x context in {1 x 131072, 8 x 32768, 64 x 4096, 256 x 1024}, block size 64.
+SDPA and the dense bf16 peak. On GPU the Triton tensor-core decode (DSMATH_DECODE_BACKEND=triton) is timed
+beside the default CUDA kernel. Batch x context in {1 x 131072, 8 x 32768, 64 x 4096, 256 x 1024}, block size 64.
 
     python bench/bench_attention.py            # GPU: real shapes (H200 ceilings: ~4.3 TB/s copy, ~790 TFLOP/s)
     python bench/bench_attention.py --quick    # CPU: small shapes, C++ decode vs SDPA (math) on contiguous KV
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 import dsmath_kernels as dk
 from dsmath_kernels.attention import _decode_backend, _prefill_backend
+from dsmath_kernels.attention_triton import paged_decode_triton
 
 PEAK_BF16_TFLOPS = 790.0  # H200 / H100 SXM dense bf16
 BLOCK = 64
@@ -75,12 +77,16 @@ def bench_gqa(B, L, Hq, Hkv, D, dtype, device, reps):
     sl = torch.full((B,), L, dtype=torch.int32, device=device)
     plan = dk.plan_decode(B, L, num_kv_heads=Hkv, device=device)
     t = timeit(lambda: dk.paged_decode(q, kc, vc, bt, sl, D**-0.5, plan=plan), device, reps)
+    t_tri = None
+    if device.type == "cuda":
+        t_tri = timeit(lambda: paged_decode_triton(q, kc, vc, bt, sl, D**-0.5, plan.num_splits, plan.chunk), device,
+                       reps)
     # baseline: SDPA on a contiguous copy of the same KV
     k = kc[bt.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
     v = vc[bt.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
     t_ref = timeit(lambda: sdpa_decode(q.unsqueeze(2), k, v, D**-0.5, True), device, reps)
     nbytes = 2 * B * L * Hkv * D * k.element_size()
-    return t, t_ref, nbytes, plan
+    return t, t_tri, t_ref, nbytes, plan
 
 
 def bench_mla(B, L, H, Dc, Dr, dtype, device, reps):
@@ -90,10 +96,15 @@ def bench_mla(B, L, H, Dc, Dr, dtype, device, reps):
     plan = dk.plan_decode(B, L, num_kv_heads=1, device=device)
     scale = (Dc + Dr) ** -0.5
     t = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan), device, reps)
+    t_tri = None
+    if device.type == "cuda":
+        kv4 = kv.unsqueeze(2)
+        t_tri = timeit(lambda: paged_decode_triton(q, kv4, kv4[..., :Dc], bt, sl, scale, plan.num_splits,
+                                                   plan.chunk), device, reps)
     k = kv[bt.long()].reshape(B, 1, L, Dc + Dr)  # contiguous copy; one shared latent head (MQA)
     t_ref = timeit(lambda: sdpa_decode(q.unsqueeze(2), k, k[..., :Dc], scale, True), device, reps)
     nbytes = B * L * (Dc + Dr) * k.element_size()
-    return t, t_ref, nbytes, plan
+    return t, t_tri, t_ref, nbytes, plan
 
 
 def bench_prefill(L, Hq, Hkv, D, dtype, device, reps):
@@ -130,11 +141,12 @@ def main():
     copy_bw = copy_bandwidth(device, copy_bytes, reps)
     rows = []
     for B, L in shapes:
-        t, t_ref, nbytes, plan = bench_gqa(B, L, *gqa, dtype, device, reps)
-        rows.append(("paged_decode", f"{B}x{L} Hq{gqa[0]}/Hkv{gqa[1]} D{gqa[2]}", t, t_ref, nbytes / t, plan))
+        t, t_tri, t_ref, nbytes, plan = bench_gqa(B, L, *gqa, dtype, device, reps)
+        rows.append(("paged_decode", f"{B}x{L} Hq{gqa[0]}/Hkv{gqa[1]} D{gqa[2]}", t, t_tri, t_ref, nbytes, plan))
         for H in mla_heads:
-            t, t_ref, nbytes, plan = bench_mla(B, L, H, *mla_dims, dtype, device, reps)
-            rows.append(("mla_decode", f"{B}x{L} H{H} Dc{mla_dims[0]}+{mla_dims[1]}", t, t_ref, nbytes / t, plan))
+            t, t_tri, t_ref, nbytes, plan = bench_mla(B, L, H, *mla_dims, dtype, device, reps)
+            rows.append(("mla_decode", f"{B}x{L} H{H} Dc{mla_dims[0]}+{mla_dims[1]}", t, t_tri, t_ref, nbytes,
+                         plan))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     L, Hq, Hkv, D = pre
@@ -143,14 +155,19 @@ def main():
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {dtype}, block {BLOCK}, "
           f"decode backend {_decode_backend(device)}, prefill backend {_prefill_backend(device)}, "
           f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
-    print(f"{'op':<14}{'shape':<34}{'splits':>7}{'ms':>10}{'GB/s':>10}{'% copy':>8}{'SDPA ms':>10}{'speed-up':>9}")
+    print(f"{'op':<14}{'shape':<34}{'splits':>7}{'ms':>10}{'GB/s':>10}{'% copy':>8}{'SDPA ms':>10}{'speed-up':>9}"
+          f"{'triton ms':>11}{'% copy':>8}")
     results = []
-    for op, shape, t, t_ref, bw, plan in rows:
+    for op, shape, t, t_tri, t_ref, nbytes, plan in rows:
+        bw = nbytes / t
+        tri = f"{t_tri * 1e3:>11.3f}{100 * nbytes / t_tri / copy_bw:>7.1f}%" if t_tri else f"{'-':>11}{'-':>8}"
         print(f"{op:<14}{shape:<34}{plan.num_splits:>7}{t * 1e3:>10.3f}{bw / 1e9:>10.1f}{100 * bw / copy_bw:>7.1f}%"
-              f"{t_ref * 1e3:>10.3f}{t_ref / t:>8.2f}x")
+              f"{t_ref * 1e3:>10.3f}{t_ref / t:>8.2f}x{tri}")
         results.append({"op": op, "shape": shape, "splits": plan.num_splits, "ms": round(t * 1e3, 4),
-                        "GBps": round(bw / 1e9, 1), "frac_copy": round(bw / copy_bw, 3),
-                        "sdpa_ms": round(t_ref * 1e3, 4), "speedup_vs_sdpa": round(t_ref / t, 2)})
+                         "GBps": round(bw / 1e9, 1), "frac_copy": round(bw / copy_bw, 3),
+                         "sdpa_ms": round(t_ref * 1e3, 4), "speedup_vs_sdpa": round(t_ref / t, 2),
+                         "triton_ms": round(t_tri * 1e3, 4) if t_tri else None,
+                         "triton_frac_copy": round(nbytes / t_tri / copy_bw, 3) if t_tri else None})
     tf = flops / t_p / 1e12
     print(f"{'paged_prefill':<14}{f'1x{L} causal Hq{Hq}/Hkv{Hkv} D{D}':<34}{'':>7}{t_p * 1e3:>10.3f}"
           f"{tf:>9.1f}T{100 * tf / PEAK_BF16_TFLOPS:>7.1f}%{t_pref * 1e3:>10.3f}{t_pref / t_p:>8.2f}x"

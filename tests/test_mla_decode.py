@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dsmath_kernels as dk
+from dsmath_kernels.attention_triton import paged_decode_triton
 from dsmath_kernels.reference.attention import mla_decode_ref, paginate
 from dsmath_kernels.testing import assert_close
 
@@ -76,6 +77,17 @@ def test_mla_equals_unabsorbed_attention():
         assert_close(out, expect, atol=tol, rtol=tol, name=f"absorbed MLA {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_mla_decode(dtype):
+    """Triton decode with V a view of K's first Dc columns (values reuse the loaded key tile): interpreter."""
+    q, rows, kv, bt, sl = make_case([0, 40, 7], 16, 32, 8, 5, dtype)
+    kv4 = kv.unsqueeze(2)
+    atol, rtol = TOL[dtype]
+    for splits, chunk in ((1, 1024), (3, 16)):
+        out = paged_decode_triton(q, kv4, kv4[..., :32], bt, sl, 0.3, splits, chunk)
+        assert_close(out, dense_mqa(q, rows, 32, 0.3), atol=atol, rtol=rtol, name="triton mla decode")
+
+
 def test_mla_plans_and_reference():
     q, rows, kv, bt, sl = make_case([300, 2, 77], 8, 32, 16, 7, torch.float32)
     expect = dense_mqa(q, rows, 32, 0.2)
@@ -106,9 +118,11 @@ def test_mla_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("H", [16, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mla_cuda_deepseek_shapes(H, dtype):
+def test_mla_cuda_deepseek_shapes(H, dtype, backend, monkeypatch):
+    monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     lens = [1, 4097, 300]
     q, rows, kv, bt, sl = make_case(lens, H, 512, 64, 64, dtype, device="cuda")
     expect = dense_mqa(q.cpu(), rows, 512, 576**-0.5)

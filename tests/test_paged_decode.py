@@ -2,10 +2,12 @@
 slots): block sizes 1 / 15 / 16 / 17 / 64, seq lens 0 / 1 / ragged, GQA 1 / 4 / 8, Dv != D, explicit plans,
 one 131072-token sequence, debug bounds checks, argument errors; CUDA kernel and graph capture on GPU."""
 
-import dsmath_kernels as dk
 import pytest
 import torch
+
+import dsmath_kernels as dk
 from dsmath_kernels.attention import _decode_backend
+from dsmath_kernels.attention_triton import paged_decode_triton
 from dsmath_kernels.reference.attention import paged_decode_ref, paginate, paginate_like
 from dsmath_kernels.testing import assert_close
 
@@ -73,6 +75,22 @@ def test_plans_give_same_answer(splits, chunk):
     plan = dk.DecodePlan(num_splits=splits, chunk=chunk, max_seq_len=200)
     out = dk.paged_decode(q, kc, vc, bt, sl, 0.25, plan=plan)
     assert_close(out, dense_decode(q, ks, vs, 0.25), atol=2e-5, rtol=2e-5)
+
+
+TRITON_CASES = [([0, 1, 70], 8, 2, 24, 16, 5), ([33, 16], 4, 4, 16, 32, 16)]  # lens, Hq, Hkv, D, Dv, bs
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=["gqa4-D24-Dv16-bs5", "mha-D16-Dv32-bs16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_decode(case, dtype):
+    """The tensor-core Triton decode kernel (interpreter on CPU), one split and several."""
+    lens, Hq, Hkv, D, Dv, bs = case
+    q, ks, vs, kc, vc, bt, sl = make_case(lens, Hq, Hkv, D, Dv, bs, dtype)
+    expect = dense_decode(q, ks, vs, 0.3)
+    atol, rtol = TOL[dtype]
+    for splits, chunk in ((1, 1024), (3, 16)):
+        out = paged_decode_triton(q, kc, vc, bt, sl, 0.3, splits, chunk)
+        assert_close(out, expect, atol=atol, rtol=rtol, name=f"triton decode splits={splits}")
 
 
 def test_plan_decode_shapes():
@@ -164,12 +182,14 @@ GPU_CASES = [  # lens, Hq, Hkv, D, Dv, bs
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_decode_cuda(case, dtype):
+def test_decode_cuda(case, dtype, backend, monkeypatch):
+    monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     lens, Hq, Hkv, D, Dv, bs = case
     q, ks, vs, kc, vc, bt, sl = make_case(lens, Hq, Hkv, D, Dv, bs, dtype, device="cuda")
-    assert _decode_backend(q.device) == "cuda"
+    assert _decode_backend(q.device) == backend
     expect = dense_decode(q.cpu(), ks, vs, D**-0.5)
     atol, rtol = TOL[dtype]
     for plan in (None, dk.DecodePlan(1, 1 << 20, max(lens)), dk.DecodePlan(5, 256, max(lens))):
@@ -178,8 +198,10 @@ def test_decode_cuda(case, dtype):
 
 
 @pytest.mark.gpu
-def test_decode_cuda_long_and_graph():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_decode_cuda_long_and_graph(backend, monkeypatch):
     """131072 tokens at D 128 on GPU, and replay of a captured CUDA graph after the cache and lengths change."""
+    monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     L = 131072
     q, ks, vs, kc, vc, bt, sl = make_case([L, 4000], 8, 2, 128, 128, 64, torch.bfloat16, device="cuda")
     plan = dk.plan_decode(2, L, num_kv_heads=2, device=q.device)

@@ -16,6 +16,9 @@ decode step and pass `plan=` to every layer's paged_decode / mla_decode. Without
 block_tables.shape[1] * block_size. A plan never affects correctness (the last split always runs to the end of
 the sequence), only the work split.
 
+Decode backend on GPU: DSMATH_DECODE_BACKEND=auto (default: the CUDA kernel) | cuda | triton (tensor-core Triton
+split-KV kernel: heads of a kv head / MLA's query heads form the M dim of the MMA) | reference.
+
 Debug bounds checks: set DSMATH_CHECK_BOUNDS=1 (or pass check_bounds=True) and every op verifies — with a host
 sync — that seq_lens fit the block tables, that the block ids a sequence uses lie in [0, NB), that slot mappings
 lie in [-1, NB * BS), and raises ValueError naming the argument instead of reading/writing out of bounds.
@@ -51,6 +54,7 @@ from dsmath_kernels.reference.attention import (
 DEFAULT_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 256
 BOUNDS_ENV = "DSMATH_CHECK_BOUNDS"
+DECODE_BACKEND_ENV = "DSMATH_DECODE_BACKEND"
 INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -145,11 +149,27 @@ def _check_scale(scale) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- backends
+def _triton_ok() -> bool:
+    from dsmath_kernels import attention_triton
+
+    return attention_triton.available()
+
+
 def _decode_backend(device: torch.device) -> str:
+    """cuda (CUDA-core split-KV kernel) by default on GPU; DSMATH_DECODE_BACKEND=triton picks the tensor-core
+    Triton kernel (also the fallback when the CUDA kernels are not compiled); =reference forces PyTorch."""
+    forced = os.environ.get(DECODE_BACKEND_ENV, "auto")
+    if forced not in ("auto", "cuda", "triton", "cpu", "reference"):
+        raise ValueError(f"{DECODE_BACKEND_ENV}: expected auto, cuda, triton, cpu or reference, got {forced!r}")
     c = _ext.C()
+    if forced == "reference":
+        return "reference"
     if device.type == "cuda":
-        ok = _ext.has_cuda_kernels(device) and hasattr(c, "paged_decode_cuda")
-        return "cuda" if ok else "reference"
+        cuda_ok = _ext.has_cuda_kernels(device) and hasattr(c, "paged_decode_cuda")
+        if (forced == "triton" or not cuda_ok) and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1" \
+                and _triton_ok():
+            return "triton"
+        return "cuda" if cuda_ok else "reference"
     if device.type == "cpu":
         return "cpu" if _ext.has_cpu_kernels() and hasattr(c, "paged_decode_cpu") else "reference"
     return "reference"
@@ -295,6 +315,11 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
         backend = "reference"
     if backend == "reference" or q.dtype == torch.float64 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    if backend == "triton":
+        from dsmath_kernels import attention_triton
+
+        return attention_triton.paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
+                                                    chunk)
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0:
         return out

@@ -1,5 +1,6 @@
-"""Triton varlen prefill against the paged KV cache (paged_prefill / mla_prefill on GPU; spec in
-reference/attention.py). One program = BLOCK_M query tokens of one sequence x one query head; it walks the
+"""Triton kernels on the paged KV cache: varlen prefill (paged_prefill / mla_prefill on GPU) and a tensor-core
+split-KV decode (paged_decode / mla_decode with DSMATH_DECODE_BACKEND=triton); spec in reference/attention.py.
+Prefill: one program = BLOCK_M query tokens of one sequence x one query head; it walks the
 sequence's keys BLOCK_N at a time through the block table (per-key block lookup, so any block size works), with
 a base-2 online softmax (FlashAttention-2). The head dim is split into a power-of-two part and a remainder
 (576 = 512 + 64 for MLA; no padding to 1024). Causal: query at position L - n + i sees keys <= that position,
@@ -25,6 +26,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _prec(q: torch.Tensor) -> str:
+    """tl.dot precision: exact fp32 products for fp32 inputs (not TF32); 16-bit inputs ignore it."""
+    return "ieee" if q.dtype == torch.float32 or _interpreting() else "tf32"
+
+
 @functools.cache
 def available() -> bool:
     return triton is not None
@@ -34,25 +40,25 @@ if triton is not None:
 
     @triton.jit
     def _tile_scores(q_a, q_b, K, k_off, n_mask, offs_a, offs_b, D, DA: tl.constexpr, HAS_B: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, PREC: tl.constexpr):
         """q . k for a key tile: the [0, DA) part plus the [DA, D) remainder. -> [BLOCK_M, BLOCK_N] fp32."""
         ka = tl.load(K + k_off[None, :] + offs_a[:, None], mask=n_mask[None, :] & (offs_a[:, None] < D), other=0.0)
         if UPCAST:
             ka = ka.to(tl.float32)
-        s = tl.dot(q_a, ka)
+        s = tl.dot(q_a, ka, input_precision=PREC)
         if HAS_B:
             kb = tl.load(K + k_off[None, :] + DA + offs_b[:, None],
                          mask=n_mask[None, :] & (DA + offs_b[:, None] < D), other=0.0)
             if UPCAST:
                 kb = kb.to(tl.float32)
-            s += tl.dot(q_b, kb)
+            s += tl.dot(q_b, kb, input_precision=PREC)
         return s
 
     @triton.jit
-    def _prefill_fwd_kernel(Q, K, V, O, BT, CU, SL, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_t, so_h,
+    def _prefill_fwd_kernel(Q, K, V, Out, BT, CU, SL, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_t, so_h,
                             s_bt, scale_log2, G, D, DV, BS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+                            CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
         mt = tl.program_id(0)
         b = tl.program_id(1)
         h = tl.program_id(2)
@@ -87,7 +93,7 @@ if triton is not None:
             blk = tl.load(BT + b * s_bt + offs_n // BS, mask=n_mask, other=0).to(tl.int64)
             slot = (offs_n % BS).to(tl.int64)
             k_off = blk * sk_b + slot * sk_t + kvh * sk_h
-            s = _tile_scores(q_a, q_b, K, k_off, n_mask, offs_a, offs_b, D, DA, HAS_B, UPCAST) * scale_log2
+            s = _tile_scores(q_a, q_b, K, k_off, n_mask, offs_a, offs_b, D, DA, HAS_B, UPCAST, PREC) * scale_log2
             keep = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= qpos[:, None])
@@ -102,11 +108,126 @@ if triton is not None:
                         other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_ptr = O + rows[:, None] * so_t + h * so_h + offs_v[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
+        o_ptr = Out + rows[:, None] * so_t + h * so_h + offs_v[None, :]
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_fwd_kernel(Q, K, V, Out, PO, PLSE, BT, SL, sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, s_bt,
+                           scale_log2, Hq, G, D, DV, BS, num_splits, chunk, BLOCK_H: tl.constexpr,
+                           BLOCK_N: tl.constexpr, DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_B: tl.constexpr,
+                           BLOCK_DV: tl.constexpr, SHARED_V: tl.constexpr, UPCAST: tl.constexpr,
+                           PREC: tl.constexpr):
+        """One split of one sequence for BLOCK_H query heads of one kv head; heads are the M dim of tl.dot."""
+        s_id = tl.program_id(0)
+        tiles = tl.cdiv(G, BLOCK_H)
+        kvh = tl.program_id(1) // tiles
+        g = (tl.program_id(1) % tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = g < G
+        heads = kvh * G + g
+        b = tl.program_id(2)
+        L = tl.load(SL + b).to(tl.int64)
+        begin = s_id.to(tl.int64) * chunk
+        end = tl.where(s_id == num_splits - 1, L, tl.minimum(L, begin + chunk))
+        begin = tl.minimum(begin, end)
+        offs_a = tl.arange(0, DA)
+        offs_b = tl.arange(0, BLOCK_DB)
+        offs_v = tl.arange(0, BLOCK_DV)
+        q_ptr = Q + b.to(tl.int64) * sq_b + heads[:, None] * sq_h
+        q_a = tl.load(q_ptr + offs_a[None, :], mask=h_mask[:, None] & (offs_a[None, :] < D), other=0.0)
+        q_b = tl.load(q_ptr + DA + offs_b[None, :], mask=h_mask[:, None] & (DA + offs_b[None, :] < D), other=0.0)
+        if UPCAST:
+            q_a = q_a.to(tl.float32)
+            q_b = q_b.to(tl.float32)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+        for start in range(begin, end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            blk = tl.load(BT + b * s_bt + offs_n // BS, mask=n_mask, other=0).to(tl.int64)
+            slot = (offs_n % BS).to(tl.int64)
+            k_off = blk * sk_b + slot * sk_t + kvh * sk_h
+            ka = tl.load(K + k_off[None, :] + offs_a[:, None], mask=n_mask[None, :] & (offs_a[:, None] < D),
+                         other=0.0)
+            if UPCAST:
+                ka = ka.to(tl.float32)
+            sc = tl.dot(q_a, ka, input_precision=PREC)
+            if HAS_B:
+                kb = tl.load(K + k_off[None, :] + DA + offs_b[:, None],
+                             mask=n_mask[None, :] & (DA + offs_b[:, None] < D), other=0.0)
+                if UPCAST:
+                    kb = kb.to(tl.float32)
+                sc += tl.dot(q_b, kb, input_precision=PREC)
+            sc = tl.where(n_mask[None, :], sc * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if SHARED_V:  # MLA: values are the first DV (= DA) columns of the key rows just loaded
+                v = tl.trans(ka)
+            else:
+                v_off = blk * sv_b + slot * sv_t + kvh * sv_h
+                v = tl.load(V + v_off[:, None] + offs_v[None, :], mask=n_mask[:, None] & (offs_v[None, :] < DV),
+                            other=0.0)
+                if UPCAST:
+                    v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        rows = b.to(tl.int64) * Hq + heads  # [BLOCK_H]
+        o_mask = h_mask[:, None] & (offs_v[None, :] < DV)
+        if num_splits == 1:
+            tl.store(Out + rows[:, None] * DV + offs_v[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+        else:
+            prow = rows * num_splits + s_id
+            tl.store(PO + prow[:, None] * DV + offs_v[None, :], out, mask=o_mask)
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(PLSE + prow, lse, mask=h_mask)
+
+
+def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float, num_splits: int, chunk: int) -> torch.Tensor:
+    """Split-KV decode on tensor cores: q [B, Hq, D], caches [NB, BS, Hkv, D | Dv] (v may be a view of k: MLA)
+    -> [B, Hq, Dv]. Partials (o, lse) of the splits merge by log-sum-exp in plain torch ops (graph safe)."""
+    B, Hq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    da, db = _dim_split(D)
+    shared_v = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and Dv == da
+    block_h = 16 if _interpreting() else min(32, max(16, triton.next_power_of_2(G)))
+    block_n = 16 if _interpreting() else (32 if max(D, Dv) > 256 else 64)
+    po = plse = out
+    if num_splits > 1:
+        po = torch.empty(B, Hq, num_splits, Dv, dtype=torch.float32, device=q.device)
+        plse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    grid = (num_splits, Hkv * triton.cdiv(G, block_h), B)
+    _decode_fwd_kernel[grid](
+        q, k_cache, v_cache, out, po, plse, bt, seq_lens.contiguous(), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), bt.stride(0), float(scale) * math.log2(math.e), Hq, G, D, Dv, k_cache.shape[1],
+        num_splits, chunk, BLOCK_H=block_h, BLOCK_N=block_n, DA=da, BLOCK_DB=max(db, 16), HAS_B=db > 0,
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)), SHARED_V=shared_v, UPCAST=_interpreting(), PREC=_prec(q),
+        num_warps=8 if Dv > 256 else 4, num_stages=2,
+    )
+    if num_splits > 1:
+        m = plse.amax(-1, keepdim=True)  # [B, Hq, 1]
+        w = torch.exp2(plse - torch.where(m == float("-inf"), 0.0, m))  # [B, Hq, S]; empty splits -> 0
+        merged = (po * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
+        out.copy_(merged)
+    return out
 
 
 def _dim_split(D: int) -> tuple[int, int]:
@@ -153,7 +274,7 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
         float(scale) * math.log2(math.e), Hq // Hkv, D, Dv, k_cache.shape[1],
         BLOCK_M=bm, BLOCK_N=bn, DA=da, BLOCK_DB=max(db, 16), HAS_B=db > 0,
-        BLOCK_DV=max(16, triton.next_power_of_2(Dv)), CAUSAL=bool(causal), UPCAST=_interpreting(),
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)), CAUSAL=bool(causal), UPCAST=_interpreting(), PREC=_prec(q),
         num_warps=warps, num_stages=2,
     )
     return out
