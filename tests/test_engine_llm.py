@@ -229,3 +229,30 @@ def test_abort_frees_everything(model):
         llm.step()
     assert list(llm.finished) == [c] and len(llm.finished[c].outputs[0].token_ids) == 3
     check_free(llm)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_fuzz_arrivals_forks_preemption_prefix_cache(model, prefix_caching):
+    """Requests join between steps, with n-way forks, shared prefixes, chunked prefill and a cache small enough
+    to preempt: every greedy sample equals the full-forward reference and every block comes back."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.randint(0, V, (12,), generator=g).tolist()
+    llm = LLM(model, num_blocks=14, block_size=4, max_num_batched_tokens=10, max_num_seqs=6,
+              enable_prefix_caching=prefix_caching)
+    want, step = {}, 0
+    while len(want) < 10 or llm.has_unfinished():
+        if len(want) < 10 and int(torch.randint(0, 2, (1,), generator=g)):
+            k = int(torch.randint(1, 12, (1,), generator=g))
+            prompt = base[: int(torch.randint(0, 12, (1,), generator=g))] + torch.randint(0, V, (k,),
+                                                                                          generator=g).tolist()
+            n, new = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+            rid = llm.add_request(prompt, SamplingParams(n=n, temperature=0, max_tokens=new))
+            want[rid] = (greedy_ref(model, prompt, new)[0], n)
+        llm.step()
+        step += 1
+        assert step < 2000
+    assert llm.scheduler.num_preemptions > 0
+    assert (llm.block_manager.num_prefix_hits > 0) == prefix_caching
+    for rid, (toks, n) in want.items():
+        assert [c.token_ids for c in llm.finished.pop(rid).outputs] == [toks] * n
+    check_free(llm)
