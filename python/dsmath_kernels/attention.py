@@ -53,6 +53,7 @@ from dsmath_kernels.reference.attention import (
 
 DEFAULT_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 256
+MAX_SPLITS = 256  # attn::kMaxSplits
 BOUNDS_ENV = "DSMATH_CHECK_BOUNDS"
 DECODE_BACKEND_ENV = "DSMATH_DECODE_BACKEND"
 INT_DTYPES = (torch.int32, torch.int64)
@@ -71,7 +72,7 @@ class DecodePlan:
 @torch.compiler.assume_constant_result
 def _num_workers(device: torch.device) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count  # ~2 CTAs per SM
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count  # CTAs: ~4 per SM in flight
     return max(1, torch.get_num_threads())
 
 
@@ -85,7 +86,7 @@ def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, dev
     min_chunk = 256 if device.type == "cuda" else 2048
     items = max(1, batch_size * num_kv_heads)
     want = max(1, -(-_num_workers(device) // items))
-    splits = max(1, min(want, -(-max_seq_len // min_chunk), 256))
+    splits = max(1, min(want, -(-max_seq_len // min_chunk), MAX_SPLITS))
     chunk = max(1, -(-max_seq_len // splits))
     chunk = -(-chunk // 64) * 64  # whole 64-token runs per split
     splits = max(1, -(-max_seq_len // chunk))
@@ -371,6 +372,8 @@ def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int
         return plan_decode(B, block_tables.shape[1] * block_size, num_kv_heads=num_kv_heads, device=device)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan: expected a DecodePlan from plan_decode(), got {type(plan).__name__}")
+    if not (1 <= plan.num_splits <= MAX_SPLITS and plan.chunk >= 1):
+        raise ValueError(f"plan: num_splits must be in 1..{MAX_SPLITS} and chunk >= 1, got {plan}")
     return plan
 
 
