@@ -100,10 +100,14 @@ class ModelRunner:
                 t.index_copy_(0, dst, t.index_select(0, src))
 
     # ---- CUDA graphs -------------------------------------------------------------------------------------------
-    def capture(self, max_num_seqs: int) -> None:
+    @staticmethod
+    def graph_sizes(max_num_seqs: int) -> list[int]:
         sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs + 1, 16))
-        sizes = sorted(set(sizes + [max_num_seqs]))
-        M, dev = sizes[-1], self.device
+        return sorted(set(sizes + [max_num_seqs]))
+
+    def alloc_static(self, M: int) -> None:
+        """Static input buffers the graphs read (for up to M sequences); padding rows write nowhere."""
+        dev = self.device
         self.static = {
             "input_ids": torch.zeros(M, dtype=torch.int64, device=dev),
             "positions": torch.zeros(M, dtype=torch.int64, device=dev),
@@ -112,12 +116,19 @@ class ModelRunner:
             "block_tables": torch.zeros(M, self.max_blocks, dtype=torch.int32, device=dev),
             "slot_mapping": torch.full((M,), -1, dtype=torch.int64, device=dev),
             "logits_indices": torch.arange(M, dtype=torch.int64, device=dev)}
+
+    def static_meta(self, bs: int) -> ForwardMeta:
+        """Decode metadata of the first bs static rows, with a split plan for max_model_len (fixed in the graph)."""
+        return ForwardMeta(**{k: v[: bs + 1] if k == "cu_seqlens_q" else v[:bs] for k, v in self.static.items()},
+                           is_decode=True, decode_plan=self._plan(bs, self.max_model_len))
+
+    def capture(self, max_num_seqs: int) -> None:
+        sizes = self.graph_sizes(max_num_seqs)
+        self.alloc_static(sizes[-1])
         try:
             pool = None
             for bs in reversed(sizes):   # largest first, so smaller graphs reuse its memory pool
-                meta = ForwardMeta(**{k: v[: bs + 1] if k == "cu_seqlens_q" else v[:bs]
-                                      for k, v in self.static.items()},
-                                   is_decode=True, decode_plan=self._plan(bs, self.max_model_len))
+                meta = self.static_meta(bs)
                 with torch.inference_mode():
                     self.model.forward_paged(meta, self.kv_cache)  # warm-up (lazy inits, autotuning)
                     torch.cuda.synchronize()
@@ -136,7 +147,7 @@ class ModelRunner:
     def _replay(self, batch: Batch) -> torch.Tensor:
         B = len(batch.seqs)
         bs = min(b for b in self.graphs if b >= B)
-        h, st = {k: v.pin_memory() for k, v in self.host_meta(batch).items()}, self.static
+        h, st = {k: v.pin_memory() if self.pin else v for k, v in self.host_meta(batch).items()}, self.static
         for k in ("input_ids", "positions", "seq_lens", "slot_mapping"):
             st[k][:B].copy_(h[k], non_blocking=True)
         st["block_tables"][:B, : h["block_tables"].shape[1]].copy_(h["block_tables"], non_blocking=True)
