@@ -104,3 +104,23 @@ def test_graph_replay_buffers_keep_greedy_outputs(checkpoint):
         llm.runner.graphs[bs] = (g, g.out)
     outs = llm.generate(prompts[1:], greedy(), use_tqdm=False)             # 3 sequences: bucket 4, one pad row
     assert [o.outputs[0].token_ids for o in outs] == want[1:]
+
+
+def test_checkpoint_dir_with_tokenizer(tmp_path):
+    """LLM(dir) loads the tokenizer saved next to the weights: string prompts in, text out, EOS from it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from model.modeling import MoEForCausalLM
+
+    MoEForCausalLM.from_preset("tiny-qwen3").save_pretrained(str(tmp_path))
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(str(tmp_path))
+    llm = LLM(str(tmp_path), device="cpu", num_blocks=32, block_size=8)
+    assert llm.tokenizer is not None and 1 in llm.eos_ids
+    out = llm.generate("w5 w6 w7", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert out.prompt == "w5 w6 w7" and out.prompt_token_ids == [5, 6, 7]
+    c = out.outputs[0]
+    assert c.text.split() == [f"w{t}" for t in c.token_ids if t != 1]
