@@ -1,6 +1,11 @@
 """grouped_gemm: CPU path and the Triton kernels (interpreter without a GPU) vs the reference on odd shapes
 (M in {0, 1, 7, 131}, K/N in {40, 96, 200}), empty experts, one hot expert; gradients vs an fp64 reference."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -157,3 +162,22 @@ def test_gpu_bf16_real_shapes(T, K, E, N, Kd):
     dx32, dw32 = torch.autograd.grad(grouped_gemm_ref(x32, w32, off2), (x32, w32), dy.float())
     assert_close(dx, dx32, atol=5e-2, rtol=5e-2, name="dx", max_global_rel=1e-2)
     assert_close(dw, dw32, atol=5e-1, rtol=5e-2, name="dw", max_global_rel=1e-2)
+
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter never compiles: build the fused bf16 forward and the wgrad kernel for sm_90 (in a process
+    without TRITON_INTERPRET), as a launch would specialise them, and check for wgmma, a pipelined K loop
+    (cp.async) and shared memory within the 227 KB an H100/H200 block may use."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from dsmath_kernels.grouped_gemm_triton import hopper_compile_report as r; "
+            "print(json.dumps(r()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode and "ptxas" in proc.stderr:
+        pytest.skip("no ptxas in this triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in report.items():
+        assert r["wgmma"] and r["cp_async"], (name, r)
+        assert r["shared"] <= 227 * 1024, (name, r)

@@ -264,3 +264,39 @@ def moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets, inverse):
     if T == 0:
         return x.new_zeros(0, x.shape[1])
     return y[inverse.long()].float().sum(dim=1).to(x.dtype)  # [T, H]
+
+
+# ---------------------------------------------------------------- compile check (no GPU needed)
+
+def hopper_compile_report() -> dict:
+    """Compile the fused bf16 forward (gather + SwiGLU, 128x128x64, 4 stages) and the gathered wgrad kernel for
+    sm_90 the way a launch specialises them (unit strides constexpr, 16-divisible sizes and pointers) and report
+    wgmma / cp.async counts and shared memory. Needs ptxas (bundled with triton), not a GPU; not under the
+    interpreter."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(fn, ptrs, ints, consts, div16, warps, stages):
+        types = {**dict(ptrs), **{n: "i32" for n in ints}, **{k: "constexpr" for k in consts}}
+        sig = {n: types[n] for n in fn.arg_names}  # kernel argument order
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        return {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"), "shared": k.metadata.shared}
+
+    bf = "*bf16"
+    fwd = build(_gemm_kernel, [("x_ptr", bf), ("w_ptr", bf), ("y_ptr", bf), ("off_ptr", "*i32"), ("rows_ptr", "*i32"),
+                               ("scale_ptr", "*fp32")],
+                ["M", "N", "K", "E", "mbucket", "sxm", "swe", "swn", "sym"],
+                {"sxk": 1, "swk": 1, "syn": 1, "GATHER": True, "ACT": True, "SCALE": False, "UPCAST": False,
+                 "IEEE": False, "EP": 512, "BM": 128, "BN": 128, "BK": 64},
+                ["x_ptr", "w_ptr", "y_ptr", "off_ptr", "rows_ptr", "scale_ptr", "N", "K", "sxm", "swe", "swn", "sym"],
+                8, 4)
+    wgrad = build(_wgrad_kernel, [("dy_ptr", bf), ("x_ptr", bf), ("dw_ptr", bf), ("off_ptr", "*i32"),
+                                  ("rows_ptr", "*i32")],
+                  ["M", "N", "K", "mbucket", "sdym", "sxm", "swe", "swn"],
+                  {"sdyn": 1, "sxk": 1, "swk": 1, "GATHER": True, "UPCAST": False, "IEEE": False, "BM": 64, "BN": 128,
+                   "BK": 64},
+                  ["dy_ptr", "x_ptr", "dw_ptr", "off_ptr", "rows_ptr", "N", "K", "sdym", "sxm", "swe", "swn"], 4, 4)
+    return {"gemm_fused_bf16": fwd, "wgrad_bf16": wgrad}
