@@ -55,8 +55,11 @@ def grouped_mm_layer(wgu_t, wd_t):
 
     def layer(x, weights, ids):
         T, K = ids.shape
-        order = ids.reshape(-1).argsort(stable=True)  # [T*K]
-        offs = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=wgu_t.shape[0]), 0).int()
+        flat = ids.reshape(-1).long()
+        order = flat.argsort(stable=True)  # [T*K]
+        counts = torch.zeros(wgu_t.shape[0], dtype=torch.long, device=ids.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # bincount without its host sync (graph-capturable)
+        offs = torch.cumsum(counts, 0).int()
         tok = order // K
         g, u = torch._grouped_mm(x[tok], wgu_t, offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm((F.silu(g) * u).to(x.dtype), wd_t, offs=offs)  # [T*K, H]
@@ -67,10 +70,15 @@ def grouped_mm_layer(wgu_t, wd_t):
 
 
 def try_time(fn, device, **kw):
+    """Median seconds, or None when the implementation is unavailable here; a failed graph capture retries eager."""
     try:
         return time_fn(fn, device, **kw)
     except Exception as e:  # noqa: BLE001  (baseline unavailable on this torch/device)
-        print(f"  (skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+        print(f"  (failed{' in graph capture' if kw.get('graph') else ''}: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:100] if str(e) else ''})", file=sys.stderr)
+        if kw.get("graph"):
+            torch.cuda.synchronize()
+            return try_time(fn, device, **{**kw, "graph": False})
         return None
 
 

@@ -114,3 +114,16 @@ def test_permute_cuda_graph_capture():
     g.replay()
     want = moe_permute_ref(ids, E, 16)
     assert all(torch.equal(a, b) for a, b in zip(perm, want))
+
+
+@pytest.mark.gpu
+def test_permute_cuda_checks_ids_only_in_debug_mode(monkeypatch):
+    ids = _ids(8, 2, 6).cuda()
+    ids[1, 1] = 6
+    monkeypatch.setenv("DSMATH_CHECK_IDS", "1")
+    with pytest.raises(ValueError, match="ids"):
+        moe_permute(ids, 6)
+    monkeypatch.setenv("DSMATH_CHECK_IDS", "0")
+    perm = moe_permute(ids, 6)  # no sync, no check: the bad pair is skipped, never written out of bounds
+    torch.cuda.synchronize()
+    assert int(perm.inverse[1, 1]) == -1 and int(perm.expert_offsets[-1]) == 15
