@@ -287,13 +287,16 @@ def test_triton_matches_torch_path_entropy_and_lse():
 
 # ------------------------------------------------------------------------------------------------------ GPU (CUDA)
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("variant", ["triton-split", "triton-fused", "torch"])
 @pytest.mark.parametrize("dtype,grad_atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_grpo_loss_triton_cuda(monkeypatch, mode, dtype, grad_atol):
-    """Compiled kernels at a realistic tile count (several splits and super-chunks, odd V), vs float64 on the GPU."""
+def test_grpo_loss_cuda(monkeypatch, variant, dtype, grad_atol):
+    """Compiled kernels at a realistic tile count (several splits and super-chunks, odd V) and the torch path's
+    CUDA branch (half-precision GEMMs with fp32 output), vs float64 on the GPU."""
     from dsmath_kernels import grpo_triton
 
-    monkeypatch.setenv("DSMATH_GRPO_BWD", mode)
+    backend, _, mode = variant.partition("-")
+    monkeypatch.setenv("DSMATH_GRPO_BWD", mode or "split")
+    monkeypatch.setattr(grpo, "CUDA_CHUNK_ELEMS", 384 * 1000)  # torch path: several vocab chunks
     monkeypatch.setattr(grpo_triton, "SPLIT_BYTES", 1 << 20)
     torch.manual_seed(0)
     B, T, H, V = 4, 96, 256, 5003
@@ -301,7 +304,8 @@ def test_grpo_loss_triton_cuda(monkeypatch, mode, dtype, grad_atol):
                                                     for t in _inputs(B, T, H, V, dtype))
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    loss, met = grpo_loss(h, w, targets, mask, adv, old_logprobs=old, ref_logprobs=ref, temperature=0.9)
+    loss, met = grpo_loss(h, w, targets, mask, adv, old_logprobs=old, ref_logprobs=ref, temperature=0.9,
+                          backend=backend)
     dh, dw = torch.autograd.grad(loss, (h, w))
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     loss64, met64 = grpo_loss_ref(h64, w64, targets, mask, adv.double(), old_logprobs=old.double(),

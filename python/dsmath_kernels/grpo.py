@@ -31,6 +31,7 @@ from dsmath_kernels.reference.grpo import (
 
 BACKENDS = ("triton", "torch")
 CHUNK_ELEMS = 1 << 21  # torch path: fp32 elements of one [N, Vc] logits chunk (8 MiB)
+CUDA_CHUNK_ELEMS = 1 << 25  # same on CUDA (128 MiB): fewer, larger GEMMs
 MIN_CHUNK = 128  # torch path: fewest vocab columns per chunk
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -53,21 +54,35 @@ register_backend("token_logprobs", _auto_backend)
 
 
 # ---------------------------------------------------------------------------------------------- torch (chunked) path
-def _vocab_chunk(N: int, V: int) -> int:
-    return max(MIN_CHUNK, min(V, CHUNK_ELEMS // max(N, 1)))
+def _vocab_chunk(N: int, V: int, device: torch.device) -> int:
+    budget = CUDA_CHUNK_ELEMS if device.type == "cuda" else CHUNK_ELEMS
+    return max(MIN_CHUNK, min(V, budget // max(N, 1)))
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32. Half-precision CUDA operands: one GEMM with fp32 output (torch.mm out_dtype) where available,
+    else (and on CPU) an fp32 GEMM of the upcast operands — never a result rounded to half precision."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return a.float() @ b.float()
 
 
 def _torch_fwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, inv_temp: float):
     """h [N, H], w [V, H], t [N] -> (logp, lse, entropy) [N] fp32, one [N, Vc] chunk at a time."""
     N, V = h.shape[0], w.shape[0]
-    h32 = h.float()  # [N, H] (no copy for fp32)
+    h = h if h.is_cuda else h.float()  # CPU: fp32 GEMMs (no fast half GEMMs there); [N, H], no copy for fp32
     m = torch.full((N,), float("-inf"), device=h.device)  # running max
     s = torch.zeros(N, device=h.device)  # running sum exp(z - m)
     u = torch.zeros(N, device=h.device)  # running sum exp(z - m) * z  (entropy = lse - u / s)
     tz = torch.zeros(N, device=h.device)  # target logit
-    Vc = _vocab_chunk(N, V)
+    Vc = _vocab_chunk(N, V, h.device)
     for v0 in range(0, V, Vc):
-        z = h32 @ w[v0:v0 + Vc].float().T  # [N, Vc]
+        z = _mm_f32(h, w[v0:v0 + Vc].to(h.dtype).T)  # [N, Vc] fp32
         z.mul_(inv_temp)
         m_new = torch.maximum(m, z.amax(1))
         scale = torch.exp(m - m_new)
@@ -85,24 +100,26 @@ def _torch_fwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, inv_temp: floa
 def _torch_bwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
                inv_temp: float, need_dh: bool, need_dw: bool):
     """d logp [N] -> (d hidden [N, H] fp32 or None, d weight [V, H] in w.dtype or None), chunk by chunk:
-    d z = g * (onehot(t) - softmax(z)) * inv_temp, never more than one [N, Vc] chunk."""
+    d z = g * (onehot(t) - softmax(z)) * inv_temp, never more than one [N, Vc] chunk. Half-precision CUDA inputs
+    multiply d z in the input dtype (as a bf16 autograd would, and the Triton "split" mode does)."""
     N, V = h.shape[0], w.shape[0]
-    h32 = h.float()
+    h = h if h.is_cuda else h.float()
     gs = (g.float() * inv_temp).unsqueeze(1)  # [N, 1]
     dh = torch.zeros(N, h.shape[1], device=h.device) if need_dh else None
     dw = torch.empty_like(w) if need_dw else None
-    rows = torch.arange(N, device=h.device)
-    Vc = _vocab_chunk(N, V)
+    Vc = _vocab_chunk(N, V, h.device)
     for v0 in range(0, V, Vc):
-        wc = w[v0:v0 + Vc].float()  # [Vc, H]
-        dz = h32 @ wc.T  # [N, Vc]
+        wc = w[v0:v0 + Vc].to(h.dtype)  # [Vc, H]
+        dz = _mm_f32(h, wc.T)  # [N, Vc] fp32
         dz.mul_(inv_temp).sub_(lse.unsqueeze(1)).exp_().mul_(-gs)  # -g * p
         hit = (t >= v0) & (t < v0 + wc.shape[0])
-        dz.index_put_((rows[hit], t[hit] - v0), gs[hit, 0], accumulate=True)  # + g at the target
+        col = (t - v0).clamp(0, wc.shape[0] - 1).unsqueeze(1)  # [N, 1]
+        dz.scatter_add_(1, col, torch.where(hit.unsqueeze(1), gs, 0.0))  # + g at the target (no host sync)
+        dz = dz.to(h.dtype)
         if need_dh:
-            dh.addmm_(dz, wc)
+            dh += _mm_f32(dz, wc)
         if need_dw:
-            dw[v0:v0 + Vc] = dz.T @ h32
+            dw[v0:v0 + Vc] = dz.T @ h
         del dz, wc
     return dh, dw
 

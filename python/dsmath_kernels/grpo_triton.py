@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsmath_kernels.grpo import _mm_f32
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_BYTES = 256 << 20  # "split" backward: bytes of one [N, Vc] d-logits buffer
 
@@ -199,16 +201,6 @@ def _bwd_mode() -> str:
     if mode not in ("split", "fused"):
         raise ValueError(f"DSMATH_GRPO_BWD: expected 'split' or 'fused', got {mode!r}")
     return mode
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation kept when the operands are half precision)."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return (a @ b).float()
 
 
 def lse_backward(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
