@@ -251,19 +251,16 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: i
     return dw
 
 
-def moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets, inverse):
-    """Inference expert layer on the contiguous layout: gate-up GEMM with the gather folded into the A load and
-    SiLU-and-mul in the epilogue, down GEMM with the routing weight in the epilogue, then a deterministic combine
-    (sum of each token's K rows, fp32)."""
-    T, K = weights.shape
+def moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets):
+    """Inference expert layer on the contiguous layout, up to the combine: gate-up GEMM with the gather folded into
+    the A load and SiLU-and-mul in the epilogue, then the down GEMM with the routing weight in the epilogue.
+    Returns the weighted expert outputs [R, H] in permuted order (the caller sums each token's K rows)."""
+    K = weights.shape[1]
     valid = order >= 0
     src = torch.where(valid, torch.div(order, K, rounding_mode="floor"), -1).to(torch.int32)  # [R] token per row
     scale = torch.where(valid, weights.reshape(-1)[order.clamp_min(0).long()], 0.0)  # [R] f32
     a = _gemm(x, w_gate_up, offsets, rows=src, act=True)  # [R, I]
-    y = _gemm(a, w_down, offsets, scale=scale)  # [R, H]
-    if T == 0:
-        return x.new_zeros(0, x.shape[1])
-    return y[inverse.long()].float().sum(dim=1).to(x.dtype)  # [T, H]
+    return _gemm(a, w_down, offsets, scale=scale)  # [R, H]
 
 
 # ---------------------------------------------------------------- compile check (no GPU needed)

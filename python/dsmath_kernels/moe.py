@@ -266,9 +266,34 @@ def _experts_forward(x, w_gate_up, w_down, ids):
     return h, y, order, offsets, inverse
 
 
-def _combine(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def _chunks(T: int, K: int, H: int):
+    """Token ranges whose [t, K, H] fp32 temporaries stay near 64 MB (T*K*H at V3 prefill would be many GB)."""
+    step = max(1, 2**24 // max(1, K * H))
+    return [(s, min(T, s + step)) for s in range(0, T, step)]
+
+
+def _combine(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j weights[t, j] * y[inverse[t, j]] (weights None: plain sum), accumulated in fp32 and in
+    token order, so the result is deterministic (no atomics)."""
+    T, K = inverse.shape
     acc = _acc(y)
-    return (y[inverse.long()].to(acc) * weights[..., None].to(acc)).sum(dim=1).to(y.dtype)  # [T, H]
+    out = y.new_empty(T, y.shape[1])  # [T, H]
+    for s, e in _chunks(T, K, y.shape[1]):
+        rows = y[inverse[s:e].long()].to(acc)  # [t, K, H]
+        if weights is not None:
+            rows = rows * weights[s:e, :, None].to(acc)
+        out[s:e] = rows.sum(dim=1)
+    return out
+
+
+def _row_dots(dout: torch.Tensor, y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """d weights[t, j] = <dout[t], y[inverse[t, j]]>, fp32. [T, K]"""
+    T, K = inverse.shape
+    acc = _acc(y)
+    out = torch.empty(T, K, dtype=torch.float32, device=y.device)
+    for s, e in _chunks(T, K, y.shape[1]):
+        out[s:e] = (y[inverse[s:e].long()].to(acc) * dout[s:e, None, :].to(acc)).sum(dim=-1)
+    return out
 
 
 @torch.library.custom_op("dsmath::moe_experts", mutates_args=())
@@ -277,8 +302,9 @@ def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
     if _gemm_backend(x.device) == "triton":
         from dsmath_kernels import grouped_gemm_triton
 
-        perm = _permute_impl(ids, w_gate_up.shape[0], 1)
-        return grouped_gemm_triton.moe_experts_fused(x, w_gate_up, w_down, weights, *perm)
+        order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
+        y = grouped_gemm_triton.moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets)  # [R, H] weighted
+        return _combine(y, None, inverse)
     _h, y, _order, _offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
     return _combine(y, weights, inverse)
 
@@ -320,7 +346,7 @@ def _train_backward(ctx, dout, *unused):
     tok = src // K
     acc = _acc(x)
     dout = dout.to(acc)  # [T, H]
-    dweights = (dout[:, None, :] * y[inverse.long()].to(acc)).sum(dim=-1).float()  # [T, K]
+    dweights = _row_dots(dout, y, inverse)  # [T, K]
     dy = (dout[tok] * weights.reshape(-1)[src][:, None].to(acc)).to(x.dtype)  # [R, H]
     a = _silu_mul(h)  # [R, I]  recomputed from the saved h
     da = _gemm_impl(dy, w_down.transpose(1, 2), offsets).to(acc)  # [R, I]
@@ -332,7 +358,7 @@ def _train_backward(ctx, dout, *unused):
     dh = torch.cat([dg, du], dim=-1).to(x.dtype)  # [R, 2I]
     dxs = _gemm_impl(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
     dw_gate_up = _wgrad_impl(dh, x, offsets, E, rows=_token_rows(order, K))  # [E, 2I, H]
-    dx = dxs[inverse.long()].to(acc).sum(dim=1).to(x.dtype)  # [T, H]
+    dx = _combine(dxs, None, inverse)  # [T, H]
     return dx, dw_gate_up, dw_down, dweights, None
 
 
