@@ -274,7 +274,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     Per token: ratio = exp(logp - old) (old = logp.detach() if None), l = -min(ratio*A, clip(ratio, 1-eps_low,
     1+eps_high)*A) + beta*k3(ref, logp) when beta > 0 and ref given. loss_type: "grpo" (per-sequence mean, then mean),
     "dapo" (token mean), "dr_grpo" (sum / (B*T)). Returns (loss 0-d fp32, metrics): 0-d fp32 detached tensors
-    kl, ratio, clip_low, clip_high, clip, entropy — masked means over tokens (entropy from the same online pass).
+    (no host sync; call .item() to log) kl (k3; 0 without ref_logprobs), ratio, clip_low (ratio < 1 - eps_low with
+    A < 0), clip_high (ratio > 1 + eps_high with A > 0), clip (either), entropy (of softmax(logits / temperature),
+    from the same online log-sum-exp pass) — masked means over all tokens, as TRL logs them.
     Exact formulas: reference/grpo.py."""
     B, T, _, _ = _check_lm_inputs(hidden, weight, targets, temperature, backend)
     check_tensor("mask", mask, ndim=2, dtypes=(torch.bool, torch.uint8) + INDEX_DTYPES, device=hidden.device)
