@@ -274,6 +274,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--quick", action="store_true", help="small workloads (the CPU sizes) on any device")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     ap.add_argument("--workloads", default="a,b,c,d")
     ap.add_argument("--requests", type=int, default=None, help="(b) number of requests")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="(c) prompts (x 16 samples)")
@@ -300,6 +301,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
