@@ -60,6 +60,8 @@ class Sampler:
         logp = scaled.log_softmax(dim=-1)                                      # [B, V]
         q = self._exponential(logp, generators)                                # [B, V]
         sampled = (logp - q.log()).argmax(dim=-1)                              # argmax p / q
+        if not any(x == 0.0 for x in temps):
+            return sampled, logp.gather(-1, sampled[:, None])[:, 0]
         greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
         tokens = torch.where(greedy, greedy_tok, sampled)
         logp = torch.where(greedy[:, None], logits.log_softmax(dim=-1), logp)
