@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
 
   const int32_t* bt = p.block_tables + b * p.bt_sb;
+  const attn::BlockDiv div(p.block_size);
   const int64_t kh = static_cast<int64_t>(kvh) * p.k_sh, vh = static_cast<int64_t>(kvh) * p.v_sh;
   for (int64_t base = begin + warp * TPW * U; base < end; base += kWarps * TPW * U) {
     Vec8<DT> kr[U][DCH], vr[U][VCH];
@@ -107,7 +108,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       const bool ok = pos < end;
       int64_t ko = 0, vo = 0;
       if (ok) {
-        const int64_t blk = bt[pos / p.block_size], off = pos % p.block_size;
+        int64_t index, off;
+        div.split(pos, index, off);
+        const int64_t blk = bt[index];
         ko = blk * p.k_sblk + off * p.k_stok + kh;
         vo = blk * p.v_sblk + off * p.v_stok + vh;
       }

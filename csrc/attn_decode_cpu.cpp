@@ -45,9 +45,10 @@ void decode_item(const DecodeParams& p, int b, int kvh, int s, std::vector<float
   int64_t begin, end;
   attn::split_range(s, p.num_splits, p.chunk, p.seq_lens[b], begin, end);
   const int32_t* bt = p.block_tables + b * p.bt_sb;
+  const attn::BlockDiv div(p.block_size);
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t ko = attn::token_offset(bt, t, p.block_size, p.k_sblk, p.k_stok) + kvh * p.k_sh;
-    const int64_t vo = attn::token_offset(bt, t, p.block_size, p.v_sblk, p.v_stok) + kvh * p.v_sh;
+    const int64_t ko = attn::token_offset(bt, t, div, p.k_sblk, p.k_stok) + kvh * p.k_sh;
+    const int64_t vo = attn::token_offset(bt, t, div, p.v_sblk, p.v_stok) + kvh * p.v_sh;
     for (int d = 0; d < D; ++d) krow[d] = attn::load_t<DT>(p.k, ko + d);
     for (int d = 0; d < Dv; ++d) vrow[d] = attn::load_t<DT>(p.v, vo + d);
     for (int g = 0; g < G; ++g) {

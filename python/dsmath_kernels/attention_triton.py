@@ -1,11 +1,14 @@
 """Triton kernels on the paged KV cache: varlen prefill (paged_prefill / mla_prefill on GPU) and a tensor-core
 split-KV decode (paged_decode / mla_decode with DSMATH_DECODE_BACKEND=triton); spec in reference/attention.py.
-Prefill: one program = BLOCK_M query tokens of one sequence x one query head; it walks the
-sequence's keys BLOCK_N at a time through the block table (per-key block lookup, so any block size works), with
-a base-2 online softmax (FlashAttention-2). The head dim is split into a power-of-two part and a remainder
-(576 = 512 + 64 for MLA; no padding to 1024). Causal: query at position L - n + i sees keys <= that position,
-and the key loop stops at the tile's last query. In the interpreter (TRITON_INTERPRET=1) operands are upcast to
-fp32 before tl.dot, whose bf16 path is broken there."""
+
+Prefill: one program = BLOCK_M query tokens of one sequence x one query head; it walks the sequence's keys BLOCK_N
+at a time through the block table (per-key block lookup, so any block size works; the block size is a
+compile-time constant, a shift for powers of two), with a base-2 online softmax (FlashAttention-2). The head dim
+is split into a power-of-two part and a remainder (576 = 512 + 64 for MLA; no padding to 1024). Causal: query at
+position L - n + i sees keys <= that position, and the key loop stops at the tile's last query.
+Decode: one program = one KV split x BLOCK_H query heads of one kv head (the M dim of the MMA); partial (o, lse)
+per split, merged by log-sum-exp. In the interpreter (TRITON_INTERPRET=1) operands are upcast to fp32 before
+tl.dot, whose bf16 path is broken there."""
 
 from __future__ import annotations
 
@@ -56,9 +59,9 @@ if triton is not None:
 
     @triton.jit
     def _prefill_fwd_kernel(Q, K, V, Out, BT, CU, SL, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_t, so_h,
-                            s_bt, scale_log2, G, D, DV, BS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                            s_bt, scale_log2, G, D, DV, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_B: tl.constexpr,
+                            BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
         mt = tl.program_id(0)
         b = tl.program_id(1)
         h = tl.program_id(2)
@@ -119,7 +122,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_fwd_kernel(Q, K, V, Out, PO, PLSE, BT, SL, sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, s_bt,
-                           scale_log2, Hq, G, D, DV, BS, num_splits, chunk, BLOCK_H: tl.constexpr,
+                           scale_log2, Hq, G, D, DV, num_splits, chunk, BS: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_N: tl.constexpr, DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_B: tl.constexpr,
                            BLOCK_DV: tl.constexpr, SHARED_V: tl.constexpr, UPCAST: tl.constexpr,
                            PREC: tl.constexpr):
@@ -217,8 +220,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _decode_fwd_kernel[grid](
         q, k_cache, v_cache, out, po, plse, bt, seq_lens.contiguous(), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), bt.stride(0), float(scale) * math.log2(math.e), Hq, G, D, Dv, k_cache.shape[1],
-        num_splits, chunk, BLOCK_H=block_h, BLOCK_N=block_n, DA=da, BLOCK_DB=max(db, 16), HAS_B=db > 0,
+        v_cache.stride(2), bt.stride(0), float(scale) * math.log2(math.e), Hq, G, D, Dv,
+        num_splits, chunk, BS=k_cache.shape[1], BLOCK_H=block_h, BLOCK_N=block_n, DA=da, BLOCK_DB=max(db, 16),
+        HAS_B=db > 0,
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)), SHARED_V=shared_v, UPCAST=_interpreting(), PREC=_prec(q),
         num_warps=8 if Dv > 256 else 4, num_stages=2,
     )
@@ -272,7 +276,7 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         q, k_cache, v_cache, out, bt, cu_seqlens_q.contiguous(), seq_lens.contiguous(),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
-        float(scale) * math.log2(math.e), Hq // Hkv, D, Dv, k_cache.shape[1],
+        float(scale) * math.log2(math.e), Hq // Hkv, D, Dv, BS=k_cache.shape[1],
         BLOCK_M=bm, BLOCK_N=bn, DA=da, BLOCK_DB=max(db, 16), HAS_B=db > 0,
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)), CAUSAL=bool(causal), UPCAST=_interpreting(), PREC=_prec(q),
         num_warps=warps, num_stages=2,

@@ -63,10 +63,35 @@ DSM_HD void split_range(int s, int num_splits, int chunk, int64_t len, int64_t& 
   if (begin > end) begin = end;
 }
 
+// Position -> (block-table index, offset in block). Positions are < 2^31 (seq_lens are int32), so 32-bit
+// unsigned division suffices; power-of-two block sizes (the usual 16 / 64) use a shift and a mask instead.
+struct BlockDiv {
+  uint32_t bs;
+  int shift;  // log2(bs) when bs is a power of two, else -1
+
+  DSM_HD explicit BlockDiv(int block_size) : bs(static_cast<uint32_t>(block_size)), shift(-1) {
+    if ((bs & (bs - 1)) == 0) {
+      shift = 0;
+      while ((1u << shift) < bs) ++shift;
+    }
+  }
+  DSM_HD void split(int64_t pos, int64_t& index, int64_t& offset) const {
+    const uint32_t p = static_cast<uint32_t>(pos);
+    if (shift >= 0) {
+      index = p >> shift;
+      offset = p & (bs - 1);
+    } else {
+      index = p / bs;
+      offset = p - static_cast<uint32_t>(index) * bs;
+    }
+  }
+};
+
 // Element offset of token `pos` (head 0, dim 0) of a sequence whose block-table row is `bt_row`.
-DSM_HD int64_t token_offset(const int32_t* bt_row, int64_t pos, int block_size, int64_t s_blk, int64_t s_tok) {
-  const int64_t blk = bt_row[pos / block_size];
-  return blk * s_blk + (pos % block_size) * s_tok;
+DSM_HD int64_t token_offset(const int32_t* bt_row, int64_t pos, const BlockDiv& div, int64_t s_blk, int64_t s_tok) {
+  int64_t index, offset;
+  div.split(pos, index, offset);
+  return static_cast<int64_t>(bt_row[index]) * s_blk + offset * s_tok;
 }
 
 // Online softmax step over U new scores s[U] (log2 domain): returns the factor `alpha` for the old accumulator
