@@ -26,6 +26,7 @@ step build 300 pip install --no-build-isolation --no-deps -v .
 step env 60 python -m dsmath_kernels
 step pytest_gpu 240 python -m pytest -m gpu -q -p no:cacheprovider tests
 step bench_route_topk 60 python bench/bench_route_topk.py
+step bench_grpo_loss 300 python bench/bench_grpo_loss.py
 # (later issues add their GPU benches here)
 echo "total ${SECONDS}s" >> "$SUMMARY"
 cat "$SUMMARY"
