@@ -47,10 +47,9 @@ class Sampler:
         logits = logits.float()
         dev = logits.device
         temps = [p.temperature for p in params]
-        greedy_tok = logits.argmax(dim=-1)                                     # [B]
         if all(t == 0.0 for t in temps):
-            logp = logits.log_softmax(dim=-1)
-            return greedy_tok, logp.gather(-1, greedy_tok[:, None])[:, 0]
+            tokens = logits.argmax(dim=-1)                                     # [B]
+            return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
         t = to_device([t if t > 0 else 1.0 for t in temps], torch.float32, dev)
         scaled = logits / t[:, None]                                           # [B, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
@@ -63,7 +62,7 @@ class Sampler:
         if not any(x == 0.0 for x in temps):
             return sampled, logp.gather(-1, sampled[:, None])[:, 0]
         greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
-        tokens = torch.where(greedy, greedy_tok, sampled)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
         logp = torch.where(greedy[:, None], logits.log_softmax(dim=-1), logp)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
