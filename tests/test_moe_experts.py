@@ -213,3 +213,16 @@ def test_gpu_cuda_graph_decode():
         g.replay()
         want = moe_experts_ref(x.float(), wgu.float(), wd.float(), w, ids)
     assert_close(out, want, atol=5e-2, rtol=5e-2, name="graph out", max_global_rel=2e-2)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    """The ops trace under torch.compile (fake impls; value checks skipped while compiling); ~1 min of compile."""
+    x, wgu, wd, w, ids = _layer(9, 16, 8, 4, 2, torch.float32)
+    f = torch.compile(moe_experts, fullgraph=True)
+    with torch.no_grad():
+        assert_close(f(x, wgu, wd, w, ids), moe_experts_ref(x, wgu, wd, w, ids), atol=1e-5, rtol=1e-5, name="out")
+    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    f(xg, wgu, wd, w, ids).sum().backward()
+    moe_experts_ref(xr, wgu, wd, w, ids).sum().backward()
+    assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4, name="dx")

@@ -22,8 +22,8 @@ CPU runs the Triton interpreter, for tests).
 Checks: shapes, dtypes and devices are always checked. Checking values (ids in [0, E), expert_offsets monotone
 and within [0, M]) needs the data on the host: done for CPU tensors always and for CUDA tensors only when the
 environment variable DSMATH_CHECK_IDS=1 (it syncs the stream, so it is off by default and must stay off under CUDA
-graph capture). Unchecked bad ids on CUDA cannot make a kernel write out of bounds (the kernels skip them) but the
-result is then undefined."""
+graph capture); never inside torch.compile (not traceable). Unchecked bad ids on CUDA cannot make a kernel write
+out of bounds (the kernels skip them) but the result is then undefined."""
 
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ register_backend("moe_experts", lambda d: f"permute {_permute_backend(d)}, gemm 
 
 
 def _check_values(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():  # data-dependent checks cannot be traced
+        return False
     return device.type == "cpu" or os.environ.get("DSMATH_CHECK_IDS", "0") == "1"
 
 
@@ -191,13 +193,14 @@ def _(x, w, expert_offsets):
 
 
 @torch.library.custom_op("dsmath::grouped_gemm_wgrad", mutates_args=())
-def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor,
-                      num_experts: int) -> torch.Tensor:
-    return _wgrad_impl(dy, x, expert_offsets, num_experts)
+def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Internal (no autograd): dw [E, N, K], dw[i] = dy[seg].T @ x[rows][seg]."""
+    return _wgrad_impl(dy, x, expert_offsets, num_experts, rows=rows)
 
 
 @_grouped_wgrad_op.register_fake
-def _(dy, x, expert_offsets, num_experts):
+def _(dy, x, expert_offsets, num_experts, rows=None):
     return dy.new_empty(num_experts, dy.shape[1], x.shape[1])
 
 
@@ -349,15 +352,15 @@ def _train_backward(ctx, dout, *unused):
     dweights = _row_dots(dout, y, inverse)  # [T, K]
     dy = (dout[tok] * weights.reshape(-1)[src][:, None].to(acc)).to(x.dtype)  # [R, H]
     a = _silu_mul(h)  # [R, I]  recomputed from the saved h
-    da = _gemm_impl(dy, w_down.transpose(1, 2), offsets).to(acc)  # [R, I]
-    dw_down = _wgrad_impl(dy, a, offsets, E)  # [E, H, I]
+    da = _grouped_gemm_op(dy, w_down.transpose(1, 2), offsets).to(acc)  # [R, I]
+    dw_down = _grouped_wgrad_op(dy, a, offsets, E)  # [E, H, I]
     g, u = h.to(acc).chunk(2, dim=-1)
     sg = torch.sigmoid(g)
     dg = da * u * sg * (1 + g * (1 - sg))  # d silu(g) = sg (1 + g (1 - sg))
     du = da * g * sg
     dh = torch.cat([dg, du], dim=-1).to(x.dtype)  # [R, 2I]
-    dxs = _gemm_impl(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
-    dw_gate_up = _wgrad_impl(dh, x, offsets, E, rows=_token_rows(order, K))  # [E, 2I, H]
+    dxs = _grouped_gemm_op(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
+    dw_gate_up = _grouped_wgrad_op(dh, x, offsets, E, _token_rows(order, K))  # [E, 2I, H]
     dx = _combine(dxs, None, inverse)  # [T, H]
     return dx, dw_gate_up, dw_down, dweights, None
 
