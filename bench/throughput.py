@@ -255,6 +255,21 @@ def baselines(args, model, config_dict, workloads, device, dtype) -> dict[str, f
 
 
 # ---------------------------------------------------------------------------------------------- main
+def targets(rows: list[dict]) -> dict[str, bool]:
+    """Issue 7's targets for v2-lite on one H100/H200: batch-1 decode >= 600 tok/s; offline >= 10x transformers
+    and > 965 tok/s (LMDeploy, DeepSeek-V2-Lite, one A100)."""
+    by = {r["name"]: r for r in rows}
+    out = {}
+    if "a_batch1_decode" in by:
+        out["a_batch1_decode >= 600 tok/s"] = by["a_batch1_decode"]["tokens_per_s"] >= 600
+    if "b_offline" in by:
+        b = by["b_offline"]
+        out["b_offline > 965 tok/s"] = b["tokens_per_s"] > 965
+        if b["speedup"] is not None:
+            out["b_offline >= 10x transformers"] = b["speedup"] >= 10
+    return out
+
+
 def build_model(args, device: torch.device, dtype: torch.dtype):
     from model.modeling import MoEForCausalLM
     from model.presets import preset_dict
@@ -340,6 +355,10 @@ def main(argv=None) -> dict:
                        ("output_tokens", "tokens", "d"), ("seconds", "s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
                        ("baseline_tokens_per_s", "hf tok/s", ".1f"), ("speedup", "x hf", ".2f"),
                        ("roofline_fraction", "roofline", ".3f")])
+    if name == "v2-lite" and device.type == "cuda":
+        result["targets"] = targets(rows)
+        for k, ok in result["targets"].items():
+            print(f"# target {k}: {'met' if ok else 'NOT met'}")
     if result["graph_error"]:
         print(f"# CUDA graph capture failed, decode ran eagerly: {result['graph_error']}")
     for r in rows:
