@@ -48,13 +48,19 @@ __global__ void __launch_bounds__(kThreads)
 
   // Last block: exclusive scan over chunks per expert (bases relative to the expert's segment), totals to smem.
   const int chunks = gridDim.x;
+  constexpr int kBatch = 8;  // loads in flight per thread: the chunk walk is latency bound
   for (int e = threadIdx.x; e < E; e += kThreads) {
     int32_t run = 0;
-    for (int c = 0; c < chunks; ++c) {
-      int32_t* p = counts + static_cast<int64_t>(c) * E + e;
-      const int32_t v = __ldcg(p);
-      *p = run;
-      run += v;
+    for (int c0 = 0; c0 < chunks; c0 += kBatch) {
+      int32_t v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        v[u] = c0 + u < chunks ? __ldcg(counts + static_cast<int64_t>(c0 + u) * E + e) : 0;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (c0 + u < chunks) counts[static_cast<int64_t>(c0 + u) * E + e] = run;
+        run += v[u];
+      }
     }
     hist[e] = run;
   }
