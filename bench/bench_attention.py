@@ -7,15 +7,16 @@ beside the default CUDA kernel. Batch x context in {1 x 131072, 8 x 32768, 64 x 
     python bench/bench_attention.py            # GPU: real shapes (H200 ceilings: ~4.3 TB/s copy, ~790 TFLOP/s)
     python bench/bench_attention.py --quick    # CPU: small shapes, C++ decode vs SDPA (math) on contiguous KV
 
-Prints a table, then ONE JSON line. Timing: CUDA events (median of reps) on GPU, perf_counter on CPU.
+Prints a table, then ONE JSON line. Timing (bench/_util.py): median of reps; on GPU, CUDA events around CUDA-graph
+replays of 10 calls (a captured decode step's view: no Python or launch overhead); perf_counter on CPU.
 GB/s counts the KV bytes a call must read (K and V of every cached token; MLA: each latent row once)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -24,37 +25,25 @@ import dsmath_kernels as dk
 from dsmath_kernels.attention import _decode_backend, _prefill_backend
 from dsmath_kernels.attention_triton import paged_decode_triton
 
-PEAK_BF16_TFLOPS = 790.0  # H200 / H100 SXM dense bf16
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import H200_BF16_TFLOPS, time_fn  # noqa: E402
+
 BLOCK = 64
 
 
-def timeit(fn, device, reps: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timeit(fn, device, reps: int) -> float:
+    """Median seconds per call; on GPU the calls are replayed from a CUDA graph (what a graph-captured decode
+    step sees: no Python or launch overhead)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        return time_fn(fn, device, reps=reps, warmup=2, inner=10, graph=True)
+    return time_fn(fn, device, reps=reps, warmup=1)
 
 
 def copy_bandwidth(device, nbytes: int, reps: int) -> float:
     """Bytes read + written per second by a device copy of nbytes."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / timeit(lambda: dst.copy_(src), device, reps)
+    return 2 * nbytes / time_fn(lambda: dst.copy_(src), device, reps=reps)
 
 
 def paged_cache(B: int, L: int, row_shape, dtype, device):
@@ -65,9 +54,10 @@ def paged_cache(B: int, L: int, row_shape, dtype, device):
     return cache, tables
 
 
-def sdpa_decode(q, k, v, scale, gqa):
-    """SDPA on contiguous KV: q [B, H, 1, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+def sdpa_decode(q, k, v, scale):
+    """SDPA on contiguous KV with the G query heads of each kv head as its query rows (one launch, no KV
+    repetition, flash-eligible): q [B, Hkv, G, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] -> [B, Hkv, G, Dv]."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def bench_gqa(B, L, Hq, Hkv, D, dtype, device, reps):
@@ -84,7 +74,7 @@ def bench_gqa(B, L, Hq, Hkv, D, dtype, device, reps):
     # baseline: SDPA on a contiguous copy of the same KV
     k = kc[bt.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
     v = vc[bt.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
-    t_ref = timeit(lambda: sdpa_decode(q.unsqueeze(2), k, v, D**-0.5, True), device, reps)
+    t_ref = timeit(lambda: sdpa_decode(q.view(B, Hkv, Hq // Hkv, D), k, v, D**-0.5), device, reps)
     nbytes = 2 * B * L * Hkv * D * k.element_size()
     return t, t_tri, t_ref, nbytes, plan
 
@@ -102,7 +92,7 @@ def bench_mla(B, L, H, Dc, Dr, dtype, device, reps):
         t_tri = timeit(lambda: paged_decode_triton(q, kv4, kv4[..., :Dc], bt, sl, scale, plan.num_splits,
                                                    plan.chunk), device, reps)
     k = kv[bt.long()].reshape(B, 1, L, Dc + Dr)  # contiguous copy; one shared latent head (MQA)
-    t_ref = timeit(lambda: sdpa_decode(q.unsqueeze(2), k, k[..., :Dc], scale, True), device, reps)
+    t_ref = timeit(lambda: sdpa_decode(q.unsqueeze(1), k, k[..., :Dc], scale), device, reps)
     nbytes = B * L * (Dc + Dr) * k.element_size()
     return t, t_tri, t_ref, nbytes, plan
 
@@ -170,10 +160,10 @@ def main():
                          "triton_frac_copy": round(nbytes / t_tri / copy_bw, 3) if t_tri else None})
     tf = flops / t_p / 1e12
     print(f"{'paged_prefill':<14}{f'1x{L} causal Hq{Hq}/Hkv{Hkv} D{D}':<34}{'':>7}{t_p * 1e3:>10.3f}"
-          f"{tf:>9.1f}T{100 * tf / PEAK_BF16_TFLOPS:>7.1f}%{t_pref * 1e3:>10.3f}{t_pref / t_p:>8.2f}x"
+          f"{tf:>9.1f}T{100 * tf / H200_BF16_TFLOPS:>7.1f}%{t_pref * 1e3:>10.3f}{t_pref / t_p:>8.2f}x"
           "   (TFLOP/s, % of bf16 peak)")
     results.append({"op": "paged_prefill", "shape": f"1x{L} causal Hq{Hq}/Hkv{Hkv} D{D}", "ms": round(t_p * 1e3, 4),
-                    "TFLOPs": round(tf, 2), "frac_peak_bf16": round(tf / PEAK_BF16_TFLOPS, 4),
+                    "TFLOPs": round(tf, 2), "frac_peak_bf16": round(tf / H200_BF16_TFLOPS, 4),
                     "sdpa_ms": round(t_pref * 1e3, 4), "speedup_vs_sdpa": round(t_pref / t_p, 2)})
     print(json.dumps({"bench": "attention", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
                       "block_size": BLOCK, "copy_GBps": round(copy_bw / 1e9, 1), "results": results}))

@@ -118,9 +118,9 @@ def test_mla_opcheck():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.bfloat16), ("cuda", torch.float16),
+                                           ("triton", torch.bfloat16)])
 @pytest.mark.parametrize("H", [16, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mla_cuda_deepseek_shapes(H, dtype, backend, monkeypatch):
     monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     lens = [1, 4097, 300]

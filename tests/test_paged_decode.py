@@ -181,10 +181,13 @@ GPU_CASES = [  # lens, Hq, Hkv, D, Dv, bs
 ]
 
 
+# the CUDA kernel in every dtype; the Triton kernel (one compile per shape) in bf16
+GPU_KINDS = [("cuda", torch.float32), ("cuda", torch.float16), ("cuda", torch.bfloat16), ("triton", torch.bfloat16)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend,dtype", GPU_KINDS, ids=[f"{b}-{str(d)[6:]}" for b, d in GPU_KINDS])
 @pytest.mark.parametrize("case", GPU_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_cuda(case, dtype, backend, monkeypatch):
     monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     lens, Hq, Hkv, D, Dv, bs = case
@@ -217,3 +220,11 @@ def test_decode_cuda_long_and_graph(backend, monkeypatch):
     ks2 = [ks[0][: L - 5], ks[1][:3999]]
     vs2 = [vs[0][: L - 5], vs[1][:3999]]
     assert_close(static_out, dense_decode(q.cpu(), ks2, vs2, 0.088), atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_empty_batch():
+    kc, vc = torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8)
+    none = torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    assert dk.paged_decode(torch.randn(0, 4, 8), kc, vc, *none, 0.3).shape == (0, 4, 8)
+    assert paged_decode_triton(torch.randn(0, 4, 8), kc, vc, *none, 0.3, 1, 64).shape == (0, 4, 8)
+    assert dk.mla_decode(torch.randn(0, 4, 16), torch.randn(3, 4, 16), *none, 0.3, v_head_dim=8).shape == (0, 4, 8)
