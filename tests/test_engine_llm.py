@@ -163,6 +163,10 @@ def test_text_stop_strings_and_streaming(model):
     assert [e.token_id for e in events] == out.token_ids
     assert "".join(e.text for e in events) == out.text and events[-1].finish_reason == "stop"
     check_free(llm)
+    it = llm.stream([prompt] * 3, SamplingParams(temperature=0, max_tokens=10))
+    assert next(it).request_id is not None
+    it.close()                                       # stopping early aborts the rest
+    check_free(llm)
 
 
 def test_seeded_requests_reproducible_in_any_batch(model):

@@ -262,9 +262,10 @@ class LLM:
         try:
             while any(i in self.requests for i in ids):
                 yield from (ev for ev in self.step() if ev.request_id in ids)
-        finally:
+        finally:  # also when the caller stops iterating early: its unfinished requests are aborted
             self._stream_text = False
             for i in ids:
+                self.abort(i)
                 self.finished.pop(i, None)
 
     def _add_all(self, prompts, params) -> list[int]:
