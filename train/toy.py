@@ -4,8 +4,9 @@
   printable ASCII + newline, specials <bos> <eos> <pad> <unk>; 100 ids, fits the tiny presets' vocab of 128).
 - `toy_problems()`: "a+b=" and "a-b=" with single-digit operands and a single-digit result (a reward-checkable
   answer "c"); the prompt is the bare expression, the expected completion `\\boxed{c}` then EOS.
-- `warm_start()`: a brief supervised pass on the FORMAT only — targets `\\boxed{r}<eos>` with r a random digit
-  — so the policy answers in a box but at chance accuracy (~0.1); everything above chance comes from GRPO.
+- `warm_start()`: a brief supervised pass on noisy labels — targets `\\boxed{r}<eos>` with r the right answer
+  with probability `correct_frac`, else a random digit — so the policy answers in a box and is sometimes right
+  (an "SFT model"); what it gains beyond that comes from GRPO. With correct_frac = 0 it learns the format only.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def char_tokenizer(chat_template: bool = False):
     return tok
 
 
-def toy_problems() -> list[Problem]:
-    """All a+b and a-b with digits a, b and a result in 0..9 (55 sums + 55 differences)."""
+def toy_problems(max_operand: int = 9) -> list[Problem]:
+    """All a+b and a-b with a, b in 0..max_operand and a result in 0..9 (9: 55 sums + 55 differences)."""
     out = []
-    for a in range(10):
-        for b in range(10):
+    for a in range(max_operand + 1):
+        for b in range(max_operand + 1):
             if a + b <= 9:
                 out.append(Problem(f"{a}+{b}=", str(a + b), f"{a}+{b}"))
             if a - b >= 0:
@@ -50,8 +51,10 @@ def toy_problems() -> list[Problem]:
 
 
 def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int = 32, lr: float = 3e-3,
-               seed: int = 0) -> list[float]:
-    """Teach the answer format with random digits (see the module docstring); returns the loss per step."""
+               seed: int = 0, correct_frac: float = 0.0) -> list[float]:
+    """Supervised warm start on `\\boxed{r}<eos>` where r is the correct answer with probability `correct_frac`,
+    else a random digit: the format, plus (when correct_frac > 0) a weak, noisy hint of the task — like an SFT
+    model that is sometimes right. Returns the loss per step."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
@@ -61,7 +64,8 @@ def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int
         rows, masks = [], []
         for p in rng.choices(problems, k=batch):
             prompt = tokenizer.encode(p.problem)
-            target = tokenizer.encode(f"\\boxed{{{rng.randrange(10)}}}") + [eos]
+            r = p.answer if rng.random() < correct_frac else str(rng.randrange(10))
+            target = tokenizer.encode(f"\\boxed{{{r}}}") + [eos]
             rows.append(prompt + target)
             masks.append([0] * len(prompt) + [1] * len(target))
         T = max(map(len, rows))
