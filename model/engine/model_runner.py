@@ -7,6 +7,7 @@ everything else runs eagerly. Capture is attempted once at start-up and silently
 the model cannot be captured (e.g. an op that syncs with the host).
 """
 
+import dataclasses
 import logging
 
 import torch
@@ -16,6 +17,8 @@ from model.engine.scheduler import Batch
 from model.meta import ForwardMeta
 
 log = logging.getLogger(__name__)
+# Optional ForwardMeta field: the longest query run of a prefill step, so paged_prefill needs no host sync.
+HAS_MAX_Q = "max_seqlen_q" in {f.name for f in dataclasses.fields(ForwardMeta)}
 
 try:  # split plan for decode attention, computed once per step from host integers (graph safe)
     from dsmath_kernels import plan_decode
@@ -76,7 +79,8 @@ class ModelRunner:
         h = self.host_meta(batch)
         dev = {k: (v.pin_memory() if self.pin else v).to(self.device, non_blocking=True) for k, v in h.items()}
         plan = self._plan(len(batch.seqs), int(h["seq_lens"].max())) if batch.is_decode else None
-        return ForwardMeta(**dev, is_decode=batch.is_decode, decode_plan=plan)
+        extra = {"max_seqlen_q": max(batch.num_new)} if HAS_MAX_Q else {}
+        return ForwardMeta(**dev, is_decode=batch.is_decode, decode_plan=plan, **extra)
 
     # ---- running ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
