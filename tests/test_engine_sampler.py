@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.engine.sampler import Sampler
+from model.engine.sampler import Sampler, SeedStream
 from model.engine.sampling_params import SamplingParams
 
 
@@ -59,19 +59,22 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(1, V)
     p = SamplingParams(temperature=1.0, seed=7)
 
-    def draw(other_rows: int):
-        g = torch.Generator().manual_seed(123)
-        rows = torch.cat([torch.randn(other_rows, V), logits])
-        tok, lp = Sampler(seed=other_rows)(rows, [SamplingParams()] * other_rows + [p], [None] * other_rows + [g])
-        return [int(tok[-1])] + [int(x) for x in _continue(g, logits)], float(lp[-1])
+    def draw(other_rows: int) -> list[int]:
+        stream, sampler, toks = SeedStream(123, block=4), Sampler(seed=other_rows), []
+        for _ in range(10):  # crosses stream blocks; other rows change every step
+            rows = torch.cat([torch.randn(other_rows, V), logits])
+            tok, _ = sampler(rows, [SamplingParams()] * other_rows + [p], [None] * other_rows + [stream])
+            toks.append(int(tok[-1]))
+        return toks
 
-    alone, in_batch = draw(0), draw(5)
-    assert alone == in_batch
+    alone = draw(0)
+    assert alone == draw(5) == draw(17)
+    assert len(set(alone)) > 1
 
 
-def _continue(g, logits, steps=5):
-    s = Sampler()
-    return [s(logits, [SamplingParams(seed=7)], [g])[0][0] for _ in range(steps)]
+def test_seed_stream_blocks_do_not_change_values():
+    a, b = SeedStream(5, block=3), SeedStream(5, block=256)
+    assert [a.next() for _ in range(10)] == [b.next() for _ in range(10)]
 
 
 def test_unseeded_rows_vary():

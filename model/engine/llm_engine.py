@@ -67,7 +67,7 @@ class LLM:
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   enforce_eager=enforce_eager)
-        self.sampler = Sampler(self.device, seed)
+        self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(cfg, self.tokenizer)
         self.requests: dict[int, Request] = {}
         self.finished: dict[int, RequestOutput] = {}
@@ -109,7 +109,7 @@ class LLM:
 
     def _enqueue(self, req: Request) -> int:
         seq = Sequence(req.request_id, req.prompt_ids, req.params, 0)
-        seq.make_generator(self.device)
+        seq.make_generator()
         req.samples[0] = seq
         self.requests[req.request_id] = req
         self.scheduler.add(seq)
@@ -172,7 +172,7 @@ class LLM:
         seq.n_fork = 1
         req = self.requests[seq.request_id]
         for child in children:
-            child.make_generator(self.device)
+            child.make_generator()
             req.samples[child.index] = child
         self.scheduler.fork(children)
         return children

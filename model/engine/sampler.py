@@ -1,9 +1,11 @@
 """Sampler: one token per row of logits, with per-row temperature / top-k / top-p and seeded generators.
 
-Rows with temperature 0 are greedy (argmax). Other rows sample from softmax(logits / T) restricted to the
-top-k tokens and the smallest top-p nucleus, by the exponential race: argmax(p / q) with q ~ Exp(1) i.i.d.
-is an exact sample of p, and it lets each row draw q from its OWN generator (seeded requests) while the
-other rows share the engine's generator — so a seeded sample does not depend on what else is in the batch.
+Rows with temperature 0 are greedy (argmax). Other rows sample from p = softmax(logits / T) restricted to the
+top-k tokens and the smallest top-p nucleus, by inversion: token = first i with cdf[i] > u * cdf[V-1], one
+uniform u per row (cdf in float64). Each seeded sample draws its u from its OWN seeded torch.Generator
+(SeedStream, on the host, drawn 256 at a time), the other rows from the engine's generator — so a seeded
+sample does not depend on what else is in the batch, and no per-row kernel is launched (an earlier version
+drew V exponentials per row from per-row device generators: one launch per seeded row per step).
 The returned log-prob is that of the sampled token under the distribution it was drawn from (for greedy
 rows: the model's own log-softmax, i.e. temperature 1).
 """
@@ -19,6 +21,19 @@ def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+class SeedStream:
+    """The random stream of one seeded sample: a CPU torch.Generator, read in blocks (same values, fewer calls)."""
+
+    def __init__(self, seed: int, block: int = 256):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.block, self.buf = block, []
+
+    def next(self) -> float:
+        if not self.buf:
+            self.buf = torch.rand(self.block, generator=self.generator, dtype=torch.float64).tolist()[::-1]
+        return self.buf.pop()
 
 
 def _mask_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -37,12 +52,11 @@ def _mask_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 class Sampler:
-    def __init__(self, device: torch.device | str = "cpu", seed: int = 0):
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)   # unseeded rows
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+                 streams: list[SeedStream | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] -> (tokens [B] int64, logprobs [B] float32), both on logits.device."""
         logits = logits.float()
         dev = logits.device
@@ -57,8 +71,10 @@ class Sampler:
             top_p = to_device([p.top_p for p in params], torch.float32, dev)
             scaled = _mask_top_k_top_p(scaled, top_k, top_p)
         logp = scaled.log_softmax(dim=-1)                                      # [B, V]
-        q = self._exponential(logp, generators)                                # [B, V]
-        sampled = (logp - q.log()).argmax(dim=-1)                              # argmax p / q
+        u = to_device(self._uniforms(streams), torch.float64, dev)             # [B]
+        cdf = logp.exp().double().cumsum(dim=-1)                               # [B, V]
+        sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        sampled = torch.where(sampled < logits.shape[-1], sampled, logp.argmax(dim=-1))  # u * total rounded up
         if not any(x == 0.0 for x in temps):
             return sampled, logp.gather(-1, sampled[:, None])[:, 0]
         greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
@@ -66,11 +82,7 @@ class Sampler:
         logp = torch.where(greedy[:, None], logits.log_softmax(dim=-1), logp)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
-    def _exponential(self, like: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        q = torch.empty_like(like)
-        own = [i for i, g in enumerate(generators) if g is not None]
-        if len(own) < len(generators):
-            q.exponential_(generator=self.generator)
-        for i in own:
-            q[i].exponential_(generator=generators[i])
-        return q.clamp_min_(1e-30)  # Exp(1) can round to 0; keep log finite
+    def _uniforms(self, streams: list[SeedStream | None]) -> list[float]:
+        shared = iter(torch.rand(sum(s is None for s in streams), generator=self.generator,
+                                 dtype=torch.float64).tolist())
+        return [next(shared) if s is None else s.next() for s in streams]

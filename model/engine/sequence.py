@@ -9,8 +9,7 @@ with its own sample index and generator. After that each sequence is independent
 import itertools
 from enum import Enum, auto
 
-import torch
-
+from model.engine.sampler import SeedStream
 from model.engine.sampling_params import SamplingParams
 
 
@@ -41,7 +40,7 @@ class Sequence:
         self.block_hashes: list[int] = []    # prefix-cache hashes of the leading full blocks
         self.status = Status.WAITING
         self.n_fork = params.n if index == 0 else 1
-        self.generator: torch.Generator | None = None
+        self.generator: SeedStream | None = None   # own random stream when the request is seeded
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.text = ""                       # detokenized completion so far (with a tokenizer)
@@ -71,10 +70,9 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
-    def make_generator(self, device: torch.device) -> None:
+    def make_generator(self) -> None:
         if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(sample_seed(self.params.seed, self.index))
+            self.generator = SeedStream(sample_seed(self.params.seed, self.index))
 
     def fork(self, index: int) -> "Sequence":
         """A sibling sample sharing this sequence's tokens and (by reference count) its blocks."""
