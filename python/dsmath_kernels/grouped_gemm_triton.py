@@ -6,10 +6,11 @@ m-tile, n-tile) space with stride `num_programs`. Each program loads the E+1 off
 a prefix sum of tiles per expert, and maps a tile to its expert with a vector compare — no serial walk over the
 experts, no host sync, so the launch is CUDA-graph safe. m-tiles are the fast index inside an expert, so programs
 running together share the same weight tile in L2. A virtual group E covers the rows past off[E] and writes zeros.
-Switches (tl.constexpr): GATHER — A rows come from x[rows[r]] (the permutation folded into the A load, -1 = a
-zero row); ACT — w holds 2N rows (gate then up), the tile computes both and stores silu(g) * u (the SwiGLU
-epilogue); SCALE — multiply row r by scale[r] (the routing weight); UPCAST — fp32 dot, for the interpreter
-whose bf16 tl.dot is broken.
+Switches (tl.constexpr), with rows[r] = the pair index f = t * topk + j held by row r (`order`, -1 = padding):
+GATHER — A row r is x[rows[r] // topk] (the permutation folded into the A load; padding rows read zeros);
+ACT — w holds 2N rows (gate then up), the tile computes both and stores silu(g) * u (the SwiGLU epilogue);
+SCALE — multiply row r by scale[rows[r]] (the routing weight, scale = weights.view(-1));
+UPCAST — fp32 dot, for the interpreter whose bf16 tl.dot is broken.
 `_wgrad_kernel`: dw[g] = dy[seg].T @ x[seg], one program per (expert, n-tile, k-tile), looping over the segment.
 
 Autotuning is keyed on (N, K, rows-per-expert bucket) over a small config list pruned by the bucket (decode-size
@@ -28,7 +29,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, mbucket,
+def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, mbucket, topk,
                  sxm, sxk, swe, swn, swk, sym, syn,
                  GATHER: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -58,10 +59,11 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, 
         n_tile = local // nm
         rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
         mask_m = rows < end
+        if GATHER or SCALE:
+            pair = tl.load(rows_ptr + rows, mask=mask_m, other=-1)  # pair index f = t * topk + j, -1 = padding
         if GATHER:
-            src = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
-            a_ok = mask_m & (src >= 0)
-            src = tl.maximum(src, 0).to(tl.int64)
+            a_ok = mask_m & (pair >= 0)
+            src = (tl.maximum(pair, 0) // topk).to(tl.int64)  # token row of x
         else:
             a_ok = mask_m
             src = rows.to(tl.int64)
@@ -96,13 +98,13 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, 
         if ACT:
             acc = acc * tl.sigmoid(acc) * acc_u
         if SCALE:
-            acc = acc * tl.load(scale_ptr + rows, mask=mask_m, other=0.0)[:, None]
+            acc = acc * tl.load(scale_ptr + tl.maximum(pair, 0), mask=mask_m & (pair >= 0), other=0.0)[:, None]
         y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :] * syn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, rows_ptr, M, N, K, mbucket,
+def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, rows_ptr, M, N, K, mbucket, topk,
                   sdym, sdyn, sxm, sxk, swe, swn, swk,
                   GATHER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr):
@@ -127,9 +129,9 @@ def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, rows_ptr, M, N, K, mbucket,
         dyt = tl.load(dy_ptr + r64[None, :] * sdym + cols[:, None] * sdyn, mask=mask_n[:, None] & mask_m[None, :],
                       other=0.0)  # [BN, BM]
         if GATHER:
-            src = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
-            x_ok = mask_m & (src >= 0)
-            src = tl.maximum(src, 0).to(tl.int64)
+            pair = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
+            x_ok = mask_m & (pair >= 0)
+            src = (tl.maximum(pair, 0) // topk).to(tl.int64)
         else:
             x_ok = mask_m
             src = r64
@@ -187,12 +189,13 @@ def _num_programs(device: torch.device) -> int:
 
 # ---------------------------------------------------------------- launchers
 
-def _gemm(x, w, offsets, *, rows=None, scale=None, act=False, out_dtype=None):
-    """y [R, N] (N = w.shape[1] // 2 with act) for x [M, K], w [E, N(*2), K] (any strides), offsets [E+1]; with
-    rows [R] (int32, -1 = zero row) the A operand is gathered, else R = M."""
+def _gemm(x, w, offsets, *, rows=None, topk=1, gather=True, scale=None, act=False, out_dtype=None):
+    """y [R, N] (N = w.shape[1] // 2 with act) for x [M, K], w [E, N(*2), K] (any strides), offsets [E+1].
+    rows [R] int32 pair indices (-1 = padding): with gather, A row r = x[rows[r] // topk]; scale [P] f32 multiplies
+    row r by scale[rows[r]]. Without rows, R = M and A = x."""
     E, NW, K = w.shape
     N = NW // 2 if act else NW
-    R = rows.shape[0] if rows is not None else x.shape[0]
+    R = rows.shape[0] if rows is not None and gather else x.shape[0]
     y = torch.empty(R, N, dtype=out_dtype or x.dtype, device=x.device)
     if R == 0 or N == 0:
         return y
@@ -200,10 +203,10 @@ def _gemm(x, w, offsets, *, rows=None, scale=None, act=False, out_dtype=None):
     ieee = x.dtype in (torch.float32, torch.float64) or upcast
     dummy = offsets
     args = (x, w, y, offsets, rows if rows is not None else dummy, scale if scale is not None else dummy, R, N, K,
-            E, _bucket(R, E), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
+            E, _bucket(R, E), topk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
             y.stride(1))
-    flags = {"GATHER": rows is not None, "ACT": act, "SCALE": scale is not None, "UPCAST": upcast, "IEEE": ieee,
-             "EP": triton.next_power_of_2(E + 1)}
+    flags = {"GATHER": rows is not None and gather, "ACT": act, "SCALE": scale is not None, "UPCAST": upcast,
+             "IEEE": ieee, "EP": triton.next_power_of_2(E + 1)}
     progs = _num_programs(x.device)
     if INTERPRET or x.dtype == torch.float64:
         cfg = dict(_INTERP_GEMM) if INTERPRET else {"BM": 32, "BN": 32, "BK": 32}
@@ -218,17 +221,18 @@ def _gemm(x, w, offsets, *, rows=None, scale=None, act=False, out_dtype=None):
     return y
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None) -> torch.Tensor:
-    """y [R, N] = per-segment x[rows] @ w[g].T (w any strided [E, N, K] view; rows None = all of x, R = M);
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None, topk: int = 1) -> torch.Tensor:
+    """y [R, N] = per-segment x[rows // topk] @ w[g].T (w any strided [E, N, K] view; rows None = all of x, R = M);
     rows past offsets[E] are 0."""
     if x.dtype == torch.float64:
         raise TypeError("x: float64 is not supported by the Triton grouped GEMM")
-    return _gemm(x, w, offsets, rows=rows)
+    return _gemm(x, w, offsets, rows=rows, topk=topk)
 
 
-def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int, rows=None) -> torch.Tensor:
-    """dw [E, N, K] with dw[g] = dy[seg_g].T @ x[seg_g] (zero for empty experts); with rows [M] (int32, -1 = zero
-    row) the x rows are gathered: x[rows[seg_g]]."""
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int, rows=None,
+                  topk: int = 1) -> torch.Tensor:
+    """dw [E, N, K] with dw[g] = dy[seg_g].T @ x[seg_g] (zero for empty experts); with rows [M] (int32 pair
+    indices, -1 = zero row) the x rows are gathered: x[rows[seg_g] // topk]."""
     M, N = dy.shape
     K = x.shape[1]
     dw = torch.empty(E, N, K, dtype=dy.dtype, device=dy.device)
@@ -236,7 +240,7 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: i
         return dw
     upcast = INTERPRET and dy.dtype == torch.bfloat16
     ieee = dy.dtype == torch.float32 or upcast
-    args = (dy, x, dw, offsets, rows if rows is not None else offsets, M, N, K, _bucket(M, E), dy.stride(0),
+    args = (dy, x, dw, offsets, rows if rows is not None else offsets, M, N, K, _bucket(M, E), topk, dy.stride(0),
             dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
     if INTERPRET:
         cfg = _INTERP_WGRAD
@@ -254,13 +258,45 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: i
 def moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets):
     """Inference expert layer on the contiguous layout, up to the combine: gate-up GEMM with the gather folded into
     the A load and SiLU-and-mul in the epilogue, then the down GEMM with the routing weight in the epilogue.
-    Returns the weighted expert outputs [R, H] in permuted order (the caller sums each token's K rows)."""
+    Returns the weighted expert outputs [R, H] in permuted order (combine() sums each token's K rows)."""
     K = weights.shape[1]
-    valid = order >= 0
-    src = torch.where(valid, torch.div(order, K, rounding_mode="floor"), -1).to(torch.int32)  # [R] token per row
-    scale = torch.where(valid, weights.reshape(-1)[order.clamp_min(0).long()], 0.0)  # [R] f32
-    a = _gemm(x, w_gate_up, offsets, rows=src, act=True)  # [R, I]
-    return _gemm(a, w_down, offsets, scale=scale)  # [R, H]
+    a = _gemm(x, w_gate_up, offsets, rows=order, topk=K, act=True)  # [R, I]
+    return _gemm(a, w_down, offsets, rows=order, gather=False, scale=weights.reshape(-1))  # [R, H]
+
+
+@triton.jit
+def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, H, sy, so, TOPK: tl.constexpr, WEIGHTED: tl.constexpr,
+                    BH: tl.constexpr):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    mask = cols < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        r = tl.load(inv_ptr + t * TOPK + j)
+        ok = mask & ((cols * 0 + r) >= 0)  # padding slot (r = -1) adds nothing
+        v = tl.load(y_ptr + tl.maximum(r, 0).to(tl.int64) * sy + cols, mask=ok, other=0.0)
+        v = v.to(tl.float32)
+        if WEIGHTED:
+            v = v * tl.load(w_ptr + t * TOPK + j)
+        acc += v
+    tl.store(out_ptr + tl.cast(t, tl.int64) * so + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out [T, H] = sum_j (weights[t, j] *) y[inverse[t, j]], fp32 accumulation in slot order, one kernel."""
+    T, K = inverse.shape
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    if T == 0 or H == 0:
+        return out
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    inv = inverse.contiguous()
+    w = weights.contiguous() if weights is not None else inv
+    BH = 128 if INTERPRET else min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(T, triton.cdiv(H, BH))](y, inv, w, out, H, y.stride(0), out.stride(0), TOPK=K,
+                                               WEIGHTED=weights is not None, BH=BH)
+    return out
 
 
 # ---------------------------------------------------------------- compile check (no GPU needed)
@@ -285,15 +321,18 @@ def hopper_compile_report() -> dict:
     bf = "*bf16"
     fwd = build(_gemm_kernel, [("x_ptr", bf), ("w_ptr", bf), ("y_ptr", bf), ("off_ptr", "*i32"), ("rows_ptr", "*i32"),
                                ("scale_ptr", "*fp32")],
-                ["M", "N", "K", "E", "mbucket", "sxm", "swe", "swn", "sym"],
+                ["M", "N", "K", "E", "mbucket", "topk", "sxm", "swe", "swn", "sym"],
                 {"sxk": 1, "swk": 1, "syn": 1, "GATHER": True, "ACT": True, "SCALE": False, "UPCAST": False,
                  "IEEE": False, "EP": 512, "BM": 128, "BN": 128, "BK": 64},
                 ["x_ptr", "w_ptr", "y_ptr", "off_ptr", "rows_ptr", "scale_ptr", "N", "K", "sxm", "swe", "swn", "sym"],
                 8, 4)
     wgrad = build(_wgrad_kernel, [("dy_ptr", bf), ("x_ptr", bf), ("dw_ptr", bf), ("off_ptr", "*i32"),
                                   ("rows_ptr", "*i32")],
-                  ["M", "N", "K", "mbucket", "sdym", "sxm", "swe", "swn"],
+                  ["M", "N", "K", "mbucket", "topk", "sdym", "sxm", "swe", "swn"],
                   {"sdyn": 1, "sxk": 1, "swk": 1, "GATHER": True, "UPCAST": False, "IEEE": False, "BM": 64, "BN": 128,
                    "BK": 64},
                   ["dy_ptr", "x_ptr", "dw_ptr", "off_ptr", "rows_ptr", "N", "K", "sdym", "sxm", "swe", "swn"], 4, 4)
-    return {"gemm_fused_bf16": fwd, "wgrad_bf16": wgrad}
+    comb = build(_combine_kernel, [("y_ptr", bf), ("inv_ptr", "*i32"), ("w_ptr", "*fp32"), ("out_ptr", bf)],
+                 ["H", "sy", "so"], {"TOPK": 8, "WEIGHTED": True, "BH": 1024},
+                 ["y_ptr", "inv_ptr", "w_ptr", "out_ptr", "H", "sy", "so"], 4, 1)
+    return {"gemm_fused_bf16": fwd, "wgrad_bf16": wgrad, "combine_bf16": comb}

@@ -148,14 +148,18 @@ def _segments(expert_offsets: torch.Tensor, M: int) -> list[tuple[int, int, int]
     return [(i, s, e) for i, (s, e) in enumerate(itertools.pairwise(off)) if e > s]
 
 
-def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None) -> torch.Tensor:
-    """y [R, N] = per-segment x[rows] @ w[i].T (rows None: R = M, all of x; -1 = a zero row); w may be any strided
-    view (backward passes w.transpose(1, 2))."""
-    if _gemm_backend(x.device) == "triton" and x.dtype != torch.float64:
+def _use_triton(x: torch.Tensor) -> bool:
+    return _gemm_backend(x.device) == "triton" and x.dtype != torch.float64
+
+
+def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None, topk: int = 1) -> torch.Tensor:
+    """y [R, N] = per-segment x[rows // topk] @ w[i].T (rows: pair indices, -1 = a zero row; None: R = M, all of
+    x); w may be any strided view (backward passes w.transpose(1, 2))."""
+    if _use_triton(x):
         from dsmath_kernels import grouped_gemm_triton
 
-        return grouped_gemm_triton.grouped_gemm(x, w, offsets, rows=rows)
-    x = x if rows is None else _gather(x, rows)
+        return grouped_gemm_triton.grouped_gemm(x, w, offsets, rows=rows, topk=topk)
+    x = x if rows is None else _gather(x, rows, topk)
     M, N = x.shape[0], w.shape[1]
     y = x.new_zeros(M, N)  # rows outside every segment stay 0
     for i, s, e in _segments(offsets, M):
@@ -163,22 +167,23 @@ def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=Non
     return y
 
 
-def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int, rows=None) -> torch.Tensor:
-    """dw [E, N, K] with dw[i] = dy[s:e].T @ x[rows][s:e] on expert i's segment (zero for empty experts)."""
-    if _gemm_backend(x.device) == "triton" and x.dtype != torch.float64:
+def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int, rows=None,
+                topk: int = 1) -> torch.Tensor:
+    """dw [E, N, K] with dw[i] = dy[s:e].T @ x[rows // topk][s:e] on expert i's segment (zero for empty experts)."""
+    if _use_triton(x):
         from dsmath_kernels import grouped_gemm_triton
 
-        return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E, rows=rows)
-    x = x if rows is None else _gather(x, rows)
+        return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E, rows=rows, topk=topk)
+    x = x if rows is None else _gather(x, rows, topk)
     dw = dy.new_zeros(E, dy.shape[1], x.shape[1])
     for i, s, e in _segments(offsets, x.shape[0]):
         torch.matmul(dy[s:e].T, x[s:e], out=dw[i])
     return dw
 
 
-def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x[rows] with rows = -1 giving zero rows."""
-    out = x[rows.clamp_min(0).long()]
+def _gather(x: torch.Tensor, rows: torch.Tensor, topk: int = 1) -> torch.Tensor:
+    """x[rows // topk] with rows = -1 giving zero rows."""
+    out = x[rows.clamp_min(0).long() // topk]
     return out.masked_fill_((rows < 0)[:, None], 0) if rows.numel() else out
 
 
@@ -194,13 +199,13 @@ def _(x, w, expert_offsets):
 
 @torch.library.custom_op("dsmath::grouped_gemm_wgrad", mutates_args=())
 def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int,
-                      rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Internal (no autograd): dw [E, N, K], dw[i] = dy[seg].T @ x[rows][seg]."""
-    return _wgrad_impl(dy, x, expert_offsets, num_experts, rows=rows)
+                      rows: torch.Tensor | None = None, topk: int = 1) -> torch.Tensor:
+    """Internal (no autograd): dw [E, N, K], dw[i] = dy[seg].T @ x[rows // topk][seg]."""
+    return _wgrad_impl(dy, x, expert_offsets, num_experts, rows=rows, topk=topk)
 
 
 @_grouped_wgrad_op.register_fake
-def _(dy, x, expert_offsets, num_experts, rows=None):
+def _(dy, x, expert_offsets, num_experts, rows=None, topk=1):
     return dy.new_empty(num_experts, dy.shape[1], x.shape[1])
 
 
@@ -255,16 +260,11 @@ def _silu_mul(h: torch.Tensor) -> torch.Tensor:
     return (F.silu(g) * u).to(h.dtype)
 
 
-def _token_rows(order: torch.Tensor, K: int) -> torch.Tensor:
-    """Token of each permuted row, -1 for padding rows. [R] int32"""
-    return torch.where(order >= 0, torch.div(order, K, rounding_mode="floor"), -1).to(torch.int32)
-
-
 def _experts_forward(x, w_gate_up, w_down, ids):
     """Permute, gate-up GEMM on gathered rows, SiLU-mul, down GEMM. Returns h [R, 2I], y [R, H] (unweighted),
     and the permutation."""
     order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
-    h = _gemm_impl(x, w_gate_up, offsets, rows=_token_rows(order, ids.shape[1]))  # [R, 2I]
+    h = _gemm_impl(x, w_gate_up, offsets, rows=order, topk=ids.shape[1])  # [R, 2I]  x rows gathered
     y = _gemm_impl(_silu_mul(h), w_down, offsets)  # [R, H]
     return h, y, order, offsets, inverse
 
@@ -277,7 +277,11 @@ def _chunks(T: int, K: int, H: int):
 
 def _combine(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * y[inverse[t, j]] (weights None: plain sum), accumulated in fp32 and in
-    token order, so the result is deterministic (no atomics)."""
+    token order, so the result is deterministic (no atomics). One Triton kernel where the GEMMs run in Triton."""
+    if _use_triton(y):
+        from dsmath_kernels import grouped_gemm_triton
+
+        return grouped_gemm_triton.combine(y, inverse, weights)
     T, K = inverse.shape
     acc = _acc(y)
     out = y.new_empty(T, y.shape[1])  # [T, H]
@@ -360,7 +364,7 @@ def _train_backward(ctx, dout, *unused):
     du = da * g * sg
     dh = torch.cat([dg, du], dim=-1).to(x.dtype)  # [R, 2I]
     dxs = _grouped_gemm_op(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
-    dw_gate_up = _grouped_wgrad_op(dh, x, offsets, E, _token_rows(order, K))  # [E, 2I, H]
+    dw_gate_up = _grouped_wgrad_op(dh, x, offsets, E, order, K)  # [E, 2I, H]
     dx = _combine(dxs, None, inverse)  # [T, H]
     return dx, dw_gate_up, dw_down, dweights, None
 
