@@ -219,12 +219,11 @@ def _write_rows(src: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> 
     s = src.to(cache.dtype).reshape(n, -1)
     if s.stride(1) != 1:
         s = s.contiguous()
-    row = s.shape[1]
-    bs = cache.shape[1]
-    tok_stride = cache.stride(1)
-    _ext.C().cache_write_cuda(_ext.ptr(s), s.stride(0), _ext.ptr(cache), cache.stride(0), tok_stride, bs, row,
-                              _ext.dtype_code(cache), _ext.ptr(slots), _ext.dtype_code(slots), n,
-                              _ext.stream_of(cache))
+    slots = slots.contiguous()
+    with torch.cuda.device(cache.device):
+        _ext.C().cache_write_cuda(_ext.ptr(s), s.stride(0), _ext.ptr(cache), cache.stride(0), cache.stride(1),
+                                  cache.shape[1], s.shape[1], _ext.dtype_code(cache), _ext.ptr(slots),
+                                  _ext.dtype_code(slots), n, _ext.stream_of(cache))
 
 
 def _rows_contiguous(cache: torch.Tensor) -> bool:
@@ -313,7 +312,9 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
     Dv = v_cache.shape[-1]
     backend = _decode_backend(q.device)
     if backend == "cuda" and not _cuda_kernel_ok(q, k_cache, v_cache):
-        backend = "reference"
+        q = q.clone(memory_format=torch.contiguous_format)  # fresh, contiguous, 16-byte aligned
+        if not _cuda_kernel_ok(q, k_cache, v_cache):
+            backend = "reference"
     if backend == "reference" or q.dtype == torch.float64 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if backend == "triton":
