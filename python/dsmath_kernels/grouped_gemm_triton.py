@@ -29,10 +29,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, mbucket, topk,
-                 sxm, sxk, swe, swn, swk, sym, syn,
-                 GATHER: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, h_ptr, a_ptr, M, N, K, E, mbucket, topk,
+                 sxm, sxk, swe, swn, swk, sym, syn, shm, sam,
+                 GATHER: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, STORE_H: tl.constexpr,
+                 DACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
     # Tile schedule, computed by every program from the offsets in registers (no serial per-expert loop):
     # group g < E is expert g's segment, group E the rows past off[E] (zero-filled).
     pid = tl.program_id(0)
@@ -95,12 +96,27 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, M, N, K, E, 
                     acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
                 else:
                     acc_u = tl.dot(a, bu, acc_u)
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        if STORE_H:  # training forward: keep the gate / up pre-activations for backward
+            h_ptrs = h_ptr + r64 * shm + cols[None, :]
+            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_mn)
+            tl.store(h_ptrs + N, acc_u.to(h_ptr.dtype.element_ty), mask=mask_mn)
         if ACT:
             acc = acc * tl.sigmoid(acc) * acc_u
         if SCALE:
             acc = acc * tl.load(scale_ptr + tl.maximum(pair, 0), mask=mask_m & (pair >= 0), other=0.0)[:, None]
-        y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :] * syn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y_ptrs = y_ptr + r64 * sym + cols[None, :] * syn
+        if DACT:  # backward: acc = d a; write d h = [d g, d u] and the recomputed a = silu(g) * u
+            h_ptrs = h_ptr + r64 * shm + cols[None, :]
+            g = tl.load(h_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
+            u = tl.load(h_ptrs + N, mask=mask_mn, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(g)
+            tl.store(a_ptr + r64 * sam + cols[None, :], (g * sg * u).to(a_ptr.dtype.element_ty), mask=mask_mn)
+            tl.store(y_ptrs, (acc * u * sg * (1 + g * (1 - sg))).to(y_ptr.dtype.element_ty), mask=mask_mn)
+            tl.store(y_ptrs + N * syn, (acc * g * sg).to(y_ptr.dtype.element_ty), mask=mask_mn)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
 
 
 @triton.jit
@@ -169,11 +185,11 @@ def _bucket(rows: int, experts: int) -> int:
 def _prune_gemm(configs, named_args, **kwargs):
     b = named_args["mbucket"]
     lo, hi = (16, 32) if b <= 16 else (32, 64) if b <= 64 else (64, 128)
-    act = kwargs.get("ACT", named_args.get("ACT", False))  # two B tiles: BN 256 would not fit shared memory
-    return [c for c in configs if lo <= c.kwargs["BM"] <= hi and not (act and c.kwargs["BN"] > 128)]
+    wide = any(kwargs.get(k, named_args.get(k, False)) for k in ("ACT", "DACT"))  # 2 B tiles / 3 outputs: BN <= 128
+    return [c for c in configs if lo <= c.kwargs["BM"] <= hi and not (wide and c.kwargs["BN"] > 128)]
 
 
-_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "E", "mbucket", "ACT", "GATHER"],
+_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "E", "mbucket", "ACT", "GATHER", "STORE_H", "DACT"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_kernel)
 _wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["N", "K", "mbucket", "GATHER"])(_wgrad_kernel)
 
@@ -189,36 +205,43 @@ def _num_programs(device: torch.device) -> int:
 
 # ---------------------------------------------------------------- launchers
 
-def _gemm(x, w, offsets, *, rows=None, topk=1, gather=True, scale=None, act=False, out_dtype=None):
+def _gemm(x, w, offsets, *, rows=None, topk=1, gather=True, scale=None, act=False, store_h=False, dact_h=None):
     """y [R, N] (N = w.shape[1] // 2 with act) for x [M, K], w [E, N(*2), K] (any strides), offsets [E+1].
     rows [R] int32 pair indices (-1 = padding): with gather, A row r = x[rows[r] // topk]; scale [P] f32 multiplies
-    row r by scale[rows[r]]. Without rows, R = M and A = x."""
+    row r by scale[rows[r]]. Without rows, R = M and A = x. Returns y, or (y, h [R, 2N]) with store_h (act only),
+    or (dh [R, 2N], a [R, N]) with dact_h = the saved h (SwiGLU backward in the epilogue)."""
     E, NW, K = w.shape
     N = NW // 2 if act else NW
     R = rows.shape[0] if rows is not None and gather else x.shape[0]
-    y = torch.empty(R, N, dtype=out_dtype or x.dtype, device=x.device)
+    y = torch.empty(R, 2 * N if dact_h is not None else N, dtype=x.dtype, device=x.device)
+    h = torch.empty(R, 2 * N, dtype=x.dtype, device=x.device) if store_h else dact_h
+    a = torch.empty(R, N, dtype=x.dtype, device=x.device) if dact_h is not None else None
+    out = (y, h) if store_h else (y, a) if dact_h is not None else y
     if R == 0 or N == 0:
-        return y
+        return out
+    if h is not None and h.stride(1) != 1:
+        h = h.contiguous()
     upcast = INTERPRET and x.dtype == torch.bfloat16
     ieee = x.dtype in (torch.float32, torch.float64) or upcast
     dummy = offsets
-    args = (x, w, y, offsets, rows if rows is not None else dummy, scale if scale is not None else dummy, R, N, K,
-            E, _bucket(R, E), topk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
-            y.stride(1))
-    flags = {"GATHER": rows is not None and gather, "ACT": act, "SCALE": scale is not None, "UPCAST": upcast,
-             "IEEE": ieee, "EP": triton.next_power_of_2(E + 1)}
+    opt = [t if t is not None else dummy for t in (rows, scale, h, a)]
+    args = (x, w, y, offsets, *opt, R, N, K, E, _bucket(R, E), topk, x.stride(0), x.stride(1), w.stride(0),
+            w.stride(1), w.stride(2), y.stride(0), y.stride(1), 0 if h is None else h.stride(0),
+            0 if a is None else a.stride(0))
+    flags = {"GATHER": rows is not None and gather, "ACT": act, "SCALE": scale is not None, "STORE_H": store_h,
+             "DACT": dact_h is not None, "UPCAST": upcast, "IEEE": ieee, "EP": triton.next_power_of_2(E + 1)}
     progs = _num_programs(x.device)
     if INTERPRET or x.dtype == torch.float64:
         cfg = dict(_INTERP_GEMM) if INTERPRET else {"BM": 32, "BN": 32, "BK": 32}
         tiles = (triton.cdiv(R, cfg["BM"]) + E + 1) * triton.cdiv(N, cfg["BN"])
         _gemm_kernel[(min(progs, tiles),)](*args, **flags, **cfg)
-        return y
+        return out
 
     def grid(meta):
         return (min(progs * 2, (triton.cdiv(R, meta["BM"]) + E + 1) * triton.cdiv(N, meta["BN"])),)
 
     _gemm_tuned[grid](*args, **flags)
-    return y
+    return out
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None, topk: int = 1) -> torch.Tensor:
@@ -253,6 +276,17 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: i
 
     _wgrad_tuned[grid](*args, GATHER=rows is not None, UPCAST=False, IEEE=ieee)
     return dw
+
+
+def gate_up_train(x, w_gate_up, offsets, order, topk):
+    """Training forward of the gate-up GEMM: a = silu(g) * u [R, I] and the pre-activations h = [g, u] [R, 2I],
+    x rows gathered through order."""
+    return _gemm(x, w_gate_up, offsets, rows=order, topk=topk, act=True, store_h=True)
+
+
+def down_backward(dy, w_down, offsets, h):
+    """d a = dy @ w_down[e] per segment with the SwiGLU backward in the epilogue: returns (dh [R, 2I], a [R, I])."""
+    return _gemm(dy, w_down.transpose(1, 2), offsets, dact_h=h)
 
 
 def moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets):
@@ -319,13 +353,16 @@ def hopper_compile_report() -> dict:
         return {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"), "shared": k.metadata.shared}
 
     bf = "*bf16"
-    fwd = build(_gemm_kernel, [("x_ptr", bf), ("w_ptr", bf), ("y_ptr", bf), ("off_ptr", "*i32"), ("rows_ptr", "*i32"),
-                               ("scale_ptr", "*fp32")],
-                ["M", "N", "K", "E", "mbucket", "topk", "sxm", "swe", "swn", "sym"],
-                {"sxk": 1, "swk": 1, "syn": 1, "GATHER": True, "ACT": True, "SCALE": False, "UPCAST": False,
-                 "IEEE": False, "EP": 512, "BM": 128, "BN": 128, "BK": 64},
-                ["x_ptr", "w_ptr", "y_ptr", "off_ptr", "rows_ptr", "scale_ptr", "N", "K", "sxm", "swe", "swn", "sym"],
-                8, 4)
+    ptrs = [("x_ptr", bf), ("w_ptr", bf), ("y_ptr", bf), ("off_ptr", "*i32"), ("rows_ptr", "*i32"),
+            ("scale_ptr", "*fp32"), ("h_ptr", bf), ("a_ptr", bf)]
+    ints = ["M", "N", "K", "E", "mbucket", "topk", "sxm", "swe", "swn", "sym", "shm", "sam"]
+    div = [n for n, _ in ptrs] + ["N", "K", "sxm", "swe", "swn", "sym", "shm", "sam"]
+    fixed = {"sxk": 1, "swk": 1, "syn": 1, "SCALE": False, "UPCAST": False, "IEEE": False, "EP": 512, "BM": 128,
+             "BN": 128, "BK": 64}
+    fwd = build(_gemm_kernel, ptrs, ints, {**fixed, "GATHER": True, "ACT": True, "STORE_H": True, "DACT": False},
+                div, 8, 4)
+    dact = build(_gemm_kernel, ptrs, ints, {**fixed, "GATHER": False, "ACT": False, "STORE_H": False, "DACT": True},
+                 div, 8, 4)
     wgrad = build(_wgrad_kernel, [("dy_ptr", bf), ("x_ptr", bf), ("dw_ptr", bf), ("off_ptr", "*i32"),
                                   ("rows_ptr", "*i32")],
                   ["M", "N", "K", "mbucket", "topk", "sdym", "sxm", "swe", "swn"],
@@ -335,4 +372,4 @@ def hopper_compile_report() -> dict:
     comb = build(_combine_kernel, [("y_ptr", bf), ("inv_ptr", "*i32"), ("w_ptr", "*fp32"), ("out_ptr", bf)],
                  ["H", "sy", "so"], {"TOPK": 8, "WEIGHTED": True, "BH": 1024},
                  ["y_ptr", "inv_ptr", "w_ptr", "out_ptr", "H", "sy", "so"], 4, 1)
-    return {"gemm_fused_bf16": fwd, "wgrad_bf16": wgrad, "combine_bf16": comb}
+    return {"gemm_swiglu_train_bf16": fwd, "gemm_swiglu_bwd_bf16": dact, "wgrad_bf16": wgrad, "combine_bf16": comb}

@@ -264,8 +264,14 @@ def _experts_forward(x, w_gate_up, w_down, ids):
     """Permute, gate-up GEMM on gathered rows, SiLU-mul, down GEMM. Returns h [R, 2I], y [R, H] (unweighted),
     and the permutation."""
     order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
-    h = _gemm_impl(x, w_gate_up, offsets, rows=order, topk=ids.shape[1])  # [R, 2I]  x rows gathered
-    y = _gemm_impl(_silu_mul(h), w_down, offsets)  # [R, H]
+    if _use_triton(x):  # one GEMM writes both h and a = silu(g) * u
+        from dsmath_kernels import grouped_gemm_triton
+
+        a, h = grouped_gemm_triton.gate_up_train(x, w_gate_up, offsets, order, ids.shape[1])
+    else:
+        h = _gemm_impl(x, w_gate_up, offsets, rows=order, topk=ids.shape[1])  # [R, 2I]  x rows gathered
+        a = _silu_mul(h)  # [R, I]
+    y = _gemm_impl(a, w_down, offsets)  # [R, H]
     return h, y, order, offsets, inverse
 
 
@@ -321,6 +327,28 @@ def _(x, w_gate_up, w_down, weights, ids):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("dsmath::moe_down_backward", mutates_args=())
+def _down_backward_op(dy: torch.Tensor, w_down: torch.Tensor, offsets: torch.Tensor,
+                      h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Internal: d a = dy @ w_down[e] per segment, then the SwiGLU backward: returns (dh [R, 2I], a [R, I])."""
+    if _use_triton(dy):
+        from dsmath_kernels import grouped_gemm_triton
+
+        return grouped_gemm_triton.down_backward(dy, w_down, offsets, h)
+    acc = _acc(dy)
+    da = _gemm_impl(dy, w_down.transpose(1, 2), offsets).to(acc)  # [R, I]
+    g, u = h.to(acc).chunk(2, dim=-1)
+    sg = torch.sigmoid(g)
+    dg = da * u * sg * (1 + g * (1 - sg))  # d silu(g) = sg (1 + g (1 - sg))
+    du = da * g * sg
+    return torch.cat([dg, du], dim=-1).to(dy.dtype), (g * sg * u).to(dy.dtype)
+
+
+@_down_backward_op.register_fake
+def _(dy, w_down, offsets, h):
+    return dy.new_empty(dy.shape[0], h.shape[1]), dy.new_empty(dy.shape[0], h.shape[1] // 2)
+
+
 @torch.library.custom_op("dsmath::moe_experts_train", mutates_args=())
 def _moe_train_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -355,14 +383,8 @@ def _train_backward(ctx, dout, *unused):
     dout = dout.to(acc)  # [T, H]
     dweights = _row_dots(dout, y, inverse)  # [T, K]
     dy = (dout[tok] * weights.reshape(-1)[src][:, None].to(acc)).to(x.dtype)  # [R, H]
-    a = _silu_mul(h)  # [R, I]  recomputed from the saved h
-    da = _grouped_gemm_op(dy, w_down.transpose(1, 2), offsets).to(acc)  # [R, I]
+    dh, a = _down_backward_op(dy, w_down, offsets, h)  # [R, 2I], [R, I] (a recomputed from the saved h)
     dw_down = _grouped_wgrad_op(dy, a, offsets, E)  # [E, H, I]
-    g, u = h.to(acc).chunk(2, dim=-1)
-    sg = torch.sigmoid(g)
-    dg = da * u * sg * (1 + g * (1 - sg))  # d silu(g) = sg (1 + g (1 - sg))
-    du = da * g * sg
-    dh = torch.cat([dg, du], dim=-1).to(x.dtype)  # [R, 2I]
     dxs = _grouped_gemm_op(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
     dw_gate_up = _grouped_wgrad_op(dh, x, offsets, E, order, K)  # [E, 2I, H]
     dx = _combine(dxs, None, inverse)  # [T, H]
