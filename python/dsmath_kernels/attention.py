@@ -315,7 +315,8 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
         q = q.clone(memory_format=torch.contiguous_format)  # fresh, contiguous, 16-byte aligned
         if not _cuda_kernel_ok(q, k_cache, v_cache):
             backend = "reference"
-    if backend == "reference" or q.dtype == torch.float64 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if backend == "reference" or q.dtype == torch.float64 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype \
+            or (backend != "cpu" and B > 65535):  # GPU grids put the batch in gridDim.z
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if backend == "triton":
         from dsmath_kernels import attention_triton
