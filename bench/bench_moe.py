@@ -66,6 +66,7 @@ def grouped_mm_layer(wgu_t, wd_t):
         w = weights.reshape(-1)[order, None]
         return torch.zeros_like(x, dtype=torch.float32).index_add_(0, tok, y.float() * w).to(x.dtype)
 
+    layer.weights = (wgu_t, wd_t)
     return layer
 
 
@@ -117,22 +118,34 @@ def bench_case(name, s, T, routing, dtype, device, reps, backward):
         a2, b2 = torch.randn(T * K, Im, device=device, dtype=dtype), torch.randn(Im, H, device=device, dtype=dtype)
         dense = row("dense mm (ceiling)", try_time(lambda: (a1 @ b1, a2 @ b2), device, reps=reps))
     _finish(ours, base, dense)
-    if backward and T > 0:
-        params = [t.clone().requires_grad_(True) for t in (x, wgu, wd, weights)]
-        dout = torch.randn_like(x)
-        ours_b = row("dsmath", try_time(lambda: train_step(lambda *p: dk.moe_experts(*p, ids), params, dout), device,
-                                        reps=max(3, reps // 3)), mult=3.0)
-        base_b = [row("loop", try_time(lambda: train_step(lambda *p: loop_layer(*p, ids), params, dout), device,
-                                       reps=max(3, reps // 3)), mult=3.0)]
-        pg = [params[0], params[1].detach().transpose(1, 2).contiguous().requires_grad_(True),
-              params[2].detach().transpose(1, 2).contiguous().requires_grad_(True), params[3]]
-
-        def gmm_train():
-            train_step(lambda xx, a, b, w: grouped_mm_layer(a, b)(xx, w, ids), pg, dout)
-
-        base_b.append(row("torch._grouped_mm", try_time(gmm_train, device, reps=max(3, reps // 3)), mult=3.0))
-        _finish(ours_b, base_b, None)
+    if backward and T > 0:  # memory: weights, one transposed copy for _grouped_mm, one set of grads at a time
+        base_b = bench_backward(x, wgu, wd, weights, ids, gmm, device, reps, row)
+        _finish(base_b[0], base_b[1:], None)
     return rows
+
+
+def bench_backward(x, wgu, wd, weights, ids, gmm_fwd, device, reps, row):
+    """fwd+bwd rows: dsmath, the loop, torch._grouped_mm (reusing the forward's transposed weight copies)."""
+    reps = max(3, reps // 3)
+    dout = torch.randn_like(x)
+    params = [t.requires_grad_(True) for t in (x, wgu, wd, weights)]
+
+    def run(layer, ps):
+        r = try_time(lambda: train_step(layer, ps, dout), device, reps=reps)
+        for p in ps:
+            p.grad = None
+        return r
+
+    out = [row("dsmath", run(lambda *p: dk.moe_experts(*p, ids), params), mult=3.0),
+           row("loop", run(lambda *p: loop_layer(*p, ids), params), mult=3.0)]
+    for p in params:
+        p.requires_grad_(False)
+    wgu_t, wd_t = (t.requires_grad_(True) for t in gmm_fwd.weights)
+    pg = [x.requires_grad_(True), wgu_t, wd_t, weights.requires_grad_(True)]
+    out.append(row("torch._grouped_mm", run(lambda xx, a, b, w: grouped_mm_layer(a, b)(xx, w, ids), pg), mult=3.0))
+    for t in pg:
+        t.requires_grad_(False)
+    return out
 
 
 def _finish(ours, base, dense):

@@ -161,8 +161,12 @@ def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=Non
         return grouped_gemm_triton.grouped_gemm(x, w, offsets, rows=rows, topk=topk)
     x = x if rows is None else _gather(x, rows, topk)
     M, N = x.shape[0], w.shape[1]
-    y = x.new_zeros(M, N)  # rows outside every segment stay 0
-    for i, s, e in _segments(offsets, M):
+    y = x.new_empty(M, N)
+    segs = _segments(offsets, M)
+    first, last = (segs[0][1], segs[-1][2]) if segs else (M, M)
+    y[:first] = 0  # rows outside every segment are 0 (segments are contiguous between them)
+    y[last:] = 0
+    for i, s, e in segs:
         torch.matmul(x[s:e], w[i].T, out=y[s:e])
     return y
 
@@ -175,16 +179,19 @@ def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int
 
         return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E, rows=rows, topk=topk)
     x = x if rows is None else _gather(x, rows, topk)
-    dw = dy.new_zeros(E, dy.shape[1], x.shape[1])
+    dw = dy.new_empty(E, dy.shape[1], x.shape[1])
+    hit = torch.zeros(E, dtype=torch.bool)
     for i, s, e in _segments(offsets, x.shape[0]):
         torch.matmul(dy[s:e].T, x[s:e], out=dw[i])
+        hit[i] = True
+    dw[~hit.to(dw.device)] = 0  # experts without rows
     return dw
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor, topk: int = 1) -> torch.Tensor:
-    """x[rows // topk] with rows = -1 giving zero rows."""
-    out = x[rows.clamp_min(0).long() // topk]
-    return out.masked_fill_((rows < 0)[:, None], 0) if rows.numel() else out
+    """x[rows // topk] with rows = -1 giving zero rows (they index an appended zero row)."""
+    x0 = torch.cat([x, x.new_zeros(1, x.shape[1])])  # [M + 1, K]
+    return x0[torch.where(rows >= 0, torch.div(rows, topk, rounding_mode="floor"), x.shape[0]).long()]
 
 
 @torch.library.custom_op("dsmath::grouped_gemm", mutates_args=())
