@@ -91,8 +91,8 @@ def test_permute_rejects_bad_arguments():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,K,E", [(1, 8, 256), (16, 6, 64), (4096, 8, 256), (32768, 8, 256), (8192, 6, 64)])
-@pytest.mark.parametrize("block_m", [1, 64, 128])
+@pytest.mark.parametrize("T,K,E", [(1, 8, 256), (16, 6, 64), (32768, 8, 256), (8192, 6, 64), (300, 4, 1024)])
+@pytest.mark.parametrize("block_m", [1, 128])
 def test_permute_cuda_matches_reference(T, K, E, block_m):
     for kind in ("uniform", "skew", "hot"):
         ids = _ids(T, K, E, kind).cuda()

@@ -13,8 +13,9 @@ SCALE — multiply row r by scale[rows[r]] (the routing weight, scale = weights.
 UPCAST — fp32 dot, for the interpreter whose bf16 tl.dot is broken.
 `_wgrad_kernel`: dw[g] = dy[seg].T @ x[seg], one program per (expert, n-tile, k-tile), looping over the segment.
 
-Autotuning is keyed on (N, K, rows-per-expert bucket) over a small config list pruned by the bucket (decode-size
-segments get BM 16-32, prefill segments BM 64-128), so the first call of a new shape times at most 4 configs.
+Autotuning is keyed on (N, K, E, rows-per-expert bucket, epilogue) over a small config list pruned by the bucket
+(decode-size segments get BM 16, small prefill BM 32-64, prefill BM 128), so the first call of a new shape compiles
+and times at most two configs.
 Under TRITON_INTERPRET=1 one small fixed config runs (no autotune)."""
 
 from __future__ import annotations
@@ -170,11 +171,12 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-_GEMM_CONFIGS = [
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4),  # decode
-    _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),
+_GEMM_CONFIGS = [  # two per rows-per-expert bucket, so a new shape compiles and times at most two
+    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4),  # decode: weight-bandwidth bound, small M tiles
+    _cfg(32, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),  # small prefill
+    _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),  # prefill / training (wgmma 64xN per warpgroup)
 ]
-_WGRAD_CONFIGS = [_cfg(32, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 8, 3), _cfg(64, 256, 64, 8, 3)]
+_WGRAD_CONFIGS = [_cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 8, 3)]
 
 
 def _bucket(rows: int, experts: int) -> int:
@@ -184,9 +186,9 @@ def _bucket(rows: int, experts: int) -> int:
 
 def _prune_gemm(configs, named_args, **kwargs):
     b = named_args["mbucket"]
-    lo, hi = (16, 32) if b <= 16 else (32, 64) if b <= 64 else (64, 128)
+    bms = (16,) if b <= 16 else (32, 64) if b <= 64 else (128,)
     wide = any(kwargs.get(k, named_args.get(k, False)) for k in ("ACT", "DACT"))  # 2 B tiles / 3 outputs: BN <= 128
-    return [c for c in configs if lo <= c.kwargs["BM"] <= hi and not (wide and c.kwargs["BN"] > 128)]
+    return [c for c in configs if c.kwargs["BM"] in bms and not (wide and c.kwargs["BN"] > 128)]
 
 
 _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "E", "mbucket", "ACT", "GATHER", "STORE_H", "DACT"],
