@@ -58,8 +58,9 @@ struct Vec8 {
 };
 
 // W: row chunk width (LPT = W / 8 lanes per token); DCH / VCH: chunks covering D / Dv; GT: heads per CTA;
-// U: token steps per warp iteration (loads in flight).
-template <int DT, int W, int DCH, int VCH, int GT, int U>
+// U: token steps per warp iteration (loads in flight); SV: values are the first Dv columns of the key rows (MLA),
+// taken from the key registers instead of loaded again.
+template <int DT, int W, int DCH, int VCH, int GT, int U, bool SV = false>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   constexpr int LPT = W / 8, TPW = 32 / LPT;
   __shared__ float sm_m[kWarps][GT], sm_l[kWarps][GT];
@@ -121,8 +122,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       }
 #pragma unroll
       for (int c = 0; c < VCH; ++c) {
-        if (ok && c * W + sl * 8 < p.Dv) vr[u][c].load(p.v, vo + c * W + sl * 8);
-        else vr[u][c].zero();
+        if constexpr (SV) {
+          vr[u][c] = kr[u][c];  // columns >= Dv feed accumulator lanes that are never written out
+        } else {
+          if (ok && c * W + sl * 8 < p.Dv) vr[u][c].load(p.v, vo + c * W + sl * 8);
+          else vr[u][c].zero();
+        }
       }
     }
     // scores of the U tokens of this lane group, reduced over its LPT lanes
@@ -242,14 +247,14 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeParams p) {
     attn::store_from_float(p.out, bh * p.Dv + d, attn::merge_splits(o + d, p.Dv, lse, S), p.dtype);
 }
 
-template <int DT, int W, int DCH, int VCH, int GT, int U>
+template <int DT, int W, int DCH, int VCH, int GT, int U, bool SV = false>
 void launch(const DecodeParams& p, cudaStream_t st) {
   const int G = p.Hq / p.Hkv, tiles = (G + GT - 1) / GT;
   dim3 grid(p.num_splits, p.Hkv * tiles, p.B);
-  decode_kernel<DT, W, DCH, VCH, GT, U><<<grid, kThreads, 0, st>>>(p);
+  decode_kernel<DT, W, DCH, VCH, GT, U, SV><<<grid, kThreads, 0, st>>>(p);
 }
 
-// Heads per CTA: up to 8 (4 for 256-wide rows, 2 for MLA rows) to bound registers; more heads -> more tiles.
+// Heads per CTA: up to 8 (4 for 256-wide rows, 4 / 2 for MLA rows) to bound registers; more heads -> more tiles.
 template <int DT, int W>
 int launch_gqa(const DecodeParams& p, cudaStream_t st) {
   const int G = p.Hq / p.Hkv;
@@ -266,7 +271,9 @@ int launch_dtype(const DecodeParams& p, cudaStream_t st) {
   if (mx <= 128) return launch_gqa<DT, 128>(p, st);
   if (mx <= 256) return launch_gqa<DT, 256>(p, st);
   if (p.D <= 768 && p.Dv <= 512) {  // MLA: 576-wide latent rows, 512-wide values
-    launch<DT, 256, 3, 2, 2, 1>(p, st);
+    const bool shared_v = p.v == p.k && p.v_sblk == p.k_sblk && p.v_stok == p.k_stok && p.v_sh == p.k_sh;
+    if (shared_v) launch<DT, 256, 3, 2, 4, 1, true>(p, st);
+    else launch<DT, 256, 3, 2, 2, 1>(p, st);
     return kOk;
   }
   return kUnsupported;

@@ -100,6 +100,7 @@ int main() {
   worst = std::max(worst, run_case<kFloat32>(2, 12, 2, 64, 128, 64, {200, 65}, 4, 64, false));
   worst = std::max(worst, run_case<kFloat32>(2, 3, 1, 576, 512, 16, {50, 33}, 2, 32, true));
   worst = std::max(worst, run_case<kFloat32>(1, 16, 1, 96, 64, 8, {70}, 1, 64, true));
+  worst = std::max(worst, run_case<kFloat32>(2, 6, 2, 576, 512, 16, {40, 3}, 2, 32, false));  // separate V
   double w16 = 0;
   w16 = std::max(w16, run_case<kBFloat16>(3, 32, 8, 128, 128, 16, {1, 0, 100}, 3, 64, false));
   w16 = std::max(w16, run_case<kFloat16>(2, 16, 2, 128, 128, 15, {90, 31}, 2, 64, false));
