@@ -306,6 +306,17 @@ def _combine(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tenso
     return out
 
 
+@torch.library.custom_op("dsmath::moe_combine", mutates_args=())
+def _combine_op(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tensor) -> torch.Tensor:
+    """Internal: _combine as an opaque op, so a compiled backward does not trace into the Triton launch."""
+    return _combine(y, weights, inverse)
+
+
+@_combine_op.register_fake
+def _(y, weights, inverse):
+    return y.new_empty(inverse.shape[0], y.shape[1])
+
+
 def _row_dots(dout: torch.Tensor, y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """d weights[t, j] = <dout[t], y[inverse[t, j]]>, fp32. [T, K]"""
     T, K = inverse.shape
@@ -394,7 +405,7 @@ def _train_backward(ctx, dout, *unused):
     dw_down = _grouped_wgrad_op(dy, a, offsets, E)  # [E, H, I]
     dxs = _grouped_gemm_op(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
     dw_gate_up = _grouped_wgrad_op(dh, x, offsets, E, order, K)  # [E, 2I, H]
-    dx = _combine(dxs, None, inverse)  # [T, H]
+    dx = _combine_op(dxs, None, inverse)  # [T, H]
     return dx, dw_gate_up, dw_down, dweights, None
 
 
