@@ -120,3 +120,14 @@ def test_cache_write_cuda_graph():
     g.replay()
     flat = kv_cache.view(-1, 576)
     assert torch.equal(flat[7], kv[0]) and torch.equal(flat[8], kv[1])
+
+
+def test_strided_caches():
+    """Caches that are views (one layer of a stacked cache, a strided last-dim slice) are written in place."""
+    stacked = torch.zeros(2, 3, 4, 1, 16)  # [layers, NB, BS, Hkv, D]
+    wide = torch.zeros(3, 4, 1, 24)
+    kc, vc = stacked[1], wide[..., 4:12]  # contiguous view; non-contiguous view
+    k, v = torch.randn(2, 1, 16), torch.randn(2, 1, 8)
+    dk.cache_write(k, v, kc, vc, torch.tensor([5, 11]))
+    assert torch.equal(stacked[1, 1, 1], k[0]) and torch.equal(stacked[1, 2, 3], k[1]) and stacked[0].eq(0).all()
+    assert torch.equal(wide[1, 1, :, 4:12], v[0]) and wide[..., :4].eq(0).all() and wide[..., 12:].eq(0).all()

@@ -24,15 +24,17 @@ def cache_write_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     """k [N, Hkv, D], v [N, Hkv, Dv] -> k_cache/v_cache [NB, BS, Hkv, *] at slot_mapping [N] (-1 = skip), in place."""
     keep = slot_mapping >= 0  # [N]
     slots = slot_mapping[keep].long()  # [N']
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    bs = k_cache.shape[1]
+    k_cache[slots // bs, slots % bs] = k[keep].to(k_cache.dtype)
+    v_cache[slots // bs, slots % bs] = v[keep].to(v_cache.dtype)
 
 
 def mla_cache_write_ref(kv, kv_cache, slot_mapping) -> None:
     """kv [N, Dc + Dr] -> kv_cache [NB, BS, Dc + Dr] at slot_mapping [N] (-1 = skip), in place."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    kv_cache.view(-1, kv_cache.shape[-1])[slots] = kv[keep].to(kv_cache.dtype)
+    bs = kv_cache.shape[1]
+    kv_cache[slots // bs, slots % bs] = kv[keep].to(kv_cache.dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
