@@ -1,4 +1,4 @@
-// CUDA split-KV paged decode (flash-decoding) for GQA/MQA and absorbed MLA. Grid = (split, kv head x head tile,
+// CUDA split-KV paged decode (flash-decoding) for GQA/MQA and absorbed MLA. Grid = (kv head x head tile, split,
 // sequence): a CTA of 4 warps streams one split of one sequence's KV once for GT query heads sharing a kv head.
 // Within a warp, LPT = W / 8 lanes hold one token's row (8 elements per lane per W-wide chunk, 16-byte loads), so
 // 32 / LPT tokens are in flight per load and dot products reduce over LPT lanes only. Each lane group keeps its
@@ -66,9 +66,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   __shared__ float sm_m[kWarps][GT], sm_l[kWarps][GT];
   __shared__ float sm_acc[kWarps][GT][VCH * W];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sg = lane / LPT, sl = lane % LPT;
-  const int s = blockIdx.x, b = blockIdx.z;
+  const int s = blockIdx.y, b = blockIdx.z;
   const int G = p.Hq / p.Hkv, tiles = (G + GT - 1) / GT;
-  const int kvh = blockIdx.y / tiles, g0 = (blockIdx.y % tiles) * GT, nh = min(GT, G - g0);
+  const int kvh = blockIdx.x / tiles, g0 = (blockIdx.x % tiles) * GT, nh = min(GT, G - g0);
   int64_t begin, end;
   attn::split_range(s, p.num_splits, p.chunk, p.seq_lens[b], begin, end);
 
@@ -250,17 +250,16 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeParams p) {
 template <int DT, int W, int DCH, int VCH, int GT, int U, bool SV = false>
 void launch(const DecodeParams& p, cudaStream_t st) {
   const int G = p.Hq / p.Hkv, tiles = (G + GT - 1) / GT;
-  dim3 grid(p.num_splits, p.Hkv * tiles, p.B);
+  dim3 grid(p.Hkv * tiles, p.num_splits, p.B);  // head tiles of one (split, kv head) adjacent: they share L2
   decode_kernel<DT, W, DCH, VCH, GT, U, SV><<<grid, kThreads, 0, st>>>(p);
 }
 
-// Heads per CTA: up to 8 (4 for 256-wide rows, 4 / 2 for MLA rows) to bound registers; more heads -> more tiles.
+// Heads per CTA: 1 (MHA) or 4 — 4 keeps 4 token steps of loads in flight at ~160 registers; larger groups run as
+// several head tiles, adjacent in the grid so their reads of the same KV hit L2.
 template <int DT, int W>
 int launch_gqa(const DecodeParams& p, cudaStream_t st) {
-  const int G = p.Hq / p.Hkv;
-  if (G == 1) launch<DT, W, 1, 1, 1, 4>(p, st);
-  else if (G <= 4 || W == 256) launch<DT, W, 1, 1, 4, 4>(p, st);
-  else launch<DT, W, 1, 1, (W == 256 ? 4 : 8), 2>(p, st);
+  if (p.Hq == p.Hkv) launch<DT, W, 1, 1, 1, 4>(p, st);
+  else launch<DT, W, 1, 1, 4, 4>(p, st);
   return kOk;
 }
 

@@ -127,10 +127,10 @@ if triton is not None:
                            BLOCK_DV: tl.constexpr, SHARED_V: tl.constexpr, UPCAST: tl.constexpr,
                            PREC: tl.constexpr):
         """One split of one sequence for BLOCK_H query heads of one kv head; heads are the M dim of tl.dot."""
-        s_id = tl.program_id(0)
+        s_id = tl.program_id(1)
         tiles = tl.cdiv(G, BLOCK_H)
-        kvh = tl.program_id(1) // tiles
-        g = (tl.program_id(1) % tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        kvh = tl.program_id(0) // tiles  # head tiles of one (split, kv head) adjacent: they share L2
+        g = (tl.program_id(0) % tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
         h_mask = g < G
         heads = kvh * G + g
         b = tl.program_id(2)
@@ -216,7 +216,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_splits > 1:
         po = torch.empty(B, Hq, num_splits, Dv, dtype=torch.float32, device=q.device)
         plse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    grid = (num_splits, Hkv * triton.cdiv(G, block_h), B)
+    grid = (Hkv * triton.cdiv(G, block_h), num_splits, B)
     _decode_fwd_kernel[grid](
         q, k_cache, v_cache, out, po, plse, bt, seq_lens.contiguous(), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
