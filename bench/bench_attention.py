@@ -65,7 +65,7 @@ def bench_gqa(B, L, Hq, Hkv, D, dtype, device, reps):
     vc = torch.randn_like(kc)
     q = torch.randn(B, Hq, D, device=device).to(dtype)
     sl = torch.full((B,), L, dtype=torch.int32, device=device)
-    plan = dk.plan_decode(B, L, num_kv_heads=Hkv, device=device)
+    plan = dk.plan_decode(B, L, num_kv_heads=Hkv, num_q_heads=Hq, device=device)
     t = timeit(lambda: dk.paged_decode(q, kc, vc, bt, sl, D**-0.5, plan=plan), device, reps)
     t_tri = None
     if device.type == "cuda":
@@ -83,7 +83,7 @@ def bench_mla(B, L, H, Dc, Dr, dtype, device, reps):
     kv, bt = paged_cache(B, L, (Dc + Dr,), dtype, device)
     q = torch.randn(B, H, Dc + Dr, device=device).to(dtype)
     sl = torch.full((B,), L, dtype=torch.int32, device=device)
-    plan = dk.plan_decode(B, L, num_kv_heads=1, device=device)
+    plan = dk.plan_decode(B, L, num_kv_heads=1, num_q_heads=H, device=device)
     scale = (Dc + Dr) ** -0.5
     t = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan), device, reps)
     t_tri = None

@@ -97,6 +97,17 @@ def test_plan_decode_shapes():
     p = dk.plan_decode(1, 131072, num_kv_heads=8, device="cpu")
     assert p.num_splits >= 1 and p.num_splits * p.chunk >= 131072 and p.chunk % 64 == 0
     assert dk.plan_decode(0, 0).num_splits == 1
+    import dsmath_kernels.attention as attention  # GPU-sized plans (H200: 132 SMs), computed without a GPU
+
+    workers = attention._num_workers
+    attention._num_workers = lambda device: 4 * 132
+    try:
+        gqa = dk.plan_decode(1, 131072, num_kv_heads=8, num_q_heads=32, device="cuda")
+        v3 = dk.plan_decode(1, 131072, num_kv_heads=1, num_q_heads=128, device="cuda")
+    finally:
+        attention._num_workers = workers
+    assert gqa.num_splits * 8 >= 132 and gqa.num_splits * gqa.chunk >= 131072  # one sequence fills the GPU
+    assert v3.num_splits * 32 >= 132 and v3.chunk >= 256 * 32  # 128 heads: few, long splits (small partials)
     with pytest.raises(ValueError, match="max_seq_len"):
         dk.plan_decode(1, -1)
 
@@ -207,7 +218,7 @@ def test_decode_cuda_long_and_graph(backend, monkeypatch):
     monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     L = 131072
     q, ks, vs, kc, vc, bt, sl = make_case([L, 4000], 8, 2, 128, 128, 64, torch.bfloat16, device="cuda")
-    plan = dk.plan_decode(2, L, num_kv_heads=2, device=q.device)
+    plan = dk.plan_decode(2, L, num_kv_heads=2, num_q_heads=8, device=q.device)
     out = dk.paged_decode(q, kc, vc, bt, sl, 0.088, plan=plan)
     assert_close(out, dense_decode(q.cpu(), ks, vs, 0.088), atol=1.6e-2, rtol=1.6e-2)
     static_out = dk.paged_decode(q, kc, vc, bt, sl, 0.088, plan=plan)

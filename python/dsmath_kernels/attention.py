@@ -10,7 +10,7 @@ using the math of csrc/include/dsmath/attention.h (online softmax, log-sum-exp m
 offsets). Prefill runs a Triton kernel on GPU; on CPU, torch SDPA per sequence on its gathered KV. Cache
 writes: a CUDA kernel on GPU (graph safe), indexing on CPU.
 
-Plan / run: `plan = plan_decode(B, max_seq_len, num_kv_heads=Hkv, device=dev)` picks the number of KV splits
+Plan / run: `plan = plan_decode(B, max_seq_len, num_kv_heads=Hkv, num_q_heads=Hq, device=dev)` picks the KV splits
 and the tokens per split from host integers only (no device sync, so it is CUDA-graph safe); compute it once per
 decode step and pass `plan=` to every layer's paged_decode / mla_decode. Without a plan each call makes one from
 block_tables.shape[1] * block_size. A plan never affects correctness (the last split always runs to the end of
@@ -76,15 +76,19 @@ def _num_workers(device: torch.device) -> int:
     return max(1, torch.get_num_threads())
 
 
-def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, device=None) -> DecodePlan:
-    """Split plan for one decode step: enough (sequence, kv head, split) work items to fill the device, splits of
-    at least 256 tokens (GPU) / 2048 (CPU) so the log-sum-exp merge stays negligible. Host integers only."""
+def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, num_q_heads: int | None = None,
+                device=None) -> DecodePlan:
+    """Split plan for one decode step (host integers only: no sync, CUDA-graph safe). Pass the model's head
+    counts (MLA: num_kv_heads=1, num_q_heads=H). Work items are (sequence, kv head, 4-head tile, split): enough
+    to fill the device, with splits of at least 256 tokens x (G / 4) on GPU (2048 on CPU) so the partial
+    results (Hq x Dv floats per split, merged by log-sum-exp) stay a few percent of the KV bytes."""
     check_int("batch_size", batch_size, lo=0)
     check_int("max_seq_len", max_seq_len, lo=0)
     check_int("num_kv_heads", num_kv_heads, lo=1)
+    G = 1 if num_q_heads is None else check_int("num_q_heads", num_q_heads, lo=num_kv_heads) // num_kv_heads
     device = torch.device(device) if device is not None else torch.device("cpu")
-    min_chunk = 256 if device.type == "cuda" else 2048
-    items = max(1, batch_size * num_kv_heads)
+    min_chunk = 256 * max(1, G // 4) if device.type == "cuda" else 2048
+    items = max(1, batch_size * num_kv_heads * -(-G // 4))
     want = max(1, -(-_num_workers(device) // items))
     splits = max(1, min(want, -(-max_seq_len // min_chunk), MAX_SPLITS))
     chunk = max(1, -(-max_seq_len // splits))
@@ -369,9 +373,11 @@ def _(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, chunk)
     return q.new_empty(q.shape[0], q.shape[1], v_head_dim)
 
 
-def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int, device) -> DecodePlan:
+def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int, num_q_heads: int,
+                  device) -> DecodePlan:
     if plan is None:
-        return plan_decode(B, block_tables.shape[1] * block_size, num_kv_heads=num_kv_heads, device=device)
+        return plan_decode(B, block_tables.shape[1] * block_size, num_kv_heads=num_kv_heads,
+                           num_q_heads=num_q_heads, device=device)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan: expected a DecodePlan from plan_decode(), got {type(plan).__name__}")
     if not (1 <= plan.num_splits <= MAX_SPLITS and plan.chunk >= 1):
@@ -404,7 +410,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
         _bounds(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
-    p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, dev)
+    p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, Hq, dev)
     return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, p.chunk)
 
 
@@ -427,7 +433,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
         _bounds(block_tables, seq_lens, kv_cache.shape[0], kv_cache.shape[1])
-    p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.device)
+    p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device)
     return _mla_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, p.chunk)
 
 
