@@ -100,6 +100,18 @@ def test_triton_forward_matches_reference(M, N, K, kind, dtype, monkeypatch):
     assert_close(grouped_gemm(x, w, off), grouped_gemm_ref(x, w, off), atol=atol, rtol=rtol, name="y")
 
 
+def test_triton_many_experts_scheduler(monkeypatch):
+    """70 experts (most empty or tiny, a tail past off[E]): the vectorised tile scheduler over 4 programs."""
+    monkeypatch.setenv("DSMATH_GROUPED_GEMM", "triton")
+    E, M = 70, 45
+    x, w = _data(M, 24, 16, E, torch.float32)
+    counts = torch.zeros(E, dtype=torch.long)
+    counts.index_add_(0, torch.randint(0, E, (M - 5,)), torch.ones(M - 5, dtype=torch.long))
+    off = torch.zeros(E + 1, dtype=torch.int32)
+    off[1:] = torch.cumsum(counts, 0)
+    assert_close(grouped_gemm(x, w, off), grouped_gemm_ref(x, w, off), atol=1e-4, rtol=1e-4, name="y")
+
+
 @pytest.mark.parametrize("M,N,K,kind", [(23, 40, 24, "random"), (9, 24, 40, "hot"), (0, 16, 16, "random")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_backward_matches_fp64(M, N, K, kind, dtype, monkeypatch):
