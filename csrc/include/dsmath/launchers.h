@@ -28,12 +28,6 @@ int moe_permute_cpu(const int32_t* ids, int64_t P, int E, int block_m, int32_t* 
 int moe_permute_cuda(const int32_t* ids, int64_t P, int E, int block_m, int32_t* order, int32_t* offsets,
                      int32_t* inverse, int32_t* workspace, void* stream);
 
-// ---- moe (moe_permute_cpu.cpp, moe_permute.cu; layout in python/dsmath_kernels/moe.py, sizes in dsmath/moe.h)
-int moe_permute_cpu(const int32_t* ids, int64_t P, int E, int block_m, int32_t* order, int32_t* offsets,
-                    int32_t* inverse);
-int moe_permute_cuda(const int32_t* ids, int64_t P, int E, int block_m, int32_t* order, int32_t* offsets,
-                     int32_t* inverse, int32_t* workspace, void* stream);
-
 // CUDA error string of the last failed launch on this thread ("" when none); errors.cpp.
 const char* last_cuda_error();
 void set_last_cuda_error(const char* msg);
