@@ -381,8 +381,9 @@ def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int
                            num_q_heads=num_q_heads, device=device)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan: expected a DecodePlan from plan_decode(), got {type(plan).__name__}")
-    if not (1 <= plan.num_splits <= MAX_SPLITS and plan.chunk >= 1):
-        raise ValueError(f"plan: num_splits must be in 1..{MAX_SPLITS} and chunk >= 1, got {plan}")
+    if not (1 <= plan.num_splits <= MAX_SPLITS and plan.chunk >= 1 and (plan.num_splits + 1) * plan.chunk < 2**31):
+        raise ValueError(f"plan: num_splits must be in 1..{MAX_SPLITS}, chunk >= 1, (num_splits + 1) * chunk "
+                         f"< 2**31; got {plan}")
     return plan
 
 

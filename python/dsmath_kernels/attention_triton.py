@@ -134,8 +134,8 @@ if triton is not None:
         h_mask = g < G
         heads = kvh * G + g
         b = tl.program_id(2)
-        L = tl.load(SL + b).to(tl.int64)
-        begin = s_id.to(tl.int64) * chunk
+        L = tl.load(SL + b)  # positions fit int32 (seq_lens are int32); addresses below are int64
+        begin = s_id * chunk
         end = tl.where(s_id == num_splits - 1, L, tl.minimum(L, begin + chunk))
         begin = tl.minimum(begin, end)
         offs_a = tl.arange(0, DA)
