@@ -13,5 +13,9 @@ if [ ! -f build/dev/build.ninja ]; then
     -DPython_EXECUTABLE="$(command -v python)" -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" >/dev/null
 fi
 cmake --build build/dev
-cp -f build/dev/_C*.so python/dsmath_kernels/
+# copy then rename: overwriting the .so in place would corrupt it under processes that have it mapped
+for so in build/dev/_C*.so; do
+  cp -f "$so" "python/dsmath_kernels/.$(basename "$so").tmp"
+  mv -f "python/dsmath_kernels/.$(basename "$so").tmp" "python/dsmath_kernels/$(basename "$so")"
+done
 echo "built $(ls build/dev/_C*.so)"
