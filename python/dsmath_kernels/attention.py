@@ -89,7 +89,8 @@ def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, num
     G = 1 if num_q_heads is None else check_int("num_q_heads", num_q_heads, lo=num_kv_heads) // num_kv_heads
     device = torch.device(device) if device is not None else torch.device("cpu")
     min_chunk = 256 * max(1, G // 4) if device.type == "cuda" else 2048
-    items = max(1, batch_size * num_kv_heads * -(-G // 4))
+    tiles = -(-G // 4) if device.type == "cuda" else 1  # the C++ kernel runs a whole head group per work item
+    items = max(1, batch_size * num_kv_heads * tiles)
     want = max(1, -(-_num_workers(device) // items))
     splits = max(1, min(want, -(-max_seq_len // min_chunk), MAX_SPLITS))
     chunk = max(1, -(-max_seq_len // splits))
