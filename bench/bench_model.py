@@ -8,7 +8,7 @@ every parameter. TFLOP/s counts 2 * active parameters (6 of 64 routed experts, e
 causal attention (2 * T^2/2 * heads * (192 + 128) per layer), x3 for forward+backward; "of peak" is against the
 H200's ~790 dense bf16 TFLOP/s. A configuration that runs out of memory is reported as OOM.
 
-Usage: python bench/bench_model.py [--tokens 4096,16384] [--no-baseline] [--ckpt]
+Usage: python bench/bench_model.py [--tokens 4096,16384] [--no-baseline] [--ckpt] [--layers N]
        python bench/bench_model.py --quick            (tiny preset on CPU, fp32: a smoke run)"""
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ def flops_per_token_fwd(cfg, T: int) -> float:
     return 2 * active + attn
 
 
-def build(impl: str, name: str, dtype, device, ckpt: bool):
+def build(impl: str, cfg_dict: dict, dtype, device, ckpt: bool):
     torch.manual_seed(0)
     if impl == "ours":
-        m = MoEForCausalLM.from_preset(name, dtype=dtype, device=device)
+        m = MoEForCausalLM.from_config(cfg_dict, dtype=dtype, device=device)
         m.gradient_checkpointing = ckpt
         return m
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**preset_dict(name))
+    cfg = transformers.AutoConfig.for_model(**cfg_dict)
     with torch.device(device):
         m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if ckpt:
@@ -80,10 +80,12 @@ def run_one(model, mode: str, ids, device, reps: int) -> tuple[float, float | No
 
 
 def bench(args, device, dtype) -> list[dict]:
-    cfg = preset(args.preset)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    cfg_dict = preset_dict(args.preset, **overrides)
+    cfg = preset(args.preset, **overrides)
     rows = []
     for impl in ["ours"] + ([] if args.no_baseline else ["transformers"]):
-        model = build(impl, args.preset, dtype, device, args.ckpt)
+        model = build(impl, cfg_dict, dtype, device, args.ckpt)
         for T in args.tokens:
             ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
             for mode in ("fwd", "fwd+bwd"):
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", default="4096,16384", help="comma-separated sequence lengths (batch 1)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the preset's)")
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing in forward+backward (both impls)")
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers")
     ap.add_argument("--quick", action="store_true", help="tiny preset, CPU, fp32, short sequences")
@@ -130,15 +133,16 @@ def main() -> None:
     for r in rows:
         if r.get("oom"):
             r["ms"] = r["tok_s"] = None
-    print(f"{args.preset} on {device_name(device)}, {args.dtype}, batch 1, activation checkpointing "
-          f"{'on' if args.ckpt else 'off'}")
+    layers = args.layers or preset(args.preset).num_hidden_layers
+    print(f"{args.preset} ({layers} layers) on {device_name(device)}, {args.dtype}, batch 1, activation "
+          f"checkpointing {'on' if args.ckpt else 'off'}")
     print_table(rows, [("impl", "impl", "s"), ("mode", "mode", "s"), ("tokens", "tokens", "d"),
                        ("ms", "ms", ".1f"), ("tok_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".1f"),
                        ("frac", "of peak", ".1%"), ("peak_gib", "peak GiB", ".1f"), ("speedup", "speed-up", ".2f")])
     if any(r.get("oom") for r in rows):
         print("(rows without numbers ran out of memory)")
-    print_json({"bench": "model", "preset": args.preset, "device": device_name(device), "dtype": args.dtype,
-                "ckpt": args.ckpt, "rows": rows})
+    print_json({"bench": "model", "preset": args.preset, "layers": layers, "device": device_name(device),
+                "dtype": args.dtype, "ckpt": args.ckpt, "rows": rows})
 
 
 if __name__ == "__main__":
