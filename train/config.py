@@ -78,6 +78,7 @@ class GRPOConfig:
     toy_max_operand: int = 9         # toy task: operands 0..N
     warmstart_correct_frac: float = 0.0  # fraction of warm-start labels that are right (others: random digits)
     model_overrides: str | None = None  # JSON dict of config.json fields for a preset model
+    init_std: float = 0.02           # random init of a preset model (normal std of the matrices)
 
     def validate(self) -> None:
         checks = [
@@ -100,11 +101,11 @@ PRESETS: dict[str, dict] = {
     "dapo": {"loss_type": "dapo", "eps_low": 0.2, "eps_high": 0.28, "beta": 0.0, "drop_equal_groups": True,
              "group_size": 16, "overlong_buffer": 256, "lr": 1e-6},
     "dr_grpo": {"loss_type": "dr_grpo", "normalize": "none", "beta": 0.0},
-    # The CPU proof: a tiny MoE learns single-digit arithmetic (see train/toy.py). ~1.5 s per step on one core.
-    "toy": {"model": "tiny", "tokenizer": "char", "data": "toy", "prompt": "raw", "steps": 150,
-            "problems_per_step": 16, "group_size": 8, "max_tokens": 12, "temperature": 1.0, "beta": 0.0,
-            "lr": 1e-3, "adam_beta2": 0.99, "micro_batch": 128, "warmup_steps": 5, "warmstart_steps": 60,
-            "save_every": 50, "threads": 1, "reward_workers": 1},
+    # The CPU proof: a tiny MoE learns single-digit arithmetic (a+b, a-b, operands 0..3; see train/toy.py)
+    "toy": {"model": "tiny", "init_std": 0.1, "tokenizer": "char", "data": "toy", "toy_max_operand": 3,
+            "prompt": "raw", "steps": 150, "problems_per_step": 16, "group_size": 8, "max_tokens": 8,
+            "temperature": 1.0, "beta": 0.04, "lr": 1e-3, "adam_beta2": 0.99, "micro_batch": 128,
+            "warmup_steps": 5, "warmstart_steps": 60, "save_every": 50, "threads": 1, "reward_workers": 1},
 }
 
 

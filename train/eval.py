@@ -103,11 +103,18 @@ def grade(problems: list[Problem], completions: list[list[str]], pool: VerifyPoo
     return records
 
 
+def make_prompt(problem: str, tokenizer, style: str = "auto", system: str | None = None) -> str:
+    """auto: chat template if the tokenizer has one, else plain; plain: the \\boxed{} prompt; raw: as is."""
+    if style == "raw":
+        return problem
+    return build_prompt(problem, tokenizer if style == "auto" else None, system)
+
+
 def generate(llm, problems: list[Problem], n: int, temperature: float, max_tokens: int, top_p: float = 1.0,
-             seed: int = 0, system: str | None = None) -> list[list[str]]:
+             seed: int = 0, system: str | None = None, style: str = "auto") -> list[list[str]]:
     from model.engine import SamplingParams
 
-    prompts = [build_prompt(p.problem, llm.tokenizer, system) for p in problems]
+    prompts = [make_prompt(p.problem, llm.tokenizer, style, system) for p in problems]
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     outs = llm.generate(prompts, params)
     return [[o.text for o in r.outputs] for r in outs]
@@ -139,6 +146,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system", default=None, help="system prompt (chat template only)")
+    ap.add_argument("--prompt", default="auto", choices=["auto", "plain", "raw"],
+                    help="auto: chat template if any, else plain; raw: the problem text as is (toy runs)")
     ap.add_argument("--dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--json", default=None, help="write metrics (and per-problem answers) here")
@@ -152,7 +161,7 @@ def main(argv=None) -> dict:
     temp = a.temperature if a.temperature is not None else (0.0 if a.n == 1 else 0.6)
     llm = LLM(a.model, dtype=getattr(torch, a.dtype) if a.dtype else None, max_num_seqs=max(a.max_num_seqs, a.n))
     t0 = time.time()
-    completions = generate(llm, problems, a.n, temp, a.max_tokens, a.top_p, a.seed, a.system)
+    completions = generate(llm, problems, a.n, temp, a.max_tokens, a.top_p, a.seed, a.system, a.prompt)
     t1 = time.time()
     records = grade(problems, completions, default_pool())
     m = summarize(records, a.n)

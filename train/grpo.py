@@ -149,7 +149,8 @@ def load_lm(cfg: GRPOConfig, path: str | None = None):
         raise ValueError(f"model: {src!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
     torch.manual_seed(cfg.seed)
     overrides = json.loads(cfg.model_overrides) if cfg.model_overrides else {}
-    return MoEForCausalLM.from_config(preset(src, **overrides), dtype=torch.float32, device=dev)
+    return MoEForCausalLM.from_config(preset(src, **overrides), dtype=torch.float32, device=dev,
+                                      init_std=cfg.init_std)
 
 
 def load_data(cfg: GRPOConfig):
@@ -331,12 +332,11 @@ def save_checkpoint(policy, opt, sched, sampler, tokenizer, step: int, cfg: GRPO
 
     rank, _ = rank_world()
     d = os.path.join(cfg.out, "ckpt", f"step_{step:06d}")
-    osd = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    with Unsharded(policy):
-        if rank == 0:
-            os.makedirs(d, exist_ok=True)
-            policy.lm.save_pretrained(d)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0's CPU
+    osd = get_optimizer_state_dict(policy, opt, options=opts)
+    lm = full_lm(policy, opts)
     if rank == 0:
+        lm.save_pretrained(d)
         tokenizer.save_pretrained(d)
         state = {"step": step, "optimizer": osd, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "config": asdict(cfg)}
@@ -349,6 +349,24 @@ def save_checkpoint(policy, opt, sched, sampler, tokenizer, step: int, cfg: GRPO
             shutil.rmtree(os.path.join(cfg.out, "ckpt", x), ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def full_lm(policy: Policy, opts):
+    """The LM with full weights for saving: the live module in one process; under FSDP2 a CPU copy on rank 0
+    built from the gathered state dict (every rank takes part in the gather; others get None)."""
+    if not dist.is_initialized():
+        return policy.lm
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=opts)
+    if dist.get_rank() != 0:
+        return None
+    from model import MoEForCausalLM
+
+    with torch.device("meta"):
+        lm = MoEForCausalLM(policy.lm.config)
+    lm.load_state_dict({k.removeprefix("lm."): v for k, v in sd.items()}, assign=True)
+    return lm
 
 
 def load_trainer_state(policy, opt, sched, sampler, d: str) -> int:

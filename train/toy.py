@@ -1,7 +1,8 @@
 """The toy task that proves the GRPO loop learns on a CPU: single-digit arithmetic answered in \\boxed{}.
 
 - `char_tokenizer()`: a character-level transformers tokenizer built offline (a `tokenizers` WordLevel model over
-  printable ASCII + newline, specials <bos> <eos> <pad> <unk>; 100 ids, fits the tiny presets' vocab of 128).
+  printable ASCII + newline, specials <bos> <eos> <pad> <unk>, plus `\\boxed{` as one token; 101 ids, within the
+  tiny presets' vocab of 128).
 - `toy_problems()`: "a+b=" and "a-b=" with single-digit operands and a single-digit result (a reward-checkable
   answer "c"); the prompt is the bare expression, the expected completion `\\boxed{c}` then EOS.
 - `warm_start()`: a brief supervised pass on noisy labels — targets `\\boxed{r}<eos>` with r the right answer
@@ -33,6 +34,7 @@ def char_tokenizer(chat_template: bool = False):
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                   unk_token="<unk>")
+    tok.add_tokens(["\\boxed{"])  # one token, as in real BPE vocabularies: the answer digit sits right after it
     if chat_template:
         tok.chat_template = CHAT_TEMPLATE
     return tok
