@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "dsmath/launchers.h"
+#include "dsmath/cuda_status.cuh"
 
 namespace dsmath {
 namespace {
@@ -48,12 +49,7 @@ int cache_write_cuda(const void* src, int64_t src_s, void* cache, int64_t s_blk,
   } else {
     return kUnsupported;
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    set_last_cuda_error(cudaGetErrorString(err));
-    return kCudaError;
-  }
-  return kOk;
+  return launch_status();
 }
 
 }  // namespace dsmath

@@ -10,6 +10,7 @@
 
 #include "dsmath/attention.h"
 #include "dsmath/launchers.h"
+#include "dsmath/cuda_status.cuh"
 
 namespace dsmath {
 namespace {
@@ -298,12 +299,7 @@ int paged_decode_cuda(const DecodeParams& p, void* stream) {
   }
   if (status != kOk) return status;
   if (p.num_splits > 1) merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Hq), kThreads, 0, st>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    set_last_cuda_error(cudaGetErrorString(err));
-    return kCudaError;
-  }
-  return kOk;
+  return launch_status();
 }
 
 }  // namespace dsmath

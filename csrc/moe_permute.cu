@@ -11,6 +11,7 @@
 
 #include "dsmath/launchers.h"
 #include "dsmath/moe.h"
+#include "dsmath/cuda_status.cuh"
 
 namespace dsmath {
 namespace {
@@ -116,11 +117,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int fail(cudaError_t err) {
-  set_last_cuda_error(cudaGetErrorString(err));
-  return kCudaError;
-}
-
 }  // namespace
 
 int moe_permute_cuda(const int32_t* ids, int64_t P, int E, int block_m, int32_t* order, int32_t* offsets,
@@ -132,24 +128,24 @@ int moe_permute_cuda(const int32_t* ids, int64_t P, int E, int block_m, int32_t*
   cudaError_t err;
   if (P == 0) {
     err = cudaMemsetAsync(offsets, 0, sizeof(int32_t) * (E + 1), s);
-    return err == cudaSuccess ? kOk : fail(err);
+    return err == cudaSuccess ? kOk : cuda_status(err);
   }
   const int64_t chunks = moe::num_chunks(P);
   if (chunks > INT32_MAX) return kUnsupported;
-  if ((err = cudaMemsetAsync(workspace, 0, sizeof(int32_t), s)) != cudaSuccess) return fail(err);
-  if ((err = cudaMemsetAsync(order, 0xff, sizeof(int32_t) * R, s)) != cudaSuccess) return fail(err);  // -1
+  if ((err = cudaMemsetAsync(workspace, 0, sizeof(int32_t), s)) != cudaSuccess) return cuda_status(err);
+  if ((err = cudaMemsetAsync(order, 0xff, sizeof(int32_t) * R, s)) != cudaSuccess) return cuda_status(err);  // -1
   const size_t smem1 = sizeof(int32_t) * E, smem2 = sizeof(int32_t) * E * (1 + kWarps);
   permute_count_kernel<<<static_cast<unsigned>(chunks), kThreads, smem1, s>>>(ids, P, E, block_m, workspace,
                                                                               offsets);
-  if ((err = cudaGetLastError()) != cudaSuccess) return fail(err);
+  if ((err = cudaGetLastError()) != cudaSuccess) return cuda_status(err);
   if (smem2 > 48 * 1024) {
     err = cudaFuncSetAttribute(permute_scatter_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem2));
-    if (err != cudaSuccess) return fail(err);
+    if (err != cudaSuccess) return cuda_status(err);
   }
   permute_scatter_kernel<<<static_cast<unsigned>(chunks), kThreads, smem2, s>>>(ids, P, E, workspace, offsets,
                                                                                 order, inverse);
-  if ((err = cudaGetLastError()) != cudaSuccess) return fail(err);
+  if ((err = cudaGetLastError()) != cudaSuccess) return cuda_status(err);
   return kOk;
 }
 

@@ -4,6 +4,7 @@
 
 #include "dsmath/launchers.h"
 #include "dsmath/routing.h"
+#include "dsmath/cuda_status.cuh"
 
 namespace dsmath {
 namespace {
@@ -144,12 +145,7 @@ int route_topk_cuda(const void* logits, int dtype, int64_t stride_t, const float
   const int64_t blocks = (p.T + kWarps - 1) / kWarps;
   route_topk_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
       logits, dtype, stride_t, bias, p, weights, ids);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    set_last_cuda_error(cudaGetErrorString(err));
-    return kCudaError;
-  }
-  return kOk;
+  return launch_status();
 }
 
 }  // namespace dsmath

@@ -4,10 +4,10 @@
 # with the C++ CPU kernel on GQA / MHA / MLA configurations, split plans, ragged and empty sequences, fp32 / fp16 /
 # bf16; attn_cache.cu's cache write against the expected cache. Checks the kernels' indexing and the lane-group /
 # warp / split merges; not speed or memory alignment.
-# Usage: csrc/wip_attention/cuda_emu/run.sh   (~30 s compile + ~1 min run on 2 cores)
+# Usage: tools/cuda_emu/run.sh   (~30 s compile + ~1 min run on 2 cores)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../../.." && pwd)"
+root="$(cd "$here/../.." && pwd)"
 work="$(mktemp -d)"
 mkdir -p "$work/fake" && touch "$work/fake/cuda_runtime.h" "$work/fake/cuda_fp16.h"
 # kernel<<<grid, block, smem, stream>>>(args); -> emu::launch(grid, block, smem, stream, <call kernel>, args);
