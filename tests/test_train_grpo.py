@@ -145,3 +145,21 @@ def test_plot_writes_png(tmp_path):
     path = plot(str(tmp_path))
     assert os.path.getsize(path) > 1000
     assert smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+
+
+def test_bf16_autocast_and_activation_checkpointing(tiny_policy):
+    from train.dist_check import fixed_batch
+
+    b = fixed_batch()
+    cfg = GRPOConfig(beta=0.04, max_tokens=16, micro_batch=8)
+    ref, _ = _grads(tiny_policy, b, cfg)
+    bf16, _ = _grads(tiny_policy, b, GRPOConfig(beta=0.04, max_tokens=16, micro_batch=8, dtype="bfloat16"))
+    tiny_policy.lm.gradient_checkpointing = True
+    try:
+        ckpt, _ = _grads(tiny_policy, b, cfg)
+    finally:
+        tiny_policy.lm.gradient_checkpointing = False
+    for n, g in ref.items():
+        assert ((bf16[n] - g).norm() / g.norm()) < 0.1, n  # bf16 compute, fp32 weights and gradients
+        assert bf16[n].dtype == torch.float32
+        torch.testing.assert_close(ckpt[n], g, rtol=1e-5, atol=1e-7)
