@@ -38,7 +38,8 @@ def test_two_ranks_match_one_process(tmp_path):
 
 
 def test_grpo_loop_under_torchrun(tmp_path):
-    """Two ranks, two steps of the toy run: the first step (identical weights) matches one process exactly."""
+    """Two ranks, two steps of the toy run: the first step (identical weights) matches one process exactly; then a
+    resume to step 3 under FSDP2."""
     flags = ["--config", "toy", "--steps", "2", "--warmstart-steps", "3", "--problems-per-step", "4",
              "--group-size", "4", "--beta", "0.04", "--save-every", "2"]
     _run([sys.executable, "-m", "train.grpo", *flags, "--out", str(tmp_path / "one")])
@@ -51,3 +52,6 @@ def test_grpo_loop_under_torchrun(tmp_path):
         assert rows[1][0][k] == pytest.approx(rows[0][0][k], rel=1e-4, abs=1e-6), k
     ckpt = tmp_path / "two" / "ckpt" / "step_000002"
     assert (ckpt / "trainer.pt").exists() and (ckpt / "config.json").exists()
+    i = flags.index("--steps")  # resume under FSDP2 (full optimizer state scattered back to the shards)
+    _run(_torchrun(2) + ["-m", "train.grpo", *flags[:i + 1], "3", *flags[i + 2:], "--out", str(tmp_path / "two")])
+    assert [json.loads(x)["step"] for x in open(tmp_path / "two" / "metrics.jsonl")] == [1, 2, 3]
