@@ -47,8 +47,11 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     cfg = GRPOConfig(micro_batch=a.micro_batch, beta=0.04, max_tokens=16)
-    policy = Policy(MoEForCausalLM.from_preset("tiny"))
-    b = fixed_batch()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dev)
+    policy = Policy(MoEForCausalLM.from_preset("tiny", device=dev))
+    b = {k: v.to(dev) for k, v in fixed_batch().items()}
     if world > 1:
         shard(policy, cfg)
         share = b["ids"].shape[0] // world
@@ -62,11 +65,13 @@ def main(argv=None) -> None:
         grads = {}
         for name, p in policy.named_parameters():
             g = p.grad
-            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().cpu().clone()
         sums = torch.tensor([stats["tokens"], stats["objective"]] + [stats[k] for k in METRIC_KEYS],
                             dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)  # per-token means of the logged metrics over all ranks
+        if world > 1:  # per-token means of the logged metrics over all ranks
+            sums = sums.to(dev)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
         metrics = {"loss": float(sums[1]), **{k: float(v / sums[0]) for k, v in zip(METRIC_KEYS, sums[2:])}}
         results[lt] = {"metrics": metrics, "grads": grads}
     if rank == 0:

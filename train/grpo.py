@@ -259,7 +259,7 @@ def logprobs_of(policy: Policy, b: dict, cfg: GRPOConfig) -> torch.Tensor:
 def all_sum(x: float) -> float:
     if not dist.is_initialized():
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t.item())
 

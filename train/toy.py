@@ -71,8 +71,9 @@ def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int
             rows.append(prompt + target)
             masks.append([0] * len(prompt) + [1] * len(target))
         T = max(map(len, rows))
-        ids = torch.tensor([r + [eos] * (T - len(r)) for r in rows])  # [B, T]
-        mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], dtype=torch.bool)  # [B, T]
+        dev = next(model.parameters()).device
+        ids = torch.tensor([r + [eos] * (T - len(r)) for r in rows], device=dev)  # [B, T]
+        mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], dtype=torch.bool, device=dev)  # [B, T]
         logits = model(ids[:, :-1]).logits.float()  # [B, T-1, V]
         loss = torch.nn.functional.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
         opt.zero_grad(set_to_none=True)
