@@ -135,6 +135,7 @@ def print_report(m: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (weights + tokenizer)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory's)")
     ap.add_argument("--data", required=True, help="JSONL file of problems")
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--problem-key", default="problem")
@@ -159,7 +160,8 @@ def main(argv=None) -> dict:
 
     problems = load_problems(a.data, a.dataset, a.problem_key, a.answer_key, a.limit)
     temp = a.temperature if a.temperature is not None else (0.0 if a.n == 1 else 0.6)
-    llm = LLM(a.model, dtype=getattr(torch, a.dtype) if a.dtype else None, max_num_seqs=max(a.max_num_seqs, a.n))
+    llm = LLM(a.model, dtype=getattr(torch, a.dtype) if a.dtype else None, max_num_seqs=max(a.max_num_seqs, a.n),
+              tokenizer=a.tokenizer)
     t0 = time.time()
     completions = generate(llm, problems, a.n, temp, a.max_tokens, a.top_p, a.seed, a.system, a.prompt)
     t1 = time.time()
