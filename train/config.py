@@ -63,7 +63,7 @@ class GRPOConfig:
     activation_checkpointing: bool = False
     seed: int = 0
     threads: int | None = None       # torch CPU threads (1 is fastest for tiny models on a shared machine)
-    engine_block_size: int = 16
+    engine_block_size: int = 64      # the engine's default (FlashMLA's size; 2,048 table entries at 128K)
     engine_max_num_seqs: int = 256
     engine_memory_fraction: float = 0.3  # of GPU memory for the KV cache (training needs the rest)
     # ---- output
@@ -105,7 +105,8 @@ PRESETS: dict[str, dict] = {
     "toy": {"model": "tiny", "init_std": 0.1, "tokenizer": "char", "data": "toy", "toy_max_operand": 3,
             "prompt": "raw", "steps": 150, "problems_per_step": 16, "group_size": 8, "max_tokens": 8,
             "temperature": 1.0, "beta": 0.04, "lr": 1e-3, "adam_beta2": 0.99, "micro_batch": 128,
-            "warmup_steps": 5, "warmstart_steps": 60, "save_every": 50, "threads": 1, "reward_workers": 1},
+            "warmup_steps": 5, "warmstart_steps": 60, "save_every": 50, "threads": 1, "reward_workers": 1,
+            "engine_block_size": 16},  # prompts + answers are ~20 tokens
 }
 
 
