@@ -97,6 +97,9 @@ def bench(args, device, dtype) -> list[dict]:
                                frac=tflops / H200_BF16_TFLOPS if device.type == "cuda" else None)
                 except torch.cuda.OutOfMemoryError:
                     row.update(oom=True)
+                except Exception as e:  # report and keep going: one broken configuration must not hide the rest
+                    row.update(error=f"{type(e).__name__}: {e}"[:300])
+                    print(f"{impl} {mode} {T}: {row['error']}", file=sys.stderr)
                 model.zero_grad(set_to_none=True)
                 gc.collect()
                 if device.type == "cuda":
@@ -131,7 +134,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = bench(args, device, dtype)
     for r in rows:
-        if r.get("oom"):
+        if r.get("oom") or r.get("error"):
             r["ms"] = r["tok_s"] = None
     layers = args.layers or preset(args.preset).num_hidden_layers
     print(f"{args.preset} ({layers} layers) on {device_name(device)}, {args.dtype}, batch 1, activation "
@@ -139,8 +142,9 @@ def main() -> None:
     print_table(rows, [("impl", "impl", "s"), ("mode", "mode", "s"), ("tokens", "tokens", "d"),
                        ("ms", "ms", ".1f"), ("tok_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".1f"),
                        ("frac", "of peak", ".1%"), ("peak_gib", "peak GiB", ".1f"), ("speedup", "speed-up", ".2f")])
-    if any(r.get("oom") for r in rows):
-        print("(rows without numbers ran out of memory)")
+    for r in rows:
+        if r.get("oom") or r.get("error"):
+            print(f"{r['impl']} {r['mode']} {r['tokens']}: {'out of memory' if r.get('oom') else r['error']}")
     print_json({"bench": "model", "preset": args.preset, "layers": layers, "device": device_name(device),
                 "dtype": args.dtype, "ckpt": args.ckpt, "rows": rows})
 
