@@ -8,33 +8,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import randomize  # noqa: E402
+
 from model.engine import LLM, SamplingParams  # noqa: E402
 from model.presets import preset_dict  # noqa: E402
 
 NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
-def randomize(model) -> None:
-    """Weights large enough that routing and argmax are decisive (no near-ties between fp32 paths)."""
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        elif name.endswith("mlp.gate.weight"):
-            p.normal_(0, 0.5)
-        else:
-            p.normal_(0, 0.1)
-    for name, b in model.named_buffers():
-        if "e_score_correction_bias" in name:
-            b.copy_(0.1 * torch.randn_like(b))
 
 
 @pytest.fixture(scope="module", params=["tiny-v2", "tiny-v3", "tiny-qwen3"])

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_model as tiny_make_model
 
 from model import MoEForCausalLM
 from model.presets import preset, preset_dict
@@ -18,26 +19,11 @@ transformers = pytest.importorskip("transformers")
 FAMILIES = ["tiny-v2", "tiny-v3", "tiny-qwen3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is much faster than two on a shared, busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
 def make_model(name: str, **overrides) -> MoEForCausalLM:
-    torch.manual_seed(0)
-    m = MoEForCausalLM.from_config(preset(name, **overrides), init_std=0.1)
-    for pname, p in m.named_parameters():
-        if pname.endswith("mlp.gate.weight"):
-            p.normal_(0, 0.5)
-    for bname, b in m.named_buffers():
-        if "e_score_correction_bias" in bname:
-            b.copy_(0.1 * torch.randn_like(b))
-    return m.eval()
+    return tiny_make_model(name, norms=False, **overrides)
 
 
 def logits(model, ids):

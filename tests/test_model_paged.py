@@ -6,6 +6,7 @@ cache; GQA models against k/v caches."""
 
 import pytest
 import torch
+from tiny_models import make_model
 
 import dsmath_kernels as dk
 from model import ForwardMeta, MoEForCausalLM
@@ -15,29 +16,9 @@ NB = 48         # blocks in the cache
 FAMILIES = ["tiny-v2", "tiny-v3", "tiny-qwen3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is much faster than two on a shared, busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
-def make_model(preset: str, **overrides) -> MoEForCausalLM:
-    from model.presets import preset as get
-    torch.manual_seed(0)
-    m = MoEForCausalLM.from_config(get(preset, **overrides), init_std=0.1)
-    for name, p in m.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        elif name.endswith("mlp.gate.weight"):
-            p.normal_(0, 0.5)  # decisive routing: no near-ties between the two paths
-    for name, b in m.named_buffers():
-        if "e_score_correction_bias" in name:
-            b.copy_(0.1 * torch.randn_like(b))
-    return m.eval()
 
 
 class Seqs:

@@ -12,6 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import randomize  # noqa: E402
+
 from model import MoEForCausalLM  # noqa: E402
 from model.presets import preset_dict  # noqa: E402
 
@@ -36,28 +38,9 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is ~50x faster than two on a shared, busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
-def randomize(model) -> None:
-    """Weights large enough that routing is decisive (no near-ties) and every layer matters."""
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        elif name.endswith("mlp.gate.weight"):
-            p.normal_(0, 0.5)
-        else:
-            p.normal_(0, 0.1)
-    for name, b in model.named_buffers():
-        if "e_score_correction_bias" in name:
-            b.copy_(0.1 * torch.randn_like(b))
 
 
 def hf_checkpoint(tmp_path, preset: str, overrides: dict) -> tuple[str, torch.nn.Module]:
