@@ -5,15 +5,29 @@ project: top-k expert routing, grouped GEMM, paged attention, fused GRPO loss. E
 
 __version__ = "0.1.0"
 
-from dsmath_kernels.routing import route_topk  # noqa: E402
-from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
 from dsmath_kernels.attention import (  # noqa: E402
-    DecodePlan, cache_write, mla_cache_write, mla_decode, mla_prefill, paged_decode, paged_prefill, plan_decode,
+    DecodePlan,
+    cache_write,
+    mla_cache_write,
+    mla_decode,
+    mla_prefill,
+    paged_decode,
+    paged_prefill,
+    plan_decode,
 )
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
+from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
+from dsmath_kernels.routing import route_topk  # noqa: E402
 
-__all__ = ["route_topk", "__version__"]
-__all__ += ["DecodePlan", "cache_write", "mla_cache_write", "mla_decode", "mla_prefill", "paged_decode",
-            "paged_prefill", "plan_decode"]
-__all__ += ["MoePermutation", "grouped_gemm", "moe_experts", "moe_permute"]
-__all__ += ["group_advantages", "grpo_loss", "token_logprobs"]
+__all__ = [
+    "__version__",
+    # routing
+    "route_topk",
+    # MoE experts
+    "MoePermutation", "moe_permute", "grouped_gemm", "moe_experts",
+    # paged attention
+    "DecodePlan", "plan_decode", "cache_write", "mla_cache_write", "paged_decode", "mla_decode", "paged_prefill",
+    "mla_prefill",
+    # GRPO
+    "group_advantages", "token_logprobs", "grpo_loss",
+]

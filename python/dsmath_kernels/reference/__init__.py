@@ -2,15 +2,22 @@
 oracle and benches as the baseline. Letters: T tokens, E experts, K top-k, H hidden, I expert intermediate,
 V vocab, B batch, G group size, D head dim."""
 
-from dsmath_kernels.reference.routing import route_topk_ref
-from dsmath_kernels.reference.moe import grouped_gemm_ref, moe_experts_ref, moe_permute_ref
 from dsmath_kernels.reference.attention import (
-    cache_write_ref, mla_cache_write_ref, mla_decode_ref, mla_prefill_ref, paged_decode_ref, paged_prefill_ref,
+    cache_write_ref,
+    mla_cache_write_ref,
+    mla_decode_ref,
+    mla_prefill_ref,
+    paged_decode_ref,
+    paged_prefill_ref,
 )
 from dsmath_kernels.reference.grpo import group_advantages_ref, grpo_loss_ref, token_logprobs_ref
+from dsmath_kernels.reference.moe import grouped_gemm_ref, moe_experts_ref, moe_permute_ref
+from dsmath_kernels.reference.routing import route_topk_ref
 
-__all__ = ["route_topk_ref"]
-__all__ += ["cache_write_ref", "mla_cache_write_ref", "mla_decode_ref", "mla_prefill_ref", "paged_decode_ref",
-            "paged_prefill_ref"]
-__all__ += ["grouped_gemm_ref", "moe_experts_ref", "moe_permute_ref"]
-__all__ += ["group_advantages_ref", "grpo_loss_ref", "token_logprobs_ref"]
+__all__ = [
+    "route_topk_ref",
+    "moe_permute_ref", "grouped_gemm_ref", "moe_experts_ref",
+    "cache_write_ref", "mla_cache_write_ref", "paged_decode_ref", "mla_decode_ref", "paged_prefill_ref",
+    "mla_prefill_ref",
+    "group_advantages_ref", "token_logprobs_ref", "grpo_loss_ref",
+]
