@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsmath_kernels.triton_common import mma
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -82,21 +84,10 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, h_ptr, a_ptr
                         other=0.0)  # [BM, BK]
             b_ptrs = w_base + cols[None, :].to(tl.int64) * swn + ks[:, None] * swk  # [BK, BN]
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = mma(a, b, acc, UPCAST, IEEE)
             if ACT:  # up rows sit N rows below the gate rows
                 bu = tl.load(b_ptrs + N * swn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                if UPCAST:
-                    bu = bu.to(tl.float32)
-                if IEEE:
-                    acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
-                else:
-                    acc_u = tl.dot(a, bu, acc_u)
+                acc_u = mma(a, bu, acc_u, UPCAST, IEEE)
         mask_mn = mask_m[:, None] & mask_n[None, :]
         r64 = rows[:, None].to(tl.int64)
         if STORE_H:  # training forward: keep the gate / up pre-activations for backward
@@ -154,13 +145,7 @@ def _wgrad_kernel(dy_ptr, x_ptr, dw_ptr, off_ptr, rows_ptr, M, N, K, mbucket, to
             src = r64
         xt = tl.load(x_ptr + src[:, None] * sxm + ks[None, :] * sxk, mask=x_ok[:, None] & mask_k[None, :],
                      other=0.0)  # [BM, BK]
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(dyt, xt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(dyt, xt, acc)
+        acc = mma(dyt, xt, acc, UPCAST, IEEE)
     dw_ptrs = dw_ptr + tl.cast(g, tl.int64) * swe + cols[:, None] * swn + ks[None, :] * swk
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from dsmath_kernels.grpo import _mm_f32
+from dsmath_kernels.triton_common import mma
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_BYTES = 256 << 20  # "split" backward: bytes of one [N, Vc] d-logits buffer
@@ -46,13 +47,7 @@ def _logits_tile(h_ptr, w_ptr, offs_m, offs_n, row_ok, col_ok, H, s_hm, s_hk, s_
                     other=0.0)  # [BM, BK]
         b = tl.load(w_ptr + rows_w[None, :] + offs_k[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)  # [BK, BN]
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = mma(a, b, acc, UPCAST, IEEE)
     return acc * inv_temp
 
 
