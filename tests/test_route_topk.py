@@ -145,6 +145,11 @@ def test_bad_input_names_the_argument(bad, exc, match):
         dk.route_topk(logits, top_k, **args)
 
 
+def test_bias_on_another_device_rejected():
+    with pytest.raises(ValueError, match="bias.*device"):
+        dk.route_topk(torch.randn(4, 8), 2, scoring="sigmoid", bias=torch.zeros(8, device="meta"))
+
+
 def test_sigmoid_groups_of_one_rejected():
     with pytest.raises(ValueError, match="n_group"):
         dk.route_topk(torch.randn(2, 8), 2, scoring="sigmoid", n_group=8, topk_group=4)
