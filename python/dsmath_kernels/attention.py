@@ -114,6 +114,23 @@ def _check_cache(name: str, cache, ndim: int, device=None) -> None:
         raise ValueError(f"{name}: last dim must be contiguous (stride 1), got strides {cache.stride()}")
 
 
+def _check_gqa_caches(q, k_cache, v_cache) -> tuple[int, int, int]:
+    """q [*, Hq, D] against NHD k/v caches [NB, BS, Hkv, D|Dv]; returns (Hq, D, Hkv)."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    _check_cache("k_cache", k_cache, 4, q.device)
+    _check_cache("v_cache", v_cache, 4, q.device)
+    Hq, D, Hkv = q.shape[1], q.shape[2], k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache: head dim {k_cache.shape[3]} differs from q's {D}")
+    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+        raise ValueError(f"v_cache: shape {list(v_cache.shape)} must match k_cache {list(k_cache.shape)} but dim 3")
+    if Hq % Hkv:
+        raise ValueError(f"q: {Hq} query heads are not a multiple of the cache's {Hkv} kv heads")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"v_cache: dtype {v_cache.dtype} differs from k_cache {k_cache.dtype}")
+    return Hq, D, Hkv
+
+
 def _check_tables(block_tables, seq_lens, B: int, device) -> None:
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=device)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=device)
@@ -395,20 +412,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     v_cache [NB, BS, Hkv, Dv], block_tables [B, maxb] int32, seq_lens [B] int32 -> [B, Hq, Dv] in q's dtype.
     out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] cached tokens of kv head h // (Hq/Hkv).
     The cache must already hold the new token. seq_lens[b] == 0 gives zeros."""
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
-    dev = q.device
-    _check_cache("k_cache", k_cache, 4, dev)
-    _check_cache("v_cache", v_cache, 4, dev)
-    B, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache: head dim {k_cache.shape[3]} differs from q's {D}")
-    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
-        raise ValueError(f"v_cache: shape {list(v_cache.shape)} must match k_cache {list(k_cache.shape)} but dim 3")
-    if Hq % Hkv:
-        raise ValueError(f"q: {Hq} query heads are not a multiple of the cache's {Hkv} kv heads")
-    if k_cache.dtype != v_cache.dtype:
-        raise TypeError(f"v_cache: dtype {v_cache.dtype} differs from k_cache {k_cache.dtype}")
+    Hq, D, Hkv = _check_gqa_caches(q, k_cache, v_cache)
+    B, dev = q.shape[0], q.device
     _check_tables(block_tables, seq_lens, B, dev)
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
@@ -526,16 +531,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q[cu[b]:cu[b+1]], its LAST n_b = cu[b+1] - cu[b] tokens (positions seq_lens[b] - n_b ..); the cache already
     holds all seq_lens[b] tokens, new ones included (write the cache first). Causal: query at position i sees
     keys at positions <= i. cu_seqlens_q [B + 1] int32; pass max_seqlen_q (max n_b) to avoid a host sync."""
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
-    _check_cache("k_cache", k_cache, 4, q.device)
-    _check_cache("v_cache", v_cache, 4, q.device)
-    Hq, D, Hkv = q.shape[1], q.shape[2], k_cache.shape[2]
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache: head dim {k_cache.shape[3]} differs from q's {D}")
-    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
-        raise ValueError(f"v_cache: shape {list(v_cache.shape)} must match k_cache {list(k_cache.shape)} but dim 3")
-    if Hq % Hkv:
-        raise ValueError(f"q: {Hq} query heads are not a multiple of the cache's {Hkv} kv heads")
+    Hq, D, Hkv = _check_gqa_caches(q, k_cache, v_cache)
     scale = _check_scale(scale)
     max_q = _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, k_cache.shape[1], k_cache.shape[0],
                            check_bounds, max_seqlen_q)
