@@ -145,6 +145,8 @@ def shared_prefix(block_tables, seq_lens, block_size: int, *, num_q_heads: int, 
     P = B if pad_to is None else check_int("pad_to", pad_to, lo=B)
     if groups is None:
         groups = find_shared_prefixes(block_tables, lens, block_size)
+    else:
+        _check_groups(groups, block_tables, lens, block_size)
     saved = sum((len(rows) - 1) * blocks * block_size for rows, blocks in groups)
     if not groups or saved < min_saving * max(1, sum(lens)):
         return None
@@ -156,8 +158,8 @@ def shared_prefix(block_tables, seq_lens, block_size: int, *, num_q_heads: int, 
     members: list[int] = []
     tiles: list[list[int]] = []
     for rows, blocks in groups:
-        if len(rows) < 2 or blocks < 1 or min(rows) < 0 or max(rows) >= B:
-            raise ValueError(f"groups: each group needs >= 2 rows in [0, {B}) and >= 1 block, got {rows}, {blocks}")
+        if len(rows) < 1 or blocks < 1 or min(rows) < 0 or max(rows) >= B:
+            raise ValueError(f"groups: each group needs rows in [0, {B}) and >= 1 block, got {rows}, {blocks}")
         n = blocks * block_size
         if any(lens[r] < n for r in rows):
             raise ValueError(f"groups: rows {rows} do not all hold {n} tokens")
@@ -178,6 +180,20 @@ def shared_prefix(block_tables, seq_lens, block_size: int, *, num_q_heads: int, 
     host = torch.tensor(flat, dtype=torch.int32)
     dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
     return SharedPrefix(dev[:P], dev[P:2 * P], dev[2 * P:].view(T, 5), ht, len(groups), saved)
+
+
+def _check_groups(groups, block_tables, lens: list[int], block_size: int) -> None:
+    """Given groups must really share their blocks: equal ids in every member's table, full in every member."""
+    tables = block_tables if isinstance(block_tables, torch.Tensor) else None
+    B = len(lens)
+    for rows, blocks in groups:
+        if len(rows) < 1 or blocks < 1 or min(rows) < 0 or max(rows) >= B:
+            raise ValueError(f"groups: each group needs rows in [0, {B}) and >= 1 block, got {rows}, {blocks}")
+        first = (tables[rows[0], :blocks] if tables is not None else torch.tensor(block_tables[rows[0]][:blocks]))
+        for r in rows:
+            mine = tables[r, :blocks] if tables is not None else torch.tensor(block_tables[r][:blocks])
+            if mine.shape != first.shape or not torch.equal(mine.long(), first.long()) or lens[r] < blocks * block_size:
+                raise ValueError(f"groups: row {r} does not hold the group's {blocks} shared full blocks")
 
 
 def prefix_rows(cascade: SharedPrefix, batch_size: int) -> torch.Tensor:
@@ -219,7 +235,8 @@ def quantize_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mla_cache_write_fp8(kv: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor,
                         slot_mapping: torch.Tensor) -> None:
     """Quantize new latent rows kv [N, Dc + Dr] (quantize_fp8) into an fp8 kv_cache [NB, BS, Dc + Dr] and their
-    scales into kv_scale [NB, BS] float32 at slot_mapping [N] (-1 = skip), in place; graph safe."""
+    scales into kv_scale [NB, BS] float32 at slot_mapping [N] (-1 = skip), in place; graph safe on GPU (the CUDA
+    cache-write kernel), a host sync on CPU."""
     check_tensor("kv", kv, ndim=2)
     check_tensor("kv_cache", kv_cache, ndim=3, dtypes=(FP8,), device=kv.device)
     check_tensor("kv_scale", kv_scale, ndim=2, dtypes=(torch.float32,), device=kv.device)
@@ -231,13 +248,18 @@ def mla_cache_write_fp8(kv: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torc
         raise ValueError(f"kv / slot_mapping: expected kv [N, {kv_cache.shape[2]}] and slot_mapping [N], got "
                          f"{list(kv.shape)} and {list(slot_mapping.shape)}")
     q8, s = quantize_fp8(kv)
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    idx = torch.where(keep, slots, 0)  # skipped rows rewrite slot 0 with its own value (no host sync)
-    flat = kv_cache.view(-1, kv_cache.shape[2])
-    fs = kv_scale.view(-1)
-    flat.index_copy_(0, idx, torch.where(keep[:, None], q8.view(torch.uint8), flat[idx].view(torch.uint8)).view(FP8))
-    fs.index_copy_(0, idx, torch.where(keep, s, fs[idx]))
+    if kv.device.type == "cuda" and kv.shape[1] % 2 == 0 and _ext.has_cuda_kernels(kv.device):
+        from dsmath_kernels.attention import _write_rows  # the CUDA row copy; slot -1 skips (graph safe)
+
+        # fp8 rows travel as raw 16-bit words (fp16 -> fp16: a bit-exact copy), scales as 1-wide fp32 rows
+        _write_rows(q8.view(torch.float16), kv_cache.view(torch.float16), slot_mapping)
+        _write_rows(s[:, None], kv_scale.unsqueeze(2), slot_mapping)
+        return
+    keep = slot_mapping >= 0  # [N]; a host sync: the CPU / fallback path
+    slots = slot_mapping[keep].long()
+    bs = kv_cache.shape[1]
+    kv_cache.view(torch.uint8)[slots // bs, slots % bs] = q8[keep].view(torch.uint8)
+    kv_scale[slots // bs, slots % bs] = s[keep]
 
 
 # ---------------------------------------------------------------------------------------------- kernels

@@ -181,3 +181,23 @@ def paginate_like(seqs: list[torch.Tensor], block_tables: torch.Tensor, num_bloc
         blocks = block_tables[b].to(s.device).long()[pos // block_size]
         cache[blocks, pos % block_size] = s
     return cache
+
+
+def fork_tables(prompt_len: int, seq_lens: list[int], block_size: int, *, spare_blocks: int = 2,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Test/bench helper: block tables of len(seq_lens) samples forked from one prompt of prompt_len tokens, as
+    the engine's block manager leaves them — the prompt's full blocks shared by every sample, the rest (the partial
+    last prompt block, copied on write, and each sample's own tokens) private; block ids randomly permuted, unused
+    entries 2**30. Returns (block_tables [n, max_blocks] int32, number of blocks); fill a cache with
+    paginate_like(rows, block_tables, num_blocks, block_size) where every rows[i] starts with the prompt's rows."""
+    full = prompt_len // block_size
+    need = [-(-L // block_size) - full for L in seq_lens]
+    nb = full + sum(need) + spare_blocks
+    perm = torch.randperm(nb, generator=generator).to(torch.int32)
+    tables = torch.full((len(seq_lens), max([1, *(full + k for k in need)])), 2**30, dtype=torch.int32)
+    at = full
+    for i, k in enumerate(need):
+        tables[i, :full] = perm[:full]
+        tables[i, full:full + k] = perm[at:at + k]
+        at += k
+    return tables, nb
