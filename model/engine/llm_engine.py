@@ -3,7 +3,8 @@
 One step = schedule (scheduler.py) -> copy-on-write block copies -> forward over the paged cache
 (model_runner.py) -> sample (sampler.py) -> append tokens, detokenize, check stops, free finished sequences.
 The step's only host sync is the read of the sampled tokens (and their log-probs, in the same transfer).
-A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks.
+A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks; decode steps
+read those shared blocks once per group (cascade decode; `cascade=False` turns it off).
 
 `model` is a checkpoint directory (loaded with MoEForCausalLM.from_pretrained, tokenizer with AutoTokenizer
 when the directory has one) or a model object used in place — e.g. the GRPO trainer's live MoEForCausalLM,
@@ -52,7 +53,7 @@ class LLM:
                  num_blocks: int | None = None, block_size: int = 64, gpu_memory_fraction: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
-                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False):
+                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, cascade: bool = True):
         self.model, path = _load_model(model, dtype, device)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.device = torch.device(self.model.device)
@@ -66,7 +67,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                                  enforce_eager=enforce_eager)
+                                  enforce_eager=enforce_eager, cascade=cascade)
         self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(cfg, self.tokenizer)
         self.requests: dict[int, Request] = {}

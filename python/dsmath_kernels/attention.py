@@ -81,20 +81,29 @@ def _num_workers(device: torch.device) -> int:
 
 
 def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, num_q_heads: int | None = None,
-                device=None) -> DecodePlan:
+                device=None, tiled: bool = False) -> DecodePlan:
     """Split plan for one decode step (host integers only: no sync, CUDA-graph safe). Pass the model's head
-    counts (MLA: num_kv_heads=1, num_q_heads=H). Work items are (sequence, kv head, 4-head tile, split): enough
+    counts (MLA: num_kv_heads=1, num_q_heads=H). Work items are (sequence, kv head, head tile, split): enough
     to fill the device, with splits of at least 256 tokens x (G / 4) on GPU (2048 on CPU) so the partial
-    results (Hq x Dv floats per split, merged by log-sum-exp) stay a few percent of the KV bytes."""
+    results (Hq x Dv floats per split, merged by log-sum-exp) stay a few percent of the KV bytes.
+    tiled=True plans for the tiled kernels (MLA decode, cascade decode): head tiles of up to 64 heads, ~2 CTAs
+    per SM (165 KB of shared memory each), >= 256-token splits; they size each sequence's splits from its own
+    length (only num_splits is used), so a plan for a long context never starves a short one."""
     check_int("batch_size", batch_size, lo=0)
     check_int("max_seq_len", max_seq_len, lo=0)
     check_int("num_kv_heads", num_kv_heads, lo=1)
     G = 1 if num_q_heads is None else check_int("num_q_heads", num_q_heads, lo=num_kv_heads) // num_kv_heads
     device = torch.device(device) if device is not None else torch.device("cpu")
-    min_chunk = 256 * max(1, G // 4) if device.type == "cuda" else 2048
-    tiles = -(-G // 4) if device.type == "cuda" else 1  # the C++ kernel runs a whole head group per work item
+    workers = _num_workers(device)
+    if tiled:
+        min_chunk = 256
+        tiles = -(-G // 64)
+        workers = max(1, workers // 2) if device.type == "cuda" else workers
+    else:
+        min_chunk = 256 * max(1, G // 4) if device.type == "cuda" else 2048
+        tiles = -(-G // 4) if device.type == "cuda" else 1  # the C++ kernel runs a whole head group per work item
     items = max(1, batch_size * num_kv_heads * tiles)
-    want = max(1, -(-_num_workers(device) // items))
+    want = max(1, -(-workers // items))
     splits = max(1, min(want, -(-max_seq_len // min_chunk), MAX_SPLITS))
     chunk = max(1, -(-max_seq_len // splits))
     chunk = -(-chunk // 64) * 64  # whole 64-token runs per split
@@ -405,10 +414,10 @@ def _(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, chunk)
 
 
 def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int, num_q_heads: int,
-                  device) -> DecodePlan:
+                  device, tiled: bool = False) -> DecodePlan:
     if plan is None:
         return plan_decode(B, block_tables.shape[1] * block_size, num_kv_heads=num_kv_heads,
-                           num_q_heads=num_q_heads, device=device)
+                           num_q_heads=num_q_heads, device=device, tiled=tiled)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan: expected a DecodePlan from plan_decode(), got {type(plan).__name__}")
     if not (1 <= plan.num_splits <= MAX_SPLITS and plan.chunk >= 1 and (plan.num_splits + 1) * plan.chunk < 2**31):
@@ -431,7 +440,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
         _bounds(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
-    p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, Hq, dev)
+    p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, Hq, dev, cascade is not None)
     if cascade is not None:
         if k_cache.dtype != q.dtype and q.dtype != torch.float64:
             raise TypeError(f"k_cache: dtype {k_cache.dtype} differs from q's {q.dtype}")
@@ -468,8 +477,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
         _bounds(block_tables, seq_lens, kv_cache.shape[0], kv_cache.shape[1])
-    p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device)
-    if fp8 or cascade is not None or _mla_backend(q.device) in ("triton-tc", "cpu-tiled"):
+    tiled = fp8 or cascade is not None or _mla_backend(q.device) in ("triton-tc", "cpu-tiled")
+    p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device, tiled)
+    if tiled:
         return _cascade.mla_decode(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, kv_scale,
                                    cascade)
     return _mla_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, p.chunk)
