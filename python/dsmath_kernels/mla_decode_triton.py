@@ -123,6 +123,7 @@ if triton is not None:
                        num_splits, slot0, nslot, min_chunk,
                        D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, HT: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                       HAS_B: tl.constexpr,
                        BLOCK_DV: tl.constexpr, TRANS: tl.constexpr, SHARED_V: tl.constexpr, FP8: tl.constexpr,
                        TILED: tl.constexpr, MEMBERS_LIST: tl.constexpr, TILE_LEN: tl.constexpr,
                        HAS_START: tl.constexpr, DIRECT: tl.constexpr, PAGE_TILE: tl.constexpr,
@@ -144,21 +145,24 @@ if triton is not None:
         q_row = Q + seq.to(tl.int64) * sq_b + heads * sq_h  # [BLOCK_R] pointers of the query rows
         if TRANS:  # Q^T [D, R]
             qa = tl.load(q_row[None, :] + offs_a[:, None], mask=r_ok[None, :] & (offs_a[:, None] < D), other=0.0)
-            qb = tl.load(q_row[None, :] + DA + offs_b[:, None], mask=r_ok[None, :] & (DA + offs_b[:, None] < D),
-                         other=0.0)
+            if HAS_B:
+                qb = tl.load(q_row[None, :] + DA + offs_b[:, None],
+                             mask=r_ok[None, :] & (DA + offs_b[:, None] < D), other=0.0)
             m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_R], tl.float32)
             acc = tl.zeros([BLOCK_DV, BLOCK_R], tl.float32)
         else:  # Q [R, D]
             qa = tl.load(q_row[:, None] + offs_a[None, :], mask=r_ok[:, None] & (offs_a[None, :] < D), other=0.0)
-            qb = tl.load(q_row[:, None] + DA + offs_b[None, :], mask=r_ok[:, None] & (DA + offs_b[None, :] < D),
-                         other=0.0)
+            if HAS_B:
+                qb = tl.load(q_row[:, None] + DA + offs_b[None, :],
+                             mask=r_ok[:, None] & (DA + offs_b[None, :] < D), other=0.0)
             m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_R], tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
         if UPCAST:
             qa = qa.to(tl.float32)
-            qb = qb.to(tl.float32)
+            if HAS_B:
+                qb = qb.to(tl.float32)
         bt_row = BT + row.to(tl.int64) * s_bt
         b_ok = DA + offs_b < D
         for start in range(begin, end, BLOCK_N):
@@ -173,14 +177,17 @@ if triton is not None:
             slot = (pos % BS).to(tl.int64)
             base = tl.where(ok, blk, 0).to(tl.int64) * sk_b + slot * sk_t + kvh * sk_h  # [N]
             ka = tl.load(K + base[:, None] + offs_a[None, :], mask=ok[:, None], other=0.0)
-            kb = tl.load(K + base[:, None] + DA + offs_b[None, :], mask=ok[:, None] & b_ok[None, :], other=0.0)
             if FP8:
                 ks = tl.load(KS + blk.to(tl.int64) * ss_b + slot, mask=ok, other=0.0)
                 ka = ka.to(Q.dtype.element_ty)
-                kb = kb.to(Q.dtype.element_ty)
             if UPCAST:
                 ka = ka.to(tl.float32)
-                kb = kb.to(tl.float32)
+            if HAS_B:  # the columns past DA (MLA's 64 rope dims)
+                kb = tl.load(K + base[:, None] + DA + offs_b[None, :], mask=ok[:, None] & b_ok[None, :], other=0.0)
+                if FP8:
+                    kb = kb.to(Q.dtype.element_ty)
+                if UPCAST:
+                    kb = kb.to(tl.float32)
             if SHARED_V:  # MLA: values are the first DV (= DA) columns of the key rows just loaded
                 v = ka
             else:
@@ -192,7 +199,9 @@ if triton is not None:
                 if UPCAST:
                     v = v.to(tl.float32)
             if TRANS:
-                s = tl.dot(ka, qa, input_precision=PREC) + tl.dot(kb, qb, input_precision=PREC)  # [N, R]
+                s = tl.dot(ka, qa, input_precision=PREC)  # [N, R]
+                if HAS_B:
+                    s += tl.dot(kb, qb, input_precision=PREC)
                 if FP8:
                     s = s * ks[:, None]
                 s = tl.where(ok[:, None], s * scale_log2, float("-inf"))
@@ -205,7 +214,9 @@ if triton is not None:
                     p = p * ks[:, None]
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PREC)
             else:
-                s = tl.dot(qa, tl.trans(ka), input_precision=PREC) + tl.dot(qb, tl.trans(kb), input_precision=PREC)
+                s = tl.dot(qa, tl.trans(ka), input_precision=PREC)  # [R, N]
+                if HAS_B:
+                    s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
                 if FP8:
                     s = s * ks[None, :]
                 s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
@@ -270,16 +281,18 @@ def _dim_split(D: int) -> tuple[int, int]:
 
 def kernel_config(rows: int, Dv: int) -> dict:
     """Compile-time shape of a launch with `rows` query rows per tile. Transposed tiles (<= 32 rows): 64 KV tokens
-    per step (wgmma M), 4 warps; 64-row tiles: 8 warps (two warpgroups split O's columns), 16 tokens per step,
-    which keeps the 128 accumulator registers per thread free of spills (sm_90 compile: 254 registers, no stack;
-    32 tokens spilled). 3 cp.async stages: 165 KB / 128 KB of shared memory at MLA shapes."""
+    per step (wgmma M); with a 512-wide value 8 warps (O^T's 512 rows split over two warpgroups: no spills; 4 warps
+    spilled 64-112 bytes). 64-row tiles: 8 warps (two warpgroups split O's columns), 16 tokens per step, which
+    keeps the 128 accumulator registers per thread free of spills (sm_90 compile: 254 registers, no stack; 32
+    tokens spilled). 3 cp.async stages: 165 KB / 128 KB of shared memory at MLA shapes. With two warpgroups, Triton
+    gives the first (chained) product all warps along M, so both warpgroups compute S (the QK^T work doubles;
+    the memory-bound 16-head decode hides it, the compute-bound 128-head one pays it: see bench/RESULTS.md)."""
     trans = rows <= MAX_TRANS_ROWS
     block_r = max(16, triton.next_power_of_2(rows)) if trans else TILE_ROWS
     if _interpreting():
         return dict(TRANS=trans, BLOCK_R=block_r, BLOCK_N=16, num_warps=4, num_stages=1)
     if trans:
-        return dict(TRANS=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, num_warps=4 if block_r <= 16 or Dv <= 256 else 8,
-                    num_stages=3)
+        return dict(TRANS=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, num_warps=8 if Dv > 256 else 4, num_stages=3)
     return dict(TRANS=False, BLOCK_R=block_r, BLOCK_N=16 if Dv > 256 else 32, num_warps=8 if Dv > 256 else 4,
                 num_stages=3)
 
@@ -316,6 +329,7 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
         block_tables.stride(0), block_tables.shape[1], k_cache.shape[0], Hq, Hq // Hkv,
         float(scale) * math.log2(math.e), num_splits, slot0, 1 if direct else po.shape[2], min_chunk,
         D=D, DV=Dv, BS=k_cache.shape[1], HT=HT, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], DA=da, DB=db,
+        HAS_B=D > da,
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)), TRANS=cfg["TRANS"], SHARED_V=shared_v, FP8=fp8,
         TILED=tiles is not None, MEMBERS_LIST=members is not None, TILE_LEN=tile_len, HAS_START=start is not None,
         DIRECT=direct, PAGE_TILE=k_cache.shape[1] % cfg["BLOCK_N"] == 0, UPCAST=interp,
@@ -336,40 +350,42 @@ def merge(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- sm_90 compile check
-SPECS = {  # name -> (heads, heads per tile, pass, cache dtype): what the launchers pick at real shapes
-    "mla_h16_bf16": (16, 16, "suffix", "bf16"),         # V2-Lite plain / suffix decode: transposed tile
-    "mla_h128_bf16": (128, 64, "suffix", "bf16"),       # V3: two 64-head tiles per sequence
-    "mla_shared_h16_bf16": (16, 16, "shared", "bf16"),  # V2-Lite cascade: 4 sequences x 16 heads per prefix tile
-    "mla_h16_fp8": (16, 16, "suffix", "fp8"),
-    "mla_h128_fp8": (128, 64, "suffix", "fp8"),
+SPECS = {  # name -> (q heads, kv heads, D, Dv, pass, cache dtype): what the launchers pick at real shapes
+    "mla_h16_bf16": (16, 1, 576, 512, "suffix", "bf16"),          # V2-Lite plain / suffix decode: transposed
+    "mla_h128_bf16": (128, 1, 576, 512, "suffix", "bf16"),        # V3: two 64-head tiles per sequence
+    "mla_shared_h16_bf16": (16, 1, 576, 512, "shared", "bf16"),   # V2-Lite cascade: 4 samples x 16 heads per tile
+    "mla_shared_h128_bf16": (128, 1, 576, 512, "shared", "bf16"),
+    "gqa_g4_bf16": (32, 8, 128, 128, "suffix", "bf16"),           # GQA 32 / 8 heads, D 128: cascade suffix pass
+    "gqa_shared_g4_bf16": (32, 8, 128, 128, "shared", "bf16"),    # 16 samples x 4 heads per tile
+    "mla_h16_fp8": (16, 1, 576, 512, "suffix", "fp8"),
+    "mla_h128_fp8": (128, 1, 576, 512, "suffix", "fp8"),
 }
 
 
 def compile_sm90(name: str, page_size: int = 64, **overrides) -> dict:
     """Compile one SPECS entry of _attend_kernel for sm_90 (Triton's bundled ptxas, no GPU) with the
-    specialisation a real launch gets (16-divisible pointers and strides, unit last strides) and MLA shapes
-    (D = 512 + 64, Dv = 512), and read the cubin's SASS (compile_report_cuda): registers, stack (spills), shared
-    memory, and the main loop's HGMMA (wgmma) / HMMA (mma.sync) / cp.async / local-memory instruction counts.
-    Not under the interpreter."""
+    specialisation a real launch gets (16-divisible pointers and strides, unit last strides), and read the cubin's
+    SASS (compile_report_cuda): registers, stack (spills), shared memory, and the main loop's HGMMA (wgmma) /
+    HMMA (mma.sync) / cp.async (LDGSTS) / local-memory instruction counts. Not under the interpreter."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from dsmath_kernels.compile_report_cuda import sass_summary
 
-    heads, ht, mode, cache = SPECS[name]
+    Hq, Hkv, D, Dv, mode, cache = SPECS[name]
     fn = _attend_kernel
-    rows = TILE_ROWS if mode == "shared" else ht
-    cfg = kernel_config(rows, 512)
-    tiled = mode == "shared" or not cfg["TRANS"]
+    ht, rows = tile_shape(Hq, Hkv, "triton")
+    cfg = kernel_config(rows if mode == "shared" else ht, Dv)
+    da, db = _dim_split(D)
     kv = "*fp8e4nv" if cache == "fp8" else "*bf16"
     ptrs = {"Q": "*bf16", "K": kv, "V": kv, "KS": "*fp32", "BT": "*i32", "SL": "*i32", "START": "*i32",
             "TILES": "*i32", "MEMBERS": "*i32", "Out": "*bf16", "PO": "*fp32", "PLSE": "*fp32"}
-    consts = {"D": 576, "DV": 512, "BS": page_size, "HT": ht, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_N": cfg["BLOCK_N"],
-              "DA": 512, "DB": 64, "BLOCK_DV": 512, "TRANS": cfg["TRANS"], "SHARED_V": True, "FP8": cache == "fp8",
-              "TILED": tiled, "MEMBERS_LIST": mode == "shared", "TILE_LEN": mode == "shared",
-              "HAS_START": mode == "suffix", "DIRECT": False, "PAGE_TILE": page_size % cfg["BLOCK_N"] == 0,
-              "UPCAST": False, "PREC": "tf32"}
-    consts.update(overrides)
+    consts = {"D": D, "DV": Dv, "BS": page_size, "HT": ht, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_N": cfg["BLOCK_N"],
+              "DA": da, "DB": db, "HAS_B": D > da, "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
+              "TRANS": cfg["TRANS"], "SHARED_V": Hkv == 1 and Dv == da, "FP8": cache == "fp8",
+              "TILED": mode == "shared" or not cfg["TRANS"], "MEMBERS_LIST": mode == "shared",
+              "TILE_LEN": mode == "shared", "HAS_START": mode == "suffix", "DIRECT": False,
+              "PAGE_TILE": page_size % cfg["BLOCK_N"] == 0, "UPCAST": False, "PREC": "tf32", **overrides}
     sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32"))
            for n in fn.arg_names}
     div16 = set(ptrs) | {"sq_b", "sq_h", "sk_b", "sk_t", "sk_h", "sv_b", "sv_t", "sv_h", "s_bt", "ss_b"}
@@ -379,10 +395,15 @@ def compile_sm90(name: str, page_size: int = 64, **overrides) -> dict:
                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     (s,) = sass_summary(k.asm["cubin"]).values()
     main = s["main_loop"] or {}
-    ptx = k.asm["ptx"]
     return {"kernel": name, "page_size": page_size, "trans": cfg["TRANS"], "block_r": cfg["BLOCK_R"],
             "block_n": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "registers": s.get("REG"), "stack": s.get("STACK"), "shared_bytes": k.metadata.shared,
-            "ptx_wgmma": ptx.count("wgmma.mma_async"), "main_loop_hgmma": main.get("HGMMA", 0),
+            "ptx_wgmma": k.asm["ptx"].count("wgmma.mma_async"), "main_loop_hgmma": main.get("HGMMA", 0),
             "main_loop_hmma": main.get("HMMA", 0), "main_loop_cp_async": main.get("LDGSTS", 0),
             "main_loop_local": main.get("LDL", 0) + main.get("STL", 0), "local_instructions": s["spill_instructions"]}
+
+
+def compile_report(page_sizes=(64,)) -> list[dict]:
+    """compile_sm90 for every SPECS entry and page size (what `python -m dsmath_kernels.compile_report_cuda
+    --triton` prints)."""
+    return [compile_sm90(name, ps) for name in SPECS for ps in page_sizes]
