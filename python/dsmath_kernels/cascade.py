@@ -37,6 +37,8 @@ MIN_CHUNK_CPU = 256     # fewest tokens per KV split in the C++ kernel
 MIN_CHUNK_SHARED = 512  # GPU shared pass: 64-row tiles make larger partials, so longer splits
 MIN_SAVING = 0.125      # shared_prefix(): cascade only when it saves >= 1/8 of the step's KV token reads
 FP8_CODE = 6            # attn::kFloat8E4M3 (csrc/include/dsmath/cascade.h)
+SORT_BLOCKS = 64        # find_shared_prefixes orders rows by their first 64 blocks (sorting whole 128K-token
+                        # tables of 256 rows took ~0.1 s a step); sharing deeper than that is still measured in full
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -63,10 +65,9 @@ def _lcps(tables: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """Leading equal block ids of adjacent rows: tables [B, W] int (host), full [B] usable blocks -> [B - 1]."""
     if tables.shape[0] < 2:
         return torch.zeros(0, dtype=torch.int64)
-    W = tables.shape[1]
-    cap = torch.minimum(full[1:], full[:-1])  # [B - 1]
-    eq = (tables[1:] == tables[:-1]) & (torch.arange(W)[None, :] < cap[:, None])
-    return eq.to(torch.int32).cumprod(1).sum(1)
+    neq = tables[1:] != tables[:-1]  # [B - 1, W]
+    first = torch.where(neq.any(1), neq.to(torch.uint8).argmax(1), tables.shape[1])  # first differing block
+    return torch.minimum(first, torch.minimum(full[1:], full[:-1]))
 
 
 def find_shared_prefixes(block_tables, seq_lens, block_size: int, *, min_blocks: int = 1) -> list[tuple[list[int],
@@ -78,15 +79,33 @@ def find_shared_prefixes(block_tables, seq_lens, block_size: int, *, min_blocks:
     full in every member. Rows are sorted by their tables, so rows sharing longer prefixes are adjacent; a run is
     split at its weakest link whenever that saves more reads ((members - 1) x shared blocks), so a system prompt
     shared by two requests does not hide each request's own n-way prompt sharing."""
-    rows = block_tables.tolist() if isinstance(block_tables, torch.Tensor) else [list(r) for r in block_tables]
     lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
-    B = len(rows)
+    B = len(lens)
     if B < 2:
         return []
-    order = sorted(range(B), key=lambda b: rows[b])
-    W = max(1, max(len(r) for r in rows))
-    t = torch.tensor([rows[b] + [-1] * (W - len(rows[b])) for b in order], dtype=torch.int64)
-    full = torch.tensor([min(len(rows[b]), lens[b] // block_size) for b in order])
+    # rows sharing anything share their first block: only those rows are read in full (cheap when nothing is shared)
+    firsts = (block_tables[:, 0].tolist() if isinstance(block_tables, torch.Tensor) and block_tables.shape[1]
+              else [r[0] if len(r) else -1 for r in block_tables])
+    count: dict[int, int] = {}
+    for b in range(B):
+        if lens[b] >= block_size:
+            count[firsts[b]] = count.get(firsts[b], 0) + 1
+    cand = [b for b in range(B) if lens[b] >= block_size and count[firsts[b]] > 1]
+    if not cand:
+        return []
+    if isinstance(block_tables, torch.Tensor):
+        W = block_tables.shape[1]
+        keys = dict(zip(cand, block_tables[cand, :SORT_BLOCKS].tolist()))
+    else:
+        W = max(len(block_tables[b]) for b in cand)
+        keys = {b: list(block_tables[b][:SORT_BLOCKS]) for b in cand}
+    order = sorted(cand, key=lambda b: keys[b])  # rows sharing a prefix end up adjacent
+    B = len(order)
+    if isinstance(block_tables, torch.Tensor):
+        t = block_tables[order]
+    else:
+        t = torch.tensor([list(block_tables[b]) + [-1] * (W - len(block_tables[b])) for b in order])
+    full = torch.tensor([min(W, lens[b] // block_size) for b in order])
     lcp = _lcps(t, full).tolist()
 
     def best(lo: int, hi: int) -> tuple[int, list[tuple[list[int], int]]]:

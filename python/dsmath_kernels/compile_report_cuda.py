@@ -6,7 +6,10 @@ prints. Two sources:
 - Triton kernels compiled for sm_90 on this machine (their cubin): `sass_summary(cubin)`, used by
   mla_decode_triton.compile_sm90.
 
-    python -m dsmath_kernels.compile_report_cuda [--objects PATH ...] [--json]
+    python -m dsmath_kernels.compile_report_cuda [--objects PATH ...] [--triton] [--json]
+
+--triton adds the tensor-core decode kernel of mla_decode_triton.py, compiled for sm_90 at every spec (MLA 16 /
+128 heads, shared-prefix tiles, GQA, fp8) and page sizes 16 and 64.
 
 A main loop is a backward branch in the SASS; the report lists, per loop, its instruction count and how many
 HGMMA / HMMA / FFMA, global loads (LDG), cp.async (LDGSTS), TMA (UTMALDG) and local-memory (LDL / STL: spills)
@@ -153,6 +156,7 @@ def cuda_report(objects: list[str]) -> list[dict]:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m dsmath_kernels.compile_report_cuda", description=__doc__)
     ap.add_argument("--objects", nargs="*", default=None, help="CUDA objects / cubins (default: build/*/...cu.o)")
+    ap.add_argument("--triton", action="store_true", help="also compile mla_decode_triton's kernel for sm_90")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if cuobjdump() is None:
@@ -161,9 +165,10 @@ def main(argv=None) -> list[dict]:
     if not objs:
         raise SystemExit("no CUDA objects found: build first (bash tools/dev_build.sh) or pass --objects")
     rows = cuda_report(objs)
+    tri = triton_report() if args.triton else []
     if args.json:
-        print(json.dumps(rows))
-        return rows
+        print(json.dumps({"cuda": rows, "triton": tri}))
+        return rows + tri
     print(f"{'object':<22}{'kernel':<64}{'regs':>5}{'stack':>6}{'smem':>7}{'loop ins':>9}{'HGMMA':>6}{'HMMA':>6}"
           f"{'FFMA':>6}{'spill ins':>10}")
     for r in rows:
@@ -171,8 +176,27 @@ def main(argv=None) -> list[dict]:
         print(f"{r['object']:<22}{k:<64}{r['registers']:>5}{r['stack']:>6}{r['shared']:>7}"
               f"{r['main_loop_instructions']:>9}{r['main_loop_hgmma']:>6}{r['main_loop_hmma']:>6}"
               f"{r['main_loop_ffma']:>6}{r['spill_instructions']:>10}")
-    print(json.dumps({"report": "compile_cuda", "kernels": rows}))
-    return rows
+    if tri:
+        print(f"\n{'triton kernel (sm_90)':<24}{'page':>5}{'warps':>6}{'regs':>5}{'stack':>6}{'smem':>8}{'HGMMA':>6}"
+              f"{'HMMA':>5}{'cp.async':>9}{'local':>6}")
+        for r in tri:
+            print(f"{r['kernel']:<24}{r['page_size']:>5}{r['num_warps']:>6}{r['registers']:>5}{r['stack']:>6}"
+                  f"{r['shared_bytes']:>8}{r['main_loop_hgmma']:>6}{r['main_loop_hmma']:>5}"
+                  f"{r['main_loop_cp_async']:>9}{r['local_instructions']:>6}")
+    print(json.dumps({"report": "compile_cuda", "kernels": rows, "triton": tri}))
+    return rows + tri
+
+
+def triton_report() -> list[dict]:
+    """mla_decode_triton.compile_report() in a subprocess without TRITON_INTERPRET (it must compile for real)."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = ("import json; from dsmath_kernels import mla_decode_triton as m; "
+            "print(json.dumps(m.compile_report((16, 64))))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
