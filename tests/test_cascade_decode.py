@@ -114,9 +114,19 @@ def test_shared_prefix_thresholds_and_errors():
     with pytest.raises(TypeError, match="cascade: expected a SharedPrefix"):
         dk.mla_decode(q, kv, tables, torch.tensor([65, 66], dtype=torch.int32), 0.1, v_head_dim=16,
                       cascade="yes")
+    sl = torch.tensor([65, 66], dtype=torch.int32)
     sp = dk.shared_prefix(tables, [65, 66], 16, num_q_heads=4, pad_to=3)
     with pytest.raises(ValueError, match=r"cascade.prefix_lens: expected shape \[2\]"):
-        dk.mla_decode(q, kv, tables, torch.tensor([65, 66], dtype=torch.int32), 0.1, v_head_dim=16, cascade=sp)
+        dk.mla_decode(q, kv, tables, sl, 0.1, v_head_dim=16, cascade=sp)
+    sp = dk.shared_prefix(tables, [65, 66], 16, num_q_heads=4)
+    odd = cas.SharedPrefix(sp.prefix_lens - 3, sp.members, sp.tiles, sp.heads_per_tile, 1, 0)
+    with pytest.raises(ValueError, match="cascade.prefix_lens: sequence 0 has 61, not whole blocks"):
+        dk.mla_decode(q, kv, tables, sl, 0.1, v_head_dim=16, cascade=odd, check_bounds=True)
+    tiles = sp.tiles.clone()
+    tiles[0, 2] = 7
+    with pytest.raises(ValueError, match="cascade.tiles: tile 0"):
+        dk.mla_decode(q, kv, tables, sl, 0.1, v_head_dim=16, check_bounds=True,
+                      cascade=cas.SharedPrefix(sp.prefix_lens, sp.members, tiles, sp.heads_per_tile, 1, 0))
 
 
 # ---------------------------------------------------------------------------------------------- cascade == plain

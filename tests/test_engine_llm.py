@@ -3,10 +3,10 @@ log-probs, shared prompt blocks of n samples, preemption, stops, seeds, streamin
 
 import pytest
 import torch
+from replay import install_replayed_graphs
 
 from model.engine import LLM, SamplingParams
 from model.engine.mock_model import MockPagedModel
-from replay import install_replayed_graphs
 
 V = 64
 

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsmath_kernels import _ext, cascade as _cascade
+from dsmath_kernels import _ext
+from dsmath_kernels import cascade as _cascade
 from dsmath_kernels._checks import FLOAT_DTYPES, check_int, check_tensor
 from dsmath_kernels._registry import register_backend
 from dsmath_kernels.reference.attention import (
@@ -444,7 +445,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if cascade is not None:
         if k_cache.dtype != q.dtype and q.dtype != torch.float64:
             raise TypeError(f"k_cache: dtype {k_cache.dtype} differs from q's {q.dtype}")
-        return _cascade.gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, cascade)
+        return _cascade.gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, cascade,
+                                   _want_bounds(check_bounds))
     return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, p.chunk)
 
 
@@ -481,7 +483,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device, tiled)
     if tiled:
         return _cascade.mla_decode(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, kv_scale,
-                                   cascade)
+                                   cascade, _want_bounds(check_bounds))
     return _mla_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, p.chunk)
 
 

@@ -225,7 +225,9 @@ def prefix_rows(cascade: SharedPrefix, batch_size: int) -> torch.Tensor:
     return rows
 
 
-def _check_cascade(cascade, B: int, block_size: int, device) -> None:
+def _check_cascade(cascade, B: int, block_size: int, seq_lens: torch.Tensor, device, debug: bool) -> None:
+    """Shapes always; with debug bounds checks (a host sync) also the contents: prefixes of whole blocks within
+    each sequence, tiles that list valid members."""
     if not isinstance(cascade, SharedPrefix):
         raise TypeError(f"cascade: expected a SharedPrefix from shared_prefix(), got {type(cascade).__name__}")
     check_tensor("cascade.prefix_lens", cascade.prefix_lens, ndim=1, dtypes=(torch.int32,), device=device)
@@ -238,7 +240,23 @@ def _check_cascade(cascade, B: int, block_size: int, device) -> None:
         raise ValueError(f"cascade.tiles: expected a contiguous [T, 5] tensor, got {list(cascade.tiles.shape)}")
     if cascade.members.shape[0] < 1 or cascade.members.shape[0] > max(B, 1):
         raise ValueError(f"cascade.members: expected 1..{B} entries, got {cascade.members.shape[0]}")
-    del block_size
+    if not debug:
+        return
+    pl, sl = cascade.prefix_lens.long().cpu(), seq_lens.long().cpu()
+    bad = (pl % block_size != 0) | (pl < 0) | (pl > sl)
+    if bad.any():
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"cascade.prefix_lens: sequence {b} has {int(pl[b])}, not whole blocks of {block_size} "
+                         f"within its {int(sl[b])} tokens")
+    t, mem = cascade.tiles.long().cpu(), cascade.members.long().cpu()
+    for i, (row, m0, m1, _, n) in enumerate(t.tolist()):
+        if m0 == m1:
+            continue
+        ok = 0 <= row < B and 0 <= m0 < m1 <= mem.shape[0] and n % block_size == 0
+        ok = ok and bool(((mem[m0:m1] >= 0) & (mem[m0:m1] < B)).all()) and bool((pl[mem[m0:m1]] == n).all())
+        if not ok:
+            raise ValueError(f"cascade.tiles: tile {i} = {[row, m0, m1, _, n]} lists rows or a length that do not "
+                             f"match prefix_lens / members")
 
 
 # ---------------------------------------------------------------------------------------------- fp8 cache
@@ -437,18 +455,18 @@ def _parts(cascade: SharedPrefix | None) -> tuple:
 
 
 def gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float, num_splits: int,
-               cascade: SharedPrefix | None) -> torch.Tensor:
+               cascade: SharedPrefix | None, debug: bool = False) -> torch.Tensor:
     """paged_decode through the tiled kernels (attention.paged_decode checked the arguments)."""
     if cascade is not None:
-        _check_cascade(cascade, q.shape[0], k_cache.shape[1], q.device)
+        _check_cascade(cascade, q.shape[0], k_cache.shape[1], seq_lens, q.device, debug)
     return _tiled_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, *_parts(cascade))
 
 
 def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, v_head_dim: int, num_splits: int,
-               kv_scale: torch.Tensor | None, cascade: SharedPrefix | None) -> torch.Tensor:
+               kv_scale: torch.Tensor | None, cascade: SharedPrefix | None, debug: bool = False) -> torch.Tensor:
     """mla_decode through the tiled kernels (attention.mla_decode checked the arguments)."""
     if cascade is not None:
-        _check_cascade(cascade, q.shape[0], kv_cache.shape[1], q.device)
+        _check_cascade(cascade, q.shape[0], kv_cache.shape[1], seq_lens, q.device, debug)
     return _mla_tiled_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, kv_scale,
                                 *_parts(cascade))
 
