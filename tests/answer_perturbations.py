@@ -29,6 +29,13 @@ _BASE_RE = re.compile(r"_\{?\d+\}?$")  # 52_8, 4210_{5}: the base is not one of 
 _UNITS = (" \\text{ cm}", "\\text{ inches}", " \\text{units}", " \\text{ meters}", "\\text{ dollars}",
           " \\text{ square feet}", " \\text{ hours}", " \\text{ cm}^2", "\\mbox{ inches}^2")
 _OPEN, _CLOSE = "([{", ")]}"
+_OUTER_RE = re.compile(r"(\\left\s*[(\[]|\\left\\\{|\\\{|[(\[])"  # opening: ( [ \left( \left[ \{ \left\{
+                       r"(.*?)(\\right\s*[)\]]|\\right\\\}|\\\}|[)\]])", re.DOTALL)
+
+
+def _pick(g: str, k: int) -> int:
+    """A deterministic choice among k forms for gold g (spreads the forms over the data set)."""
+    return sum(map(ord, g)) % k
 
 
 def _is_text(g: str) -> bool:
@@ -66,7 +73,7 @@ def _split_top(s: str) -> list[str]:
 
 def _outer(g: str) -> tuple[str, str, str] | None:
     """(opening, inside, closing) when the whole gold is one bracketed group: (a,b], \\left( ..\\right), \\{..\\}."""
-    m = re.fullmatch(r"(\\left\s*[(\[]|\\left\\\{|\\\{|[(\[])(.*?)(\\right\s*[)\]]|\\right\\\}|\\\}|[)\]])", g, re.DOTALL)
+    m = _OUTER_RE.fullmatch(g)
     if not m:
         return None
     inside = m.group(2)
@@ -118,12 +125,11 @@ def equivalent_forms(gold: str) -> dict[str, list[str]]:
     if value.strip() and _UNIT_RE.search(g):  # a gold with units: without them, or with \text for \mbox
         out["text units"] = [value, g.replace("\\mbox", "\\text")] if "\\mbox" in g else [value]
     elif numeric:
-        k = sum(map(ord, g))
-        out["text units"] = [g + _UNITS[k % len(_UNITS)], g + _UNITS[(k + 1) % len(_UNITS)]]
+        out["text units"] = [g + _UNITS[_pick(g, len(_UNITS))]]  # one form per gold, all forms over the set
     if _DEGREES_RE.search(g):
         out["degrees"] = [value, f"{value}^{{\\circ}}", f"{value} \\text{{ degrees}}"]
     elif numeric:
-        out["degrees"] = [f"{g}^\\circ", f"{g}^{{\\circ}}"]
+        out["degrees"] = [(f"{g}^\\circ", f"{g}^{{\\circ}}")[_pick(g, 2)]]
     if "\\%" in g:
         out["percent"] = [g.replace("\\%", "%"), g.replace("\\%", " \\%")]
     return out
@@ -206,7 +212,7 @@ def gsm8k_equivalent_forms(answer: str, question: str) -> dict[str, list[str]]:
     if abs(n) >= 1000:
         sep = f"{n:,}"
         out["thousands"] = [sep, sep.replace(",", "{,}"), sep.replace(",", ",\\!")]
-    out["currency"] = [f"\\${s}", f"\\${s}.00"]
+    out["currency"] = [(f"\\${s}", f"\\${s}.00")[_pick(s, 2)]]
     out["$...$"] = [f"${s}$"]
     out["trailing period"] = [f"{s}."]
     out["x = ..."] = [f"x = {s}"]

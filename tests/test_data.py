@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-
 from tiny_tokenizers import DS_BOS, deepseek_style_tokenizer, qwen_style_tokenizer
 
 from train.data import (

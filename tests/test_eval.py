@@ -84,6 +84,26 @@ def test_unparsed_gold_is_counted(pool):
     assert summarize(records, 1)["unparsed_gold"] == 1
 
 
+def test_generate_seeds_each_problem_from_its_line():
+    """The engine request of each problem carries the seed of (seed, line index), not one shared seed."""
+    from types import SimpleNamespace
+
+    from train.eval import generate
+
+    seen = []
+
+    class FakeLLM:
+        def generate(self, prompts, params):
+            seen.extend(params)
+            return [SimpleNamespace(outputs=[SimpleNamespace(text="x")] * p.n) for p in params]
+
+    problems = [Problem("a", "1", index=7), Problem("b", "2", index=3), Problem("c", "3")]
+    out = generate(FakeLLM(), [[1], [2], [3]], problems, n=2, temperature=0.6, max_tokens=4, seed=5, stop=["Q:"])
+    assert out == [["x", "x"]] * 3
+    assert [p.seed for p in seen] == [problem_seed(5, 7), problem_seed(5, 3), problem_seed(5, 2)]
+    assert all(p.stop_list == ["Q:"] and p.n == 2 for p in seen)
+
+
 def test_problem_seeds_differ_per_problem_and_are_stable():
     seeds = [problem_seed(0, i) for i in range(1000)]
     assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
@@ -160,10 +180,10 @@ def test_eval_cli_n4_reproducible_and_independent_of_limit(shared_data, tiny_che
 def test_eval_deepseek_tokenizer_one_bos_and_styles(shared_data, tiny_checkpoint, deepseek_tokenizer_dir, tmp_path,
                                                      capsys, one_thread_here):
     from tiny_tokenizers import DS_BOS
-    from train.eval import main, prompt_sha256
+    from transformers import AutoTokenizer
 
     from train.data import load_problems, prompt_ids
-    from transformers import AutoTokenizer
+    from train.eval import main, prompt_sha256
 
     data = os.path.join(shared_data, "math500", "test.jsonl")
     rec = str(tmp_path / "r.jsonl")

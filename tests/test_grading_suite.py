@@ -10,13 +10,13 @@ import os
 import sys
 
 import pytest
-
 from answer_perturbations import (
     changed_answers,
     equivalent_forms,
     gsm8k_changed_answers,
     gsm8k_equivalent_forms,
 )
+
 from train.data import gsm8k_final
 from train.rewards import VerifyPool, grade_completions
 
@@ -68,7 +68,8 @@ def format_table(title: str, table: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     for fam, t in table.items():
         pct = 100 * t["accepted_golds"] / t["golds"]
-        lines.append(f"| {fam} | {t['golds']} | {t['accepted_golds']} ({pct:.1f} %) | {t['variants']} | {t['accepted']} |")
+        lines.append(f"| {fam} | {t['golds']} | {t['accepted_golds']} ({pct:.1f} %) | {t['variants']} "
+                     f"| {t['accepted']} |")
     return "\n".join(lines)
 
 

@@ -124,7 +124,8 @@ def test_last_boxed_matches_the_reference_on_random_text():
     "raw, want",
     [
         ("104.", "104"),  # AIME 2024's reference solution boxes `104.`
-        ("\\textbf{(073)}", "073"), ("\\text{ 5 }", "5"), ("\\textbf{(C)}", "\\textbf{(C)}"), ("\\text{(5}", "\\text{(5}"),
+        ("\\textbf{(073)}", "073"), ("\\text{ 5 }", "5"),  # AIME 2024: `\\boxed{\\textbf{(073)}}`
+        ("\\textbf{(C)}", "\\textbf{(C)}"), ("\\text{(5}", "\\text{(5}"),
         ("3, 5, 7.", "3, 5, 7"), ("\\text{Evelyn}.", "\\text{Evelyn}"), ("1, 2, 3, \\ldots", "1, 2, 3, \\ldots"),
         ("18 dollars", "18"), ("18 dollars.", "18"), ("1,000 square feet", "1000"),
         ("5 pi", "5 pi"), ("2 x", "2 x"), ("3 times", "3 times"),  # mathematics, not units: left for math-verify

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from tiny_tokenizers import deepseek_style_tokenizer
 
 import train.grpo as grpo
-from tiny_tokenizers import deepseek_style_tokenizer
 from train.config import GRPOConfig, parse_config
 from train.data import prompt_ids
 

@@ -93,7 +93,7 @@ def fewshot_for(dataset: str) -> str:
     return "gsm8k-cot" if dataset == "gsm8k" else "minerva-math"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fewshot_set(name: str) -> dict:
     """A few-shot set from train/prompts: format, query, separator, stop strings, exemplars, source."""
     if name not in FEWSHOT_SETS:

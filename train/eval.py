@@ -184,7 +184,8 @@ def _kwargs_json(text: str) -> dict:
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"--chat-template-kwargs: not JSON ({e})") from e
     if not isinstance(d, dict):
-        raise argparse.ArgumentTypeError("--chat-template-kwargs: expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+        raise argparse.ArgumentTypeError("--chat-template-kwargs: expected a JSON object, e.g. "
+                                         "'{\"enable_thinking\": false}'")
     return d
 
 

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.config import GRPOConfig, parse_config
-from .data import ProblemSampler, fewshot_for, load_problems, prompt_ids
+from train.data import ProblemSampler, fewshot_for, load_problems, prompt_ids
 from train.rewards import VerifyPool, format_reward, length_penalty, math_rewards
 
 # ---------------------------------------------------------------------------------------------------------------
