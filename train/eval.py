@@ -33,6 +33,7 @@ import math
 import time
 from collections import Counter, defaultdict
 
+from ._pkg import model_module
 from .data import (
     DATASETS,
     FEWSHOT_SETS,
@@ -153,7 +154,7 @@ def grade(problems: list[Problem], completions: list[list[str]], pool: VerifyPoo
 def generate(llm, prompts: list[list[int]], problems: list[Problem], n: int, temperature: float, max_tokens: int,
              top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None) -> list[list[str]]:
     """n samples per prompt, each problem's request seeded from (seed, its line index)."""
-    from model.engine import SamplingParams
+    SamplingParams = model_module("engine").SamplingParams
 
     params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
                              seed=problem_seed(seed, p.index if p.index is not None else i))
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from model.engine import LLM
+    LLM = model_module("engine").LLM
 
     problems = load_problems(a.data, a.dataset, a.problem_key, a.answer_key, a.limit)
     llm = LLM(a.model, dtype=getattr(torch, a.dtype) if a.dtype else None, max_num_seqs=max(a.max_num_seqs, a.n),
