@@ -9,7 +9,9 @@ import torch
 from replay import install_replayed_graphs
 from tiny_models import make_model
 
+import dsmath_kernels as dk
 from model.engine import LLM, SamplingParams
+from model.engine import model_runner as mr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,3 +76,24 @@ def test_cascade_under_preemption_and_graph_replay(model):
     replayed, seen, llm = rollout(model, cascade=True, num_blocks=128, replay=True)
     assert any(sp is not None and sp.prefix_lens.shape[0] in llm.runner.sizes for sp in seen)  # padded to graphs
     same_samples(replayed, want)
+
+
+def test_plans_count_heads_and_are_bucketed_by_context(model, monkeypatch):
+    """Decode plans get the model's head counts; graphs are keyed by (batch, context bucket, cascade), and buckets
+    whose plans coincide share one graph."""
+    calls = []
+    monkeypatch.setattr(mr, "plan_decode", lambda *a, **k: calls.append(k) or dk.plan_decode(*a, **k))
+    monkeypatch.setattr(dk.attention, "_num_workers", lambda device: 64)  # a device with room for splits
+    llm = LLM(model, num_blocks=64, block_size=4, max_num_seqs=4, max_model_len=200000)
+    r = llm.runner
+    assert r.buckets == [4096, 16384, 65536, 200000]
+    r._plan(2, 100)
+    assert calls[-1]["num_q_heads"] == model.config.num_attention_heads
+    assert calls[-1]["num_kv_heads"] == (1 if model.config.is_mla else model.config.num_key_value_heads)
+    assert calls[-1]["tiled"] == model.config.is_mla
+    keys = r.graph_keys(4)
+    assert {k[0] for k in keys} == {1, 2, 4} and {k[2] for k in keys} == {False, True}
+    assert all(not k[2] for k in keys if k[0] == 1)  # one row shares nothing
+    short, long_ = r._plan(1, 4096), r._plan(1, 200000)
+    assert long_.num_splits > short.num_splits > 1  # a short context is not planned as if it were 200K long
+    assert keys[(1, 4096, False)] != keys[(1, 200000, False)]

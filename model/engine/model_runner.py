@@ -185,7 +185,10 @@ class ModelRunner:
                 seen = {}
                 for bucket in self.buckets:
                     p = self._plan(bs, bucket)
-                    tag = p.num_splits if (p is None or self.mla or p.num_splits == 1) else (p.num_splits, p.chunk)
+                    if p is None:
+                        tag = None
+                    else:  # the tiled kernels use only num_splits; with one split the chunk does not matter
+                        tag = p.num_splits if (self.mla or p.num_splits == 1) else (p.num_splits, p.chunk)
                     keys[(bs, bucket, cascade)] = seen.setdefault(tag, (bs, bucket, cascade))
         return keys
 
