@@ -398,7 +398,7 @@ def tiled_run(q, k, v, block_tables, seq_lens, scale: float, num_splits: int, kv
     kv_scale [NB, BS] -> [B, Hq, Dv] in q's dtype. Arguments checked by the public ops."""
     B, Hq, _ = q.shape
     out = torch.empty(B, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
-    if B == 0:
+    if B == 0 or Hq == 0:
         return out
     backend = _backend(q.device)
     if backend == "reference" or q.dtype == torch.float64:
