@@ -282,9 +282,10 @@ def _dim_split(D: int) -> tuple[int, int]:
 def kernel_config(rows: int, Dv: int) -> dict:
     """Compile-time shape of a launch with `rows` query rows per tile. Transposed tiles (<= 32 rows): 64 KV tokens
     per step (wgmma M); with a 512-wide value 8 warps (O^T's 512 rows split over two warpgroups: no spills; 4 warps
-    spilled 64-112 bytes). 64-row tiles: 8 warps (two warpgroups split O's columns), 16 tokens per step, which
-    keeps the 128 accumulator registers per thread free of spills (sm_90 compile: 254 registers, no stack; 32
-    tokens spilled). 3 cp.async stages: 165 KB / 128 KB of shared memory at MLA shapes. With two warpgroups, Triton
+    spilled 64-112 bytes) and 2 cp.async stages of 72 KB (3 stages spilled under Triton 3.6). 64-row tiles: 8 warps
+    (two warpgroups split O's columns), 16 tokens per step, 3 stages, which keeps the 128 accumulator registers per
+    thread free of spills (sm_90 compile: <= 255 registers, no stack, Triton 3.6 and 3.9; 32 tokens spilled).
+    Shared memory at MLA shapes: 165 KB / 128 KB. With two warpgroups, Triton
     gives the first (chained) product all warps along M, so both warpgroups compute S (the QK^T work doubles;
     the memory-bound 16-head decode hides it, the compute-bound 128-head one pays it: see bench/RESULTS.md)."""
     trans = rows <= MAX_TRANS_ROWS
@@ -292,7 +293,8 @@ def kernel_config(rows: int, Dv: int) -> dict:
     if _interpreting():
         return dict(TRANS=trans, BLOCK_R=block_r, BLOCK_N=16, num_warps=4, num_stages=1)
     if trans:
-        return dict(TRANS=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, num_warps=8 if Dv > 256 else 4, num_stages=3)
+        return dict(TRANS=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, num_warps=8 if Dv > 256 else 4,
+                    num_stages=2 if Dv > 256 else 3)
     return dict(TRANS=False, BLOCK_R=block_r, BLOCK_N=16 if Dv > 256 else 32, num_warps=8 if Dv > 256 else 4,
                 num_stages=3)
 
