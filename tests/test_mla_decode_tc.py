@@ -121,3 +121,30 @@ def test_cascade_decode_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
     assert_close(out, _dense(q.cpu(), rows, 512, 576**-0.5), atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_compile_sweep_drive_launches_every_mode(monkeypatch):
+    """The plugin for issue 12's compile sweep drives the launchers with meta tensors; every launch it records is a
+    kernel call with the compile-time shape the real launch would have (nothing compiles here)."""
+    from dsmath_kernels import mla_decode_triton as m
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.name, grid, kw))
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the real (compiled) configurations
+    monkeypatch.setattr(m, "_attend_kernel", Recorder("attend"))
+    monkeypatch.setattr(m, "_merge_kernel", Recorder("merge"))
+    modes = []
+    m.drive_compile_sweep(lambda mode, fn, *a, **kw: (modes.append(mode), fn(*a, **kw)))
+    assert len(modes) == len(launches) == 2 * (2 * 3 * 3 + 1)  # dtypes x (pages x shapes x passes + merge)
+    attend = [kw for name, _, kw in launches if name == "attend"]
+    assert {(kw["TRANS"], kw["BLOCK_R"], kw["num_warps"]) for kw in attend} == {(True, 16, 8), (False, 64, 8),
+                                                                                (True, 16, 4), (False, 64, 4)}
+    assert all(kw["SHARED_V"] == (kw["D"] == 576) for kw in attend)
+    assert {kw["PAGE_TILE"] for kw in attend} == {True, False}  # page 16 < 64-token tiles: per-token lookups

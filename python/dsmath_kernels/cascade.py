@@ -365,7 +365,7 @@ def _plain_tiles(B: int, Hq: int, Hkv: int, ht: int, device: torch.device) -> to
     return torch.stack([b, b, b + 1, h0, torch.zeros_like(b)], 1).to(torch.int32).contiguous()
 
 
-def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out) -> None:
+def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out, shared_v: bool | None = None) -> None:
     from dsmath_kernels import mla_decode_triton as tk
 
     B, Hq, _ = q.shape
@@ -377,7 +377,7 @@ def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out) -> None:
     if not direct:
         po = torch.empty(B, Hq, nslot, v.shape[-1], dtype=torch.float32, device=q.device)
         plse = torch.full((B, Hq, nslot), float("-inf"), dtype=torch.float32, device=q.device)
-    kw = dict(kv_scale=kv_scale, out=out, po=po, plse=plse, num_splits=splits)
+    kw = dict(kv_scale=kv_scale, out=out, po=po, plse=plse, num_splits=splits, shared_v=shared_v)
     if cascade is not None:
         tk.attend(q, k, v, bt, sl, scale, tiles=cascade.tiles, members=cascade.members, tile_len=True,
                   heads_per_tile=cascade.heads_per_tile, slot0=0, min_chunk=MIN_CHUNK_SHARED, **kw)
@@ -393,7 +393,7 @@ def _kv_code(k: torch.Tensor) -> int:
 
 
 def tiled_run(q, k, v, block_tables, seq_lens, scale: float, num_splits: int, kv_scale=None,
-              cascade: SharedPrefix | None = None) -> torch.Tensor:
+              cascade: SharedPrefix | None = None, shared_v: bool = False) -> torch.Tensor:
     """q [B, Hq, D], k [NB, BS, Hkv, D], v [NB, BS, Hkv, Dv] (v may be a view of k: MLA), fp8 caches with
     kv_scale [NB, BS] -> [B, Hq, Dv] in q's dtype. Arguments checked by the public ops."""
     B, Hq, _ = q.shape
@@ -413,7 +413,7 @@ def tiled_run(q, k, v, block_tables, seq_lens, scale: float, num_splits: int, kv
     if backend == "cpu":
         _run_cpu(q, k, v, bt, sl, scale, num_splits, kv_scale, cascade, out)
     else:
-        _run_gpu(q, k, v, bt, sl, scale, num_splits, kv_scale, cascade, out)
+        _run_gpu(q, k, v, bt, sl, scale, num_splits, kv_scale, cascade, out, shared_v)
     return out
 
 
@@ -439,7 +439,8 @@ def _mla_tiled_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          heads_per_tile: int) -> torch.Tensor:
     kv = kv_cache.unsqueeze(2)  # [NB, BS, 1, Dc + Dr]: one latent kv head; values = its first Dc columns
     sp = None if tiles is None else SharedPrefix(prefix_lens, members, tiles, heads_per_tile, 0, 0)
-    return tiled_run(q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale, num_splits, kv_scale, sp)
+    return tiled_run(q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale, num_splits, kv_scale, sp,
+                     shared_v=True)
 
 
 @_mla_tiled_decode_op.register_fake

@@ -31,6 +31,7 @@ fp32 before tl.dot (its bf16 dot is broken)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -279,7 +280,12 @@ def _dim_split(D: int) -> tuple[int, int]:
     return da, (16 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
 
 
-def kernel_config(rows: int, Dv: int) -> dict:
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def kernel_config(rows: int, Dv: int, capability: tuple[int, int] = (9, 0)) -> dict:
     """Compile-time shape of a launch with `rows` query rows per tile. Transposed tiles (<= 32 rows): 64 KV tokens
     per step (wgmma M); with a 512-wide value 8 warps (O^T's 512 rows split over two warpgroups: no spills; 4 warps
     spilled 64-112 bytes) and 2 cp.async stages of 72 KB (3 stages spilled under Triton 3.6). 64-row tiles: 8 warps
@@ -293,7 +299,9 @@ def kernel_config(rows: int, Dv: int) -> dict:
     if _interpreting():
         return dict(TRANS=trans, BLOCK_R=block_r, BLOCK_N=16, num_warps=4, num_stages=1)
     if trans:
-        return dict(TRANS=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, num_warps=8 if Dv > 256 else 4,
+        # before sm_90 (no wgmma; 163 KB of shared memory on sm_80): 32-token steps, 93 KB
+        bn = BLOCK_N if capability[0] >= 9 or Dv <= 256 else 32
+        return dict(TRANS=True, BLOCK_R=block_r, BLOCK_N=bn, num_warps=8 if Dv > 256 else 4,
                     num_stages=2 if Dv > 256 else 3)
     return dict(TRANS=False, BLOCK_R=block_r, BLOCK_N=16 if Dv > 256 else 32, num_warps=8 if Dv > 256 else 4,
                 num_stages=3)
@@ -301,22 +309,27 @@ def kernel_config(rows: int, Dv: int) -> dict:
 
 def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_per_tile: int, kv_scale=None,
            start=None, tiles=None, members=None, tile_len: bool = False, out=None, po=None, plse=None,
-           slot0: int = 0, num_splits: int = 1, min_chunk: int = MIN_CHUNK) -> None:
+           slot0: int = 0, num_splits: int = 1, min_chunk: int = MIN_CHUNK,
+           shared_v: bool | None = None) -> None:
     """Launch one pass. q [B, Hq, D]; k_cache [NB, BS, Hkv, D]; v_cache [NB, BS, Hkv, Dv] (a view of k_cache for
     MLA); kv_scale [NB, BS] fp32 for fp8 caches. Work: tiles [T, 5] int32 (with members [M] int32 and
     tile_len=True: the shared pass over each tile's [0, length); without members: (b, b, b + 1, first head, 0)
     per-sequence tiles), or none (head tile t % (Hq / HT) of sequence t // (Hq / HT)); per-sequence KV range
     [start[b] or 0, seq_lens[b]). Writes `out` [B, Hq, Dv] directly when po is None, else partials
-    po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split."""
+    po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split. shared_v: v_cache is k_cache's first Dv
+    columns (default: detected from the pointers)."""
     B, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     HT = heads_per_tile
     T = tiles.shape[0] if tiles is not None else B * triton.cdiv(Hq, HT)
     if T == 0 or B == 0:
         return
-    cfg = kernel_config(TILE_ROWS if tiles is not None else HT, Dv)
+    cap = _capability(q.device.index or 0) if q.device.type == "cuda" else (9, 0)
+    cfg = kernel_config(TILE_ROWS if tiles is not None else HT, Dv, cap)
     da, db = _dim_split(D)
-    shared_v = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and Dv == da
+    if shared_v is None:  # values = the first Dv columns of the key rows (MLA): take them from the key tile
+        shared_v = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+    shared_v = bool(shared_v) and Dv == da
     direct = po is None
     fp8 = kv_scale is not None
     dummy = seq_lens
@@ -364,7 +377,7 @@ SPECS = {  # name -> (q heads, kv heads, D, Dv, pass, cache dtype): what the lau
 }
 
 
-def compile_sm90(name: str, page_size: int = 64, **overrides) -> dict:
+def compile_sm90(name: str, page_size: int = 64, capability: int = 90, **overrides) -> dict:
     """Compile one SPECS entry of _attend_kernel for sm_90 (Triton's bundled ptxas, no GPU) with the
     specialisation a real launch gets (16-divisible pointers and strides, unit last strides), and read the cubin's
     SASS (compile_report_cuda): registers, stack (spills), shared memory, and the main loop's HGMMA (wgmma) /
@@ -377,7 +390,7 @@ def compile_sm90(name: str, page_size: int = 64, **overrides) -> dict:
     Hq, Hkv, D, Dv, mode, cache = SPECS[name]
     fn = _attend_kernel
     ht, rows = tile_shape(Hq, Hkv, "triton")
-    cfg = kernel_config(rows if mode == "shared" else ht, Dv)
+    cfg = kernel_config(rows if mode == "shared" else ht, Dv, divmod(capability, 10))
     da, db = _dim_split(D)
     kv = "*fp8e4nv" if cache == "fp8" else "*bf16"
     ptrs = {"Q": "*bf16", "K": kv, "V": kv, "KS": "*fp32", "BT": "*i32", "SL": "*i32", "START": "*i32",
@@ -393,7 +406,7 @@ def compile_sm90(name: str, page_size: int = 64, **overrides) -> dict:
     div16 = set(ptrs) | {"sq_b", "sq_h", "sk_b", "sk_t", "sk_h", "sv_b", "sv_t", "sv_h", "s_bt", "ss_b"}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 64),
+                       target=GPUTarget("cuda", capability, 32),
                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     (s,) = sass_summary(k.asm["cubin"]).values()
     main = s["main_loop"] or {}
@@ -409,3 +422,49 @@ def compile_report(page_sizes=(64,)) -> list[dict]:
     """compile_sm90 for every SPECS entry and page size (what `python -m dsmath_kernels.compile_report_cuda
     --triton` prints)."""
     return [compile_sm90(name, ps) for name in SPECS for ps in page_sizes]
+
+
+# ---------------------------------------------------------------------------------------------- compile sweep plugin
+def drive_compile_sweep(run) -> None:
+    """The launches of this module at real shapes, for the Triton compile sweep (dsmath_kernels.compile_report,
+    issue 12): run(mode, launcher, *args, **kwargs) with meta tensors — MLA V2-Lite (16 heads, transposed tile)
+    and V3 (128 heads, 64-head tiles), plain / suffix / shared-prefix passes, GQA 32 / 8 heads D 128, bf16 and
+    fp16 caches, pages 16 and 64, and the merge. fp8 caches are reported by compile_report() (they spill)."""
+    i32, f32 = torch.int32, torch.float32
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    B, NB, S = 16, 512, 4
+    bt, sl, start, members = meta(B, 64, dtype=i32), meta(B, dtype=i32), meta(B, dtype=i32), meta(B, dtype=i32)
+    for dt in (torch.bfloat16, torch.float16):
+        for page in (16, 64):
+            cases = [("mla", H, 1, 576, 512) for H in (16, 128)] + [("gqa", 32, 8, 128, 128)]
+            for kind, Hq, Hkv, D, Dv in cases:
+                if kind == "mla":
+                    k = meta(NB, page, D, dtype=dt).unsqueeze(2)
+                    v = k[..., :Dv]
+                else:
+                    k, v = meta(NB, page, Hkv, D, dtype=dt), meta(NB, page, Hkv, Dv, dtype=dt)
+                q, out = meta(B, Hq, D, dtype=dt), meta(B, Hq, Dv, dtype=dt)
+                po, plse = meta(B, Hq, 2 * S, Dv, dtype=f32), meta(B, Hq, 2 * S, dtype=f32)
+                ht, _ = tile_shape(Hq, Hkv, "triton")
+                plain = None if ht <= MAX_TRANS_ROWS else meta(B * triton.cdiv(Hq, ht), 5, dtype=i32)
+                kw = dict(heads_per_tile=ht, shared_v=kind == "mla")
+                tag = f"{kind} H{Hq} page {page}"
+                run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, tiles=plain, out=out, **kw)
+                run(f"{tag} suffix", attend, q, k, v, bt, sl, 0.1, tiles=plain, start=start, po=po, plse=plse,
+                    slot0=S, num_splits=S, **kw)
+                run(f"{tag} shared", attend, q, k, v, bt, sl, 0.1, tiles=meta(B, 5, dtype=i32), members=members,
+                    tile_len=True, po=po, plse=plse, num_splits=S, **kw)
+        run("merge", merge, meta(B, 16, 2 * S, 512, dtype=f32), meta(B, 16, 2 * S, dtype=f32),
+            meta(B, 16, 512, dtype=dt))
+
+
+def compile_sweep_spec(compile_report):
+    """This kernel as a family of issue 12's Triton compile sweep: `compile_report.register(
+    mla_decode_triton.compile_sweep_spec(compile_report))` (spill budget 0 for the decode loop). Not registered
+    on import: the sweep compiles 38 launches per target (~4 minutes on 2 cores without its figures cache)."""
+    return compile_report.KernelSpec(family="tiled_decode", module=__name__,
+                                     kernels=("_attend_kernel", "_merge_kernel"), drive=drive_compile_sweep,
+                                     spill_budget={"_attend_kernel": 0})
