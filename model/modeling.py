@@ -238,7 +238,7 @@ class MoEForCausalLM(nn.Module):
             raise ValueError(f"routing: expected shape [B, T, moe_layers, top_k] = [{B}, {T}, {L}, {K}], got "
                              f"{list(routing.shape)}")
         if routing.device != torch.device(device):
-            raise ValueError(f"routing: on {routing.device}, input_ids on {device}")
+            raise ValueError(f"routing: on device {routing.device}, input_ids on {device}")
         if routing.device.type == "cpu" and routing.numel():  # on GPU: route_topk_weights' DSMATH_CHECK_IDS
             lo, hi = int(routing.min()), int(routing.max())
             if lo < 0 or hi >= c.num_experts:
