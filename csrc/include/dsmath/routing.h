@@ -89,30 +89,37 @@ DSM_HD void sort_pairs(float* w, int* ids, int K) {
   }
 }
 
-// Renormalize (/ (sum + 1e-20)) when asked, then scale, the K weights in place, whatever their order. The sum runs
-// over the weights in descending order (ties: lower id) — the order route_topk's rows come out in — so the same
-// experts give bit-identical weights whether route_topk chose them or a caller hands them over (routing replay).
-DSM_HD void finalize(float* w, const int* ids, int K, int renormalize, float scale) {
+// Renormalize (w / (sum + 1e-20)) when asked, then scale, K weights in place. `sum` must be the weights' sum in
+// descending-weight order (ties: lower id) — the order route_topk's rows come out in — so the same experts get
+// bit-identical weights whether route_topk picked them or a caller hands them over in any order (replay).
+DSM_HD void finalize(float* w, int K, int renormalize, float sum, float scale) {
   if (renormalize) {
-    float sw[kMaxTopK];
-    int si[kMaxTopK];
-    for (int i = 0; i < K; ++i) {
-      sw[i] = w[i];
-      si[i] = ids[i];
-    }
-    sort_pairs(sw, si, K);
-    float s = 0.f;
-    for (int i = 0; i < K; ++i) s += sw[i];
-    float d = s + 1e-20f;
+    float d = sum + 1e-20f;
     for (int i = 0; i < K; ++i) w[i] = w[i] / d;
   }
   for (int i = 0; i < K; ++i) w[i] = w[i] * scale;
 }
 
+// Sum of K weights in descending-weight order (ties: lower id), whatever order they are given in.
+DSM_HD float sorted_sum(const float* w, const int* ids, int K) {
+  float sw[kMaxTopK];
+  int si[kMaxTopK];
+  for (int i = 0; i < K; ++i) {
+    sw[i] = w[i];
+    si[i] = ids[i];
+  }
+  sort_pairs(sw, si, K);
+  float s = 0.f;
+  for (int i = 0; i < K; ++i) s += sw[i];
+  return s;
+}
+
 // Sort the K chosen (weight, id) pairs by descending weight (ties: lower id), then renormalize and scale.
 DSM_HD void sort_and_finalize(float* w, int* ids, int K, int renormalize, float scale) {
   sort_pairs(w, ids, K);
-  finalize(w, ids, K, renormalize, scale);
+  float s = 0.f;
+  for (int i = 0; i < K; ++i) s += w[i];
+  finalize(w, K, renormalize, s, scale);
 }
 
 // fp32 scores of one row: softmax(logits) or sigmoid(logits), written to scores[0, E). Serial; the CUDA kernels
@@ -148,7 +155,7 @@ DSM_HD void weights_for_ids(const float* scores, const int* ids, const Params& p
     bad = bad || !ok;
     out_w[k] = ok ? scores[e] : NAN;
   }
-  finalize(out_w, ids, p.K, p.renormalize, p.scale);
+  finalize(out_w, p.K, p.renormalize, p.renormalize ? sorted_sum(out_w, ids, p.K) : 0.f, p.scale);
   if (bad)
     for (int k = 0; k < p.K; ++k) out_w[k] = NAN;
 }
