@@ -6,7 +6,7 @@ Each variant runs the same seeded steps from the same warm start (same samples w
 variants run in turn `--repeat` times (interleaved, so load on a shared machine hits them alike) after one
 discarded warm-up run; times are medians over all steps after each run's first (step_s = generation + scoring +
 the training part; train_s = the training part: old / reference log-probs and the policy update; logprob_s = the
-old / reference forwards alone).
+old / reference forwards alone; *_cpu_s: the same in process CPU seconds, less sensitive to a loaded machine).
 Usage: python bench/bench_grpo_step.py [--steps 12] [--repeat 3] [--beta 0.04] [--quick]"""
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import device_name, print_json, print_table  # noqa: E402
-
 import torch  # noqa: E402
+from _util import device_name, print_json, print_table  # noqa: E402
 
 from train.config import parse_config  # noqa: E402
 from train.grpo import run  # noqa: E402
@@ -62,7 +61,8 @@ def main(argv=None) -> dict:
     for name, runs in hists.items():
         later = [m for hist in runs for m in (hist[1:] or hist)]
         every = [m for hist in runs for m in hist]
-        med = {k: statistics.median(m[k] for m in later) for k in ("step_s", "train_s", "logprob_s")}
+        med = {k: statistics.median(m[k] for m in later)
+               for k in ("step_s", "train_s", "logprob_s", "train_cpu_s", "logprob_cpu_s")}
         rows.append({"variant": name, **med, "skipped": all(m["recompute_skipped"] for m in every),
                      "gap_mean": statistics.mean(m["logprob_gap"] for m in every),
                      "gap_max": max(m["logprob_gap_max"] for m in every),
@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
                      "reward_last": runs[-1][-1]["reward_mean"]})
     print(f"GRPO toy step, {repeat} x {steps} steps per variant, beta {a.beta}, {device_name(torch.device('cpu'))}")
     print_table(rows, [("variant", "variant", "s"), ("step_s", "step s", ".3f"), ("train_s", "train s", ".3f"),
-                       ("logprob_s", "old+ref fwd s", ".3f"), ("gap_mean", "gap mean", ".2e"),
+                       ("train_cpu_s", "train cpu s", ".3f"), ("logprob_s", "old+ref fwd s", ".3f"),
+                       ("logprob_cpu_s", "old+ref cpu s", ".3f"), ("gap_mean", "gap mean", ".2e"),
                        ("gap_max", "gap max", ".2e"), ("agreement_mean", "router agr mean", ".4f"),
                        ("agreement_min", "min", ".4f")])
     out = {"bench": "grpo_step", "steps": steps, "repeat": repeat, "beta": a.beta, "rows": rows}

@@ -13,8 +13,17 @@ import torch
 from dsmath_kernels.reference.grpo import grpo_loss_ref
 from train import grpo
 from train.config import GRPOConfig, parse_config
-from train.grpo import (backward_minibatch, build_batch, collect, old_logprobs, pack, replay_on, run,
-                        skip_recompute, tis_weights)
+from train.grpo import (
+    backward_minibatch,
+    build_batch,
+    collect,
+    old_logprobs,
+    pack,
+    replay_on,
+    run,
+    skip_recompute,
+    tis_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

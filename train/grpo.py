@@ -2,24 +2,28 @@
 
 Algorithm (Shao et al. 2024, "DeepSeekMath", section 4), one step:
   1. take P problems; the engine samples G completions of each ON THE LIVE POLICY WEIGHTS (same process, the
-     model object itself, no weight copy) and returns each token's sampled log-prob;
+     model object itself, no weight copy) and returns each token's log-prob and (MoE) the experts it was routed
+     to — replayed in every trainer forward (routing_replay), see train/README.md "Log-probs that match";
   2. reward r = math_reward(completion, gold) (+ optional format / overlong terms);
   3. advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of completion i;
-  4. old log-probs (trainer forward, no grad) and, if beta > 0, reference log-probs from a frozen copy of the
-     starting policy;
+  4. old log-probs (trainer forward, no grad; the engine's where they are the same by construction:
+     skip_recompute) with truncated importance weights against the engine's (tis_cap) and, if beta > 0, reference
+     log-probs from a frozen copy of the starting policy;
   5. mu passes over the batch in `minibatches` optimizer steps of
         loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3(pi || ref)
      averaged per `loss_type` (dsmath_kernels.grpo_loss: fused LM head + log-softmax, never the [B*T, V] logits),
      AdamW, gradient clipping at `grad_clip`, linear warm-up then constant or cosine LR.
 
 Defaults are DeepSeekMath's (G = 64, beta = 0.04, lr 1e-6, eps 0.2, one policy update per sampling round,
-per-sequence mean). Options: DAPO (`--config dapo`: clip-higher 0.2/0.28, token-level mean, dropping groups whose
-rewards are all equal, soft overlong penalty, no KL) and Dr. GRPO (`--config dr_grpo`: no std division, sum over
-tokens divided by a constant B * max_tokens, no KL).
+per-sequence mean). Options: DAPO (`--config dapo`: clip-higher 0.2/0.28, token-level mean, dynamic sampling —
+groups all correct or all wrong dropped and new problems sampled until the batch is full —, soft overlong penalty,
+optional overlong filtering, no KL) and Dr. GRPO (`--config dr_grpo`: no std division, sum over tokens divided by
+a constant B * max_tokens, no KL).
 
 Departures from the paper:
   - outcome rewards only (no process supervision; no reward model — the reward is the verifier);
-  - DAPO's dynamic sampling drops the all-equal groups instead of sampling more until the batch is full;
+  - DAPO's dynamic sampling gives up after max_resample_rounds extra rounds (then trains on fewer informative
+    groups, the rest masked);
   - the reference model is the policy at step 0 of THIS run (after an optional warm start), kept in full on each
     rank (sharded like the policy under FSDP2); no periodic reference reset (DeepSeekMath's iterative RL);
   - bf16: single process keeps fp32 weights (the master copy) and trains under autocast, generating in fp32;
@@ -613,16 +617,16 @@ def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg
 
     policy.eval()
     groups, sampled, rounds, gen_s, score_s = collect(step, policy, llm, tokenizer, sampler, pool, cfg, moe)
-    t2 = time.time()
+    t2, c2 = time.time(), time.process_time()  # CPU seconds too: robust timing on a loaded machine
     b = build_batch(groups, cfg, tokenizer.pad_token_id or 0, dev)
     measured = old_logprobs(policy, b, cfg, replay, skip)
     if ref is not None:
         b["ref"], _ = logprobs_of(ref, b, cfg, replay)
-    t_lp = time.time() - t2
+    t_lp, c_lp = time.time() - t2, time.process_time() - c2
     policy.train()
     upd = policy_update(policy, opt, b, cfg, replay=replay)
     sched.step()
-    t3 = time.time()
+    t3, c3 = time.time(), time.process_time()
 
     first = upd.pop("first_pass")
     reward = torch.cat([g.reward for g in sampled])
@@ -648,7 +652,8 @@ def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg
     out["tis_truncated_frac"] = g["cut"] / tok if "cut" in g else 0.0
     out.update(upd)
     out.update({"lr": sched.get_last_lr()[0], "tokens_per_s": g["len"] / max(gen_s, 1e-9), "gen_s": gen_s,
-                "score_s": score_s, "logprob_s": t_lp, "train_s": t3 - t2, "step_s": gen_s + score_s + t3 - t2})
+                "score_s": score_s, "logprob_s": t_lp, "train_s": t3 - t2, "step_s": gen_s + score_s + t3 - t2,
+                "logprob_cpu_s": c_lp, "train_cpu_s": c3 - c2})
     return out
 
 
