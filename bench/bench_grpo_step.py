@@ -40,12 +40,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--beta", type=float, default=0.04, help="0 also drops the reference forward")
     ap.add_argument("--quick", action="store_true", help="3 steps, fp32 variants only (smoke run)")
-    ap.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
+    ap.add_argument("--variants", default=None, help="subset of the variant names, separated by ';'")
     a = ap.parse_args(argv)
     steps, repeat = (3, 1) if a.quick else (a.steps, a.repeat)
     names = list(VARIANTS)[:3] if a.quick else list(VARIANTS)
     if a.variants:
-        names = [n for n in names if n in a.variants.split(",")]
+        names = [n for n in names if n in a.variants.split(";")]
     hists = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         def once(name, n_steps, tag):
