@@ -3,6 +3,7 @@
 sampling against a deliberately perturbed engine (weights < 1, truncated fraction logged, loss and gradients equal
 to a reference computation), and DAPO done fully (accuracy filter, resampling rounds, overlong filtering)."""
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -86,10 +87,10 @@ def test_tis_weights_token_and_sequence_mask():
 
 
 @pytest.fixture(scope="module")
-def toy_setup():
+def toy_setup(tmp_path_factory):
     """A warm-started toy policy and its engine."""
-    cfg = parse_config(["--config", "toy", "--warmstart-steps", "20", "--out", "unused"])
-    policy, _, tokenizer, _, _, _, _ = grpo.build(SimpleNamespace(**{**vars(cfg), "resume": False, "beta": 0.0}))
+    cfg = parse_config(["--config", "toy", "--warmstart-steps", "20", "--out", str(tmp_path_factory.mktemp("toy"))])
+    policy, _, tokenizer, _, _, _, _ = grpo.build(dataclasses.replace(cfg, resume=False, beta=0.0))
     return cfg, policy, tokenizer, grpo.make_engine(policy.lm, tokenizer, cfg)
 
 
@@ -156,9 +157,6 @@ def test_truncated_fraction_is_logged(tmp_path, monkeypatch):
 class _Tok:
     pad_token_id = 0
 
-    def encode(self, text):
-        return [int(text)]
-
 
 def _fake_rollouts(monkeypatch, informative: set):
     """sample() -> G fake completions per prompt (the first one truncated at max_tokens); score(): problems in
@@ -177,6 +175,7 @@ def _fake_rollouts(monkeypatch, informative: set):
 
     monkeypatch.setattr(grpo, "sample", fake_sample)
     monkeypatch.setattr(grpo, "score", fake_score)
+    monkeypatch.setattr(grpo, "prompt_of", lambda problem, tokenizer, cfg: [int(problem)])
 
 
 def _problems(n):
