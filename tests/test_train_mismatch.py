@@ -137,8 +137,8 @@ def test_truncated_fraction_is_logged(tmp_path, monkeypatch):
     """A full step whose engine samples at another temperature than the trainer's: tis_truncated_frac > 0."""
     real = grpo.sample
 
-    def hot(llm, prompts, cfg, step, first, routing=False):
-        return real(llm, prompts, SimpleNamespace(**{**vars(cfg), "temperature": 1.6}), step, first, routing)
+    def hot(llm, prompts, cfg, step, first):
+        return real(llm, prompts, dataclasses.replace(cfg, temperature=1.6), step, first)
 
     monkeypatch.setattr(grpo, "sample", hot)
     hist = run(_toy(tmp_path, "--steps", "1", "--tis-cap", "1.2", "--beta", "0"))
@@ -162,7 +162,7 @@ def _fake_rollouts(monkeypatch, informative: set):
     """sample() -> G fake completions per prompt (the first one truncated at max_tokens); score(): problems in
     `informative` get half their samples right, even problems all right, odd ones all wrong — and every group's
     total reward carries a format term that differs inside the group (which must not make a group informative)."""
-    def fake_sample(llm, prompts, cfg, step, first, routing=False):
+    def fake_sample(llm, prompts, cfg, step, first):
         return [SimpleNamespace(token_ids=[5, 6, 1], token_logprobs=[-1.0] * 3, text=f"{p[0]} {i}", routing=None,
                                 finish_reason="length" if i == 0 else "stop")
                 for p in prompts for i in range(cfg.group_size)]
@@ -190,7 +190,7 @@ def test_dapo_filters_on_accuracy_and_resampling_is_bounded(monkeypatch):
                      mask_truncated_completions=True)
     sampler = _problems(12)
     order = [int(p.problem) for p in _problems(12).next(24)]
-    kept, sampled, rounds, _, _ = collect(0, SimpleNamespace(), None, _Tok(), sampler, None, cfg, False)
+    kept, sampled, rounds, _, _ = collect(0, SimpleNamespace(), None, _Tok(), sampler, None, cfg)
     assert rounds == 5 and [int(g.prompt[0]) for g in sampled] == order  # 1 + 5 rounds of fresh problems
     assert all(not g.informative for g in sampled if int(g.prompt[0]) != 3)  # rewards differ, accuracy does not
     assert all(len(set(g.reward.tolist())) == 2 for g in sampled)
@@ -204,10 +204,10 @@ def test_dapo_filters_on_accuracy_and_resampling_is_bounded(monkeypatch):
 def test_dapo_stops_resampling_when_the_batch_is_full(monkeypatch):
     _fake_rollouts(monkeypatch, informative={4, 5, 6, 7})
     cfg = GRPOConfig(problems_per_step=4, group_size=2, drop_equal_groups=True, max_resample_rounds=5, prompt="raw")
-    kept, sampled, rounds, _, _ = collect(0, SimpleNamespace(), None, _Tok(), _problems(8), None, cfg, False)
+    kept, sampled, rounds, _, _ = collect(0, SimpleNamespace(), None, _Tok(), _problems(8), None, cfg)
     assert sorted(int(g.prompt[0]) for g in kept) == [4, 5, 6, 7]
     assert rounds == 1 and len(sampled) == 8  # all four informative problems are in the first epoch of 8
     cfg.drop_equal_groups = False  # no dynamic sampling: one round, groups in order, none masked
-    kept, sampled, rounds, _, _ = collect(0, SimpleNamespace(), None, _Tok(), _problems(8), None, cfg, False)
+    kept, sampled, rounds, _, _ = collect(0, SimpleNamespace(), None, _Tok(), _problems(8), None, cfg)
     assert rounds == 0 and kept == sampled and len(kept) == 4
     assert build_batch(kept, cfg, 0, "cpu")["mask"].any(1).all()

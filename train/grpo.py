@@ -222,11 +222,13 @@ def lr_factor(step: int, cfg: GRPOConfig) -> float:
 # One step: sample -> score -> pack
 
 
-def sample(llm, prompts: list[list[int]], cfg: GRPOConfig, step: int, first_index: int, routing: bool = False):
+def sample(llm, prompts: list[list[int]], cfg: GRPOConfig, step: int, first_index: int):
     """G completions per prompt, each request seeded from (seed, step, global problem index): the same samples
-    whatever the batch composition or the number of ranks. routing: also each token's experts (MoE policies)."""
+    whatever the batch composition or the number of ranks. With an engine that records routing (MoE policies) the
+    completions also carry each token's experts (CompletionOutput.routing), for replay and router agreement."""
     SamplingParams = model_module("engine").SamplingParams
 
+    routing = bool(getattr(llm, "record_routing", False))
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_tokens, logprobs=True, return_routing=routing,
                              seed=(cfg.seed * 1_000_003 + step * 10_007 + first_index + i) % 2**62)
@@ -531,7 +533,7 @@ class Group:
         return bool((self.correct != self.correct[0]).any())
 
 
-def collect(step: int, policy, llm, tokenizer, sampler, pool, cfg: GRPOConfig, routing: bool):
+def collect(step: int, policy, llm, tokenizer, sampler, pool, cfg: GRPOConfig):
     """Sample and score problems_per_step problems (this rank: its share). With drop_equal_groups (DAPO dynamic
     sampling) keep sampling new problems — at most max_resample_rounds more rounds, every rank the same number —
     until each rank holds its share of informative groups. -> (the share of groups to train on: informative first,
@@ -546,7 +548,7 @@ def collect(step: int, policy, llm, tokenizer, sampler, pool, cfg: GRPOConfig, r
         prompts = [prompt_of(p.problem, tokenizer, cfg) for p in mine]
         t0 = time.time()
         with Unsharded(policy):
-            comps = sample(llm, prompts, cfg, step, rounds * P + rank * share, routing)
+            comps = sample(llm, prompts, cfg, step, rounds * P + rank * share)
         t1 = time.time()
         reward, correct = score(comps, [p.answer for p in mine for _ in range(G)], tokenizer, pool, cfg)
         score_s, gen_s = score_s + time.time() - t1, gen_s + t1 - t0
@@ -635,12 +637,13 @@ def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg
     dev = policy.lm.device
     replay = replay_on(cfg, policy.lm)
     skip = skip_recompute(cfg, policy.lm, replay)
-    moe = int(getattr(policy.lm, "num_moe_layers", 0) or 0) > 0
 
     policy.eval()
-    groups, sampled, rounds, gen_s, score_s = collect(step, policy, llm, tokenizer, sampler, pool, cfg, moe)
+    groups, sampled, rounds, gen_s, score_s = collect(step, policy, llm, tokenizer, sampler, pool, cfg)
     t2, c2 = time.time(), time.process_time()  # CPU seconds too: robust timing on a loaded machine
     b = build_batch(groups, cfg, tokenizer.pad_token_id or 0, dev)
+    if replay and "routing" not in b:
+        raise RuntimeError("routing_replay: the engine returned no routing (built with record_routing=False?)")
     measured = old_logprobs(policy, b, cfg, replay, skip)
     if ref is not None:
         b["ref"], _ = logprobs_of(ref, b, cfg, replay)
@@ -669,7 +672,7 @@ def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg
            "logprob_gap": first["log_ratio_abs"] if skip else g["gap"] / tok,
            "logprob_gap_max": first["log_ratio_abs_max"] if skip else all_max(measured["gap_max"]),
            "recompute_skipped": skip, "routing_replay": replay}
-    if moe:
+    if "routing" in b:  # MoE policies
         out["router_agreement"] = first["router_agreement"] if skip else g["agree"] / tok
     out["tis_truncated_frac"] = g["cut"] / tok if "cut" in g else 0.0
     out.update(upd)
