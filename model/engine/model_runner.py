@@ -7,6 +7,8 @@ write nowhere: slot -1, and attend to one token of block 0); everything else run
 split plan (plan_decode with the model's head counts), so small batches of short sequences still get split
 parallelism. Capture is attempted once at start-up and silently falls back to eager mode if the model cannot be
 captured (e.g. an op that syncs with the host).
+With record_routing (MoE models) the cache also holds each cached token's experts per MoE layer, written by the
+forward itself (eager and graphed alike), copied on copy-on-write, read per sequence by `gather_routing`.
 
 Shared-prefix (cascade) decode: on decode steps the runner finds rows whose block tables share leading full blocks
 (the n samples of a prompt share its blocks through the ref-counted block manager) with host integers only, and
@@ -48,7 +50,8 @@ def _kv_heads(config) -> int:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
-                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, cascade: bool = True):
+                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False,
+                 cascade: bool = True):
         self.model = model
         self.device = torch.device(model.device)
         self.block_size = block_size
@@ -60,7 +63,9 @@ class ModelRunner:
         self.cascade = bool(cascade) and shared_prefix is not None and HAS_CASCADE
         self.kernel = "triton" if self.device.type == "cuda" else "cpu"  # whose tiling the cascade tensors follow
         self.buckets = sorted({b for b in CTX_BUCKETS if b < max_model_len} | {max_model_len})
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        extra = {"routing": True} if record_routing else {}  # models without MoE layers take no such argument
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device, **extra)
+        self.routing = getattr(self.kv_cache, "routing", None)  # [S + 1, L, K] or None
         self.pin = self.device.type == "cuda"
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.sizes: list[int] = []
@@ -137,6 +142,19 @@ class ModelRunner:
             layer = self.kv_cache[i]
             for t in layer if isinstance(layer, (tuple, list)) else (layer,):
                 t.index_copy_(0, dst, t.index_select(0, src))
+        if self.routing is not None:  # the blocks' recorded experts travel with their K/V
+            r = self.routing[:-1].view(-1, self.block_size, *self.routing.shape[1:])  # [NB, BS, L, K]
+            r.index_copy_(0, dst, r.index_select(0, src))
+
+    def gather_routing(self, seq) -> torch.Tensor:
+        """[n, L, K] experts of the sequence's first n = num_computed tokens (those fed through the model), a copy
+        on the device (no host sync); read before the sequence's blocks are freed."""
+        bs, n = self.block_size, seq.num_computed
+        table = torch.tensor(seq.block_table[: -(-n // bs)], dtype=torch.int64)
+        pos = torch.arange(n)
+        slots = table[pos // bs] * bs + pos % bs                                    # [n]
+        return self.routing.index_select(0, slots.pin_memory().to(self.device, non_blocking=True)
+                                         if self.pin else slots)
 
     # ---- CUDA graphs -------------------------------------------------------------------------------------------
     @staticmethod
