@@ -96,7 +96,8 @@ def make_workloads(args, vocab: int, max_len: int) -> list[Workload]:
     if "c" in want:
         k, n, p, new = s["c"]
         out.append(Workload("c_grpo_rollout", [rand_prompt(p) for _ in range(k)],
-                            [SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, logprobs=True)] * k,
+                            [SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, logprobs=0,
+                                            logprobs_mode="processed_logprobs")] * k,
                             True))
     if "d" in want:
         p, n = s["d"]
