@@ -6,6 +6,7 @@ import torch
 
 from model.engine import LLM, RequestError, SamplingParams
 from model.engine.mock_model import MockPagedModel
+from tiny_models import word_tokenizer
 
 V = 64
 
@@ -131,18 +132,8 @@ def test_stop_token_ids_eos_and_ignore_eos():
     assert ign.token_ids == free[0].outputs[0].token_ids and ign.finish_reason == "length"
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(V - 1)} | {"[EOS]": V - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[EOS]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")
-
-
 def test_text_stop_strings_and_streaming(model):
-    tok = word_tokenizer()
+    tok = word_tokenizer(V)
     llm = LLM(model, num_blocks=128, block_size=4, tokenizer=tok)
     prompt = "w1 w2 w3 w4"
     base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0].outputs[0]

@@ -140,10 +140,10 @@ class AsyncLLM:
         QueueFullError (too many waiting) or EngineClosedError (shutting down)."""
         if self.closing or self._task is None:
             raise EngineClosedError("the engine is not running (shutting down or not started)")
+        req = self.llm._make_request(prompt, params)
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests waiting); "
                                  "retry later")
-        req = self.llm._make_request(prompt, params)
         self._pending.append((req, stream_text))
         st = _Stream(asyncio.Queue(), time.monotonic(), len(req.prompt_ids))
         self._streams[req.request_id] = self._handles[req.request_id] = st
@@ -157,6 +157,7 @@ class AsyncLLM:
         if st is not None and not st.done:
             st.done = True
             self.stats.aborted += 1
+            self._pending = [(r, t) for r, t in self._pending if r.request_id != request_id]
             self._aborts.add(request_id)
             self._wake.set()
 
