@@ -78,7 +78,8 @@ class ServingStats:
 class _Stream:
     queue: asyncio.Queue
     arrival: float
-    prompt_tokens: int
+    prompt: str | None
+    prompt_ids: list[int]
     first: float | None = None
     num_tokens: int = 0
     done: bool = False
@@ -130,6 +131,11 @@ class AsyncLLM:
         return self._task is not None and not self._task.done()
 
     @property
+    def num_in_flight(self) -> int:
+        """Requests accepted and not finished or aborted."""
+        return len(self._streams)
+
+    @property
     def num_waiting(self) -> int:
         """Requests not yet scheduled (queued adds + sequences waiting in the scheduler)."""
         return len(self._pending) + len(self.llm.scheduler.waiting)
@@ -145,7 +151,7 @@ class AsyncLLM:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests waiting); "
                                  "retry later")
         self._pending.append((req, stream_text))
-        st = _Stream(asyncio.Queue(), time.monotonic(), len(req.prompt_ids))
+        st = _Stream(asyncio.Queue(), time.monotonic(), req.prompt, req.prompt_ids)
         self._streams[req.request_id] = self._handles[req.request_id] = st
         self._wake.set()
         return req.request_id
@@ -156,14 +162,16 @@ class AsyncLLM:
         st = self._streams.pop(request_id, None)
         if st is not None and not st.done:
             st.done = True
+            st.queue.put_nowait(("aborted", None))   # wakes a consumer still waiting
             self.stats.aborted += 1
             self._pending = [(r, t) for r, t in self._pending if r.request_id != request_id]
             self._aborts.add(request_id)
             self._wake.set()
 
     async def events(self, request_id: int) -> AsyncIterator[list[StreamEvent]]:
-        """The request's events, a list per wake-up (all that arrived since the last one). Stopping early (or
-        being cancelled) aborts the request."""
+        """The request's events, a list per wake-up (all that arrived since the last one); ends when it finishes
+        or is aborted. Stopping early (or being cancelled) aborts the request. Raises RuntimeError if the engine
+        failed it."""
         st = self._handles.pop(request_id)
         try:
             while True:
@@ -178,13 +186,14 @@ class AsyncLLM:
                         raise RuntimeError(x)
                     if kind == "done":
                         st.output = x
+                    if kind in ("done", "aborted"):
                         return
         finally:
             if st.output is None:
                 self.abort(request_id)
 
-    async def result(self, request_id: int) -> RequestOutput:
-        """Wait for the request's RequestOutput (cancelling the wait aborts it)."""
+    async def result(self, request_id: int) -> RequestOutput | None:
+        """Wait for the request's RequestOutput (None if it was aborted; cancelling the wait aborts it)."""
         st = self._handles[request_id]
         async for _ in self.events(request_id):
             pass
@@ -196,6 +205,11 @@ class AsyncLLM:
     async def stream(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[list[StreamEvent]]:
         async for events in self.events(self.add_request(prompt, params)):
             yield events
+
+    def prompt_of(self, request_id: int) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids) of a request added and not yet attached to a consumer."""
+        st = self._handles[request_id]
+        return st.prompt, st.prompt_ids
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def _apply_control(self) -> None:
@@ -247,7 +261,7 @@ class AsyncLLM:
             if st.first is None:
                 st.first = now
                 stats.ttft.observe(now - st.arrival)
-                stats.prompt_tokens += st.prompt_tokens
+                stats.prompt_tokens += len(st.prompt_ids)
             st.num_tokens += len(evs)
             stats.generation_tokens += len(evs)
             st.queue.put_nowait(("events", evs))
