@@ -7,7 +7,8 @@ seeded), sent by N closed-loop clients (each sends its next request when the las
 same at most N sequences in flight). Both use the same engine options and torch thread count; the clients run
 in this process (httpx, asyncio), the server in a subprocess.
 Reported: output tokens/s, requests/s, time to first token (TTFT) and time per output token after the first
-(TPOT) p50/p99 per request, and server tok/s / in-process tok/s (target >= 0.9 on the tiny CPU model at 32). Each path runs --reps times; the fastest run counts.
+(TPOT) p50/p99 per request, and server tok/s / in-process tok/s (target >= 0.9 on the tiny CPU model at 32).
+Each path runs --reps times; the fastest run counts.
 
 Usage: python bench/serve.py [--model DIR] [--concurrency 32] [--requests 64] [--prompt-len 32] [--max-tokens 64]
                              [--device cpu] [--threads 1] [--json PATH]          (or: dsmath bench serve ...)
@@ -32,7 +33,7 @@ import urllib.request
 
 import torch
 
-if __package__:  # `dsmath bench serve`: dsmath.bench.serve inside the installed distribution
+if __package__ and "." in __package__:  # `dsmath bench serve`: dsmath.bench.serve, installed
     from .. import model as model_pkg
     from ..train import toy
     from ._util import device_name, print_json, print_table
@@ -40,8 +41,9 @@ else:  # `python bench/serve.py` from the repo
     ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, ROOT)
-    import model as model_pkg
     from _util import device_name, print_json, print_table
+
+    import model as model_pkg
     from train import toy
 
 LLM, SamplingParams = model_pkg.LLM, model_pkg.SamplingParams

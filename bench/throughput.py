@@ -33,15 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
-if __package__:  # `dsmath bench`: dsmath.bench.throughput inside the installed distribution
+if __package__ and "." in __package__:  # `dsmath bench`: dsmath.bench.throughput in the installed distribution
     from .. import model as model_pkg
     from ._util import device_name, print_json, print_table
-else:  # `python bench/throughput.py` from the repo
+else:  # `python bench/throughput.py` (or `bench.throughput`) from the repo
     ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, ROOT)
-    import model as model_pkg
     from _util import device_name, print_json, print_table
+
+    import model as model_pkg
 
 LLM, SamplingParams = model_pkg.LLM, model_pkg.SamplingParams
 

@@ -4,10 +4,10 @@ abandoned stream frees its blocks, the bounded queue, per-request errors, a fail
 import asyncio
 
 import pytest
+from tiny_models import word_tokenizer
 
 from model.engine import LLM, AsyncLLM, EngineClosedError, QueueFullError, RequestError, SamplingParams
 from model.engine.mock_model import MockPagedModel
-from tiny_models import word_tokenizer
 
 V = 64
 pytestmark = pytest.mark.usefixtures("one_thread")

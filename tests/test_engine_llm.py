@@ -3,10 +3,10 @@ log-probs, shared prompt blocks of n samples, preemption, stops, seeds, streamin
 
 import pytest
 import torch
+from tiny_models import word_tokenizer
 
 from model.engine import LLM, RequestError, SamplingParams
 from model.engine.mock_model import MockPagedModel
-from tiny_models import word_tokenizer
 
 V = 64
 

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import word_tokenizer
 
 from model.engine import LLM, Logprob, SamplingParams
 from model.engine.logits_processors import RowContext, apply_processors
 from model.engine.mock_model import MockPagedModel
 from model.engine.sampler import Sampler
-from tiny_models import word_tokenizer
 
 V = 64
 EOS = V - 1
@@ -304,3 +304,20 @@ def test_chat_renders_once_with_one_bos(model):
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat_template"):
         llm.chat(conv, use_tqdm=False)
+
+
+def test_prompt_logprobs_on_the_moe_model():
+    """The MoE model's forward_paged returns logits for every index the engine names (logits_indices [M])."""
+    from tiny_models import make_model
+
+    m = make_model("tiny-v2")
+    llm = LLM(m, num_blocks=32, block_size=8, max_num_batched_tokens=5, max_num_seqs=1)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1, logprobs=1),
+                       use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = m(torch.tensor([prompt + out.outputs[0].token_ids])).logits[0].float().log_softmax(-1)
+    for p in range(1, len(prompt)):
+        assert math.isclose(out.prompt_logprobs[p][prompt[p]].logprob, float(ref[p - 1, prompt[p]]), abs_tol=1e-4)
+    t = out.outputs[0].token_ids[0]
+    assert math.isclose(out.outputs[0].logprobs[0][t].logprob, float(ref[len(prompt) - 1, t]), abs_tol=1e-4)

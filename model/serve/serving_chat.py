@@ -9,9 +9,21 @@ from collections.abc import AsyncIterator
 
 from ..engine import RequestOutput
 from ..engine.chat import render_chat
-from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                       ChatMessageOut, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, DeltaMessage, clamp,
-                       random_id, usage)
+from .protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    DeltaMessage,
+    clamp,
+    random_id,
+    usage,
+)
 from .serving_engine import SSE_DONE, APIError, OpenAIServing, by_sample, sse
 
 

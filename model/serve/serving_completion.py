@@ -9,8 +9,15 @@ import time
 from collections.abc import AsyncIterator
 
 from ..engine import RequestOutput
-from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, clamp, random_id,
-                       usage)
+from .protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    clamp,
+    random_id,
+    usage,
+)
 from .serving_engine import SSE_DONE, APIError, OpenAIServing, by_sample, sse
 
 
