@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import socket
 import statistics
 import subprocess
@@ -168,7 +169,7 @@ def engine_args(args) -> list[str]:
         out += ["--device", args.device]
     if args.dtype:
         out += ["--dtype", args.dtype]
-    return out
+    return out + shlex.split(args.server_args)
 
 
 def in_process(args, model_dir: str, prompts: list[str]) -> dict:
@@ -202,6 +203,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=2, help="runs of each path; the fastest counts")
+    ap.add_argument("--server-args", default="", help="more `dsmath serve` options, e.g. '--step-in-thread no'")
     ap.add_argument("--json", default=None, help="also write the result JSON here")
     return ap.parse_args(argv)
 

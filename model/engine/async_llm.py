@@ -84,15 +84,24 @@ class _Stream:
     num_tokens: int = 0
     done: bool = False
     output: RequestOutput | None = None
+    held: list[StreamEvent] = field(default_factory=list)   # events not yet handed over (stream_interval)
 
 
 class AsyncLLM:
-    def __init__(self, llm: LLM, *, max_waiting_requests: int = 256, step_in_thread: bool = True):
+    def __init__(self, llm: LLM, *, max_waiting_requests: int = 256, step_in_thread: bool = True,
+                 stream_interval: int = 1):
+        """max_waiting_requests: the bound of the waiting queue (beyond it add_request raises QueueFullError).
+        step_in_thread: run LLM.compute_step in a worker thread (the event loop serves while the GPU works).
+        stream_interval: hand a request's events to its consumer every this many tokens (the first token and the
+        last are never held back); larger values mean fewer wake-ups and writes per token, coarser streaming."""
         if max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests: must be >= 0, got {max_waiting_requests}")
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
         self.llm = llm
         self.max_waiting_requests = max_waiting_requests
         self.step_in_thread = step_in_thread
+        self.stream_interval = stream_interval
         self.stats = ServingStats()
         self._pending: list[tuple[Request, bool]] = []
         self._aborts: set[int] = set()
@@ -258,14 +267,18 @@ class AsyncLLM:
             if st is None:                       # aborted while its step ran
                 llm.finished.pop(rid, None)
                 continue
-            if st.first is None:
+            first = st.first is None
+            if first:
                 st.first = now
                 stats.ttft.observe(now - st.arrival)
                 stats.prompt_tokens += len(st.prompt_ids)
             st.num_tokens += len(evs)
             stats.generation_tokens += len(evs)
-            st.queue.put_nowait(("events", evs))
             out = llm.finished.pop(rid, None)
+            st.held += evs
+            if first or out is not None or len(st.held) >= self.stream_interval:
+                st.queue.put_nowait(("events", st.held))
+                st.held = []
             if out is not None:
                 for o in out.outputs:
                     stats.finished[o.finish_reason or "none"] += 1

@@ -66,7 +66,7 @@ def build_app(engine: AsyncLLM, *, model_name: str, api_key: str | None = None, 
 
     app = FastAPI(title="dsmath OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:   # async: no thread-pool hop per request
         if want is not None:
             got = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(got, want):             # constant time

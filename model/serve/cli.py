@@ -37,6 +37,12 @@ def parse(argv=None) -> argparse.Namespace:
                      help="on SIGTERM, seconds running requests may take before they are aborted")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    srv.add_argument("--stream-interval", type=int, default=1,
+                     help="send a stream's tokens every this many (the first and last at once); >1 trades "
+                          "streaming granularity for less per-token HTTP work")
+    srv.add_argument("--step-in-thread", default="auto", choices=["auto", "yes", "no"],
+                     help="run the model half of each step in a worker thread so HTTP work overlaps it (auto: "
+                          "on CUDA, where the GPU runs while Python serves; on CPU the GIL serialises both anyway)")
     eng = ap.add_argument_group("engine")
     eng.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     eng.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -73,7 +79,9 @@ def build_engine(args):
               allow_long_max_model_len=args.allow_long_max_model_len)
     if llm.tokenizer is None:
         raise SystemExit(f"dsmath serve: {args.model} has no tokenizer; pass --tokenizer DIR")
-    return AsyncLLM(llm, max_waiting_requests=args.max_waiting_requests)
+    in_thread = llm.device.type == "cuda" if args.step_in_thread == "auto" else args.step_in_thread == "yes"
+    return AsyncLLM(llm, max_waiting_requests=args.max_waiting_requests, step_in_thread=in_thread,
+                    stream_interval=args.stream_interval)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,8 @@ top_k, min_p, repetition_penalty), then SamplingParams' — vLLM's behaviour.
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -239,3 +241,20 @@ def random_id(prefix: str) -> str:
 
 def clamp(lp: float) -> float:
     return max(lp, LOGPROB_FLOOR)
+
+
+_dumps = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
+
+
+class ChunkEncoder:
+    """The server-sent events of one streamed response, rendered straight to JSON: the same bytes as
+    CompletionResponse / ChatCompletionChunk(...).model_dump_json() (tests/test_serve_protocol.py checks), at a
+    fraction of the cost — this runs once per stream per engine step."""
+
+    def __init__(self, obj: str, id_: str, created: int, model: str):
+        self.head = (f'data: {{"id":{_dumps(id_)},"object":{_dumps(obj)},"created":{int(created)},'
+                     f'"model":{_dumps(model)},"choices":[')
+
+    def __call__(self, choices: list[dict]) -> str:
+        """choices: dicts with the choice model's fields, in its field order."""
+        return self.head + ",".join(_dumps(c) for c in choices) + '],"usage":null}\n\n'

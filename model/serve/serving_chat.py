@@ -16,10 +16,9 @@ from .protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessageOut,
-    ChatStreamChoice,
     ChatTokenLogprob,
     ChatTopLogprob,
-    DeltaMessage,
+    ChunkEncoder,
     clamp,
     random_id,
     usage,
@@ -84,12 +83,9 @@ class ServingChat(OpenAIServing):
     async def stream(self, req: ChatCompletionRequest, rids: list[int], prompt_tokens: int,
                      raw_request) -> AsyncIterator[str]:
         rid, created = random_id("chatcmpl"), int(time.time())
-
-        def chunk(choices, **kw) -> str:
-            return sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, **kw))
-
-        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                     for i in range(req.n)])
+        encode = ChunkEncoder("chat.completion.chunk", rid, created, self.model_name)
+        yield encode([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None, "stop_reason": None} for i in range(req.n)])
         completion_tokens = 0
         try:
             async for _, events in self.merged(rids, raw_request):
@@ -97,14 +93,14 @@ class ServingChat(OpenAIServing):
                 choices = []
                 for idx, evs in by_sample(events).items():
                     lps = chat_logprobs([e.token_id for e in evs], [e.logprobs for e in evs],
-                                        req.top_logprobs or 0) if req.logprobs else None
-                    choices.append(ChatStreamChoice(index=idx, delta=DeltaMessage(content="".join(
-                        e.text or "" for e in evs)), logprobs=lps, finish_reason=evs[-1].finish_reason,
-                        stop_reason=evs[-1].stop_reason))
-                yield chunk(choices)
+                                        req.top_logprobs or 0).model_dump() if req.logprobs else None
+                    text = "".join(e.text or "" for e in evs)
+                    choices.append({"index": idx, "delta": {"role": None, "content": text}, "logprobs": lps,
+                                    "finish_reason": evs[-1].finish_reason, "stop_reason": evs[-1].stop_reason})
+                yield encode(choices)
         except APIError as e:
             yield sse(e.body())
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], usage=usage(prompt_tokens, completion_tokens))
+            yield sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
+                                          usage=usage(prompt_tokens, completion_tokens)))
         yield SSE_DONE
-

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from ..engine import RequestOutput
 from .protocol import (
+    ChunkEncoder,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -94,6 +95,7 @@ class ServingCompletion(OpenAIServing):
     async def stream(self, req: CompletionRequest, rids: list[int], prompt_info: list,
                      raw_request) -> AsyncIterator[str]:
         rid, created = random_id("cmpl"), int(time.time())
+        encode = ChunkEncoder("text_completion", rid, created, self.model_name)
         completion_tokens, echoed = 0, set()
         try:
             async for i, events in self.merged(rids, raw_request):
@@ -106,11 +108,12 @@ class ServingCompletion(OpenAIServing):
                         text = (prompt_info[i][0] or self.tokenizer.decode(prompt_info[i][1])) + text
                     lps = None
                     if req.logprobs is not None:
-                        lps = completion_logprobs([ev.token_id for ev in evs], [ev.logprobs for ev in evs])
+                        lps = completion_logprobs([ev.token_id for ev in evs], [ev.logprobs for ev in evs]
+                                                  ).model_dump()
                     last = evs[-1]
-                    choices.append(CompletionChoice(index=i * req.n + idx, text=text, logprobs=lps,
-                                                    finish_reason=last.finish_reason, stop_reason=last.stop_reason))
-                yield sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices))
+                    choices.append({"index": i * req.n + idx, "text": text, "logprobs": lps,
+                                    "finish_reason": last.finish_reason, "stop_reason": last.stop_reason})
+                yield encode(choices)
         except APIError as e:
             yield sse(e.body())
         if req.stream_options is not None and req.stream_options.include_usage:
@@ -118,4 +121,3 @@ class ServingCompletion(OpenAIServing):
             yield sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
                                          usage=usage(prompt_tokens, completion_tokens)))
         yield SSE_DONE
-

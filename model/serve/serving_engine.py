@@ -122,6 +122,23 @@ class OpenAIServing:
     async def merged(self, rids: list[int], raw_request) -> AsyncIterator[tuple[int, list[StreamEvent]]]:
         """(prompt index, events) from every request as they come; the requests are aborted if the client
         disconnects or the consumer stops early."""
+        watcher = asyncio.ensure_future(wait_disconnect(raw_request))
+        watcher.add_done_callback(lambda _: [self.engine.abort(r) for r in rids])
+        try:
+            if len(rids) == 1:                       # the common case: no pump task, no second queue
+                async for events in self.engine.events(rids[0]):
+                    yield 0, events
+                return
+            async for item in self._merged(rids):
+                yield item
+        except RuntimeError as e:                    # the engine failed the request
+            raise APIError(500, str(e)) from None
+        finally:
+            watcher.cancel()
+            for rid in rids:
+                self.engine.abort(rid)
+
+    async def _merged(self, rids: list[int]) -> AsyncIterator[tuple[int, list[StreamEvent]]]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, rid: int):
@@ -134,8 +151,6 @@ class OpenAIServing:
                 queue.put_nowait((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, rid)) for i, rid in enumerate(rids)]
-        watcher = asyncio.ensure_future(wait_disconnect(raw_request))
-        watcher.add_done_callback(lambda _: [self.engine.abort(r) for r in rids])
         try:
             live = len(rids)
             while live:
@@ -143,12 +158,9 @@ class OpenAIServing:
                 if item is None:
                     live -= 1
                 elif isinstance(item, Exception):
-                    raise APIError(500, str(item))
+                    raise item
                 else:
                     yield i, item
         finally:
-            watcher.cancel()
             for t in tasks:
                 t.cancel()
-            for rid in rids:
-                self.engine.abort(rid)
