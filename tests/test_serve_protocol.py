@@ -22,7 +22,8 @@ from model.serve.protocol import (  # noqa: E402
 
 def test_chunk_encoder_matches_the_models():
     enc = ChunkEncoder("text_completion", "cmpl-1", 123, "toy \u00e9")
-    lp = CompletionLogprobs(text_offset=[0], token_logprobs=[-0.25], tokens=["\u00e9"], top_logprobs=[{"\u00e9": -0.25}])
+    lp = CompletionLogprobs(text_offset=[0], token_logprobs=[-0.25], tokens=["\u00e9"],
+                            top_logprobs=[{"\u00e9": -0.25}])
     choice = dict(index=1, text="a\"b\n\u00e9", logprobs=lp.model_dump(), finish_reason=None, stop_reason="x")
     want = CompletionResponse(id="cmpl-1", created=123, model="toy \u00e9",
                               choices=[CompletionChoice(**{**choice, "logprobs": lp})]).model_dump_json()
