@@ -272,6 +272,12 @@ def test_bad_engine_arguments_and_prompts(model):
                                 ([[1, 2], {"x": 1}], TypeError, "prompts\\[1\\]"), ([], ValueError, "empty")]:
         with pytest.raises(exc, match=match):
             llm.generate(prompts, use_tqdm=False)
+    import numpy as np
+
+    ok = llm.generate([np.array([1, 2, 3]), torch.tensor([4, 5])], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert [o.prompt_token_ids for o in ok] == [[1, 2, 3], [4, 5]]
+    with pytest.raises(TypeError, match="float"):
+        llm.generate([np.array([1.5, 2.0])], use_tqdm=False)
     with pytest.raises(TypeError, match="sampling_params"):
         llm.generate([[1, 2]], {"temperature": 0}, use_tqdm=False)
     check_free(llm)

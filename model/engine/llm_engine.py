@@ -134,6 +134,8 @@ class LLM:
                 raise TypeError(f"{name}: a tensor prompt must be 1-D integer token ids, got {prompt.dtype} "
                                 f"{tuple(prompt.shape)}")
             prompt = prompt.tolist()
+        elif hasattr(prompt, "tolist") and hasattr(prompt, "dtype"):   # a numpy array of ids
+            prompt = prompt.tolist()
         if prompt is None or not isinstance(prompt, (list, tuple)):
             raise TypeError(f"{name}: expected a string, a list of token ids or a dict, got "
                             f"{type(prompt).__name__} {prompt!r}")
