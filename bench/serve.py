@@ -8,7 +8,9 @@ same at most N sequences in flight). Both use the same engine options and torch 
 in this process (httpx, asyncio), the server in a subprocess.
 Reported: output tokens/s, requests/s, time to first token (TTFT) and time per output token after the first
 (TPOT) p50/p99 per request, and server tok/s / in-process tok/s (target >= 0.9 on the tiny CPU model at 32).
-Each path runs --reps times; the fastest run counts.
+Each path runs --reps times; the fastest run counts. On a shared machine wall time mostly measures the other
+jobs, so the CPU time each path spends for the same tokens is reported too (server process: /proc, in process:
+process_time): in-process CPU / server CPU is the server's efficiency whatever the load.
 
 Usage: python bench/serve.py [--model DIR] [--concurrency 32] [--requests 64] [--prompt-len 32] [--max-tokens 64]
                              [--device cpu] [--threads 1] [--json PATH]          (or: dsmath bench serve ...)
@@ -103,6 +105,15 @@ class Server:
         self.log.close()
         return self.proc.returncode
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process so far (Linux /proc; None elsewhere)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def output(self) -> str:
         self.log.flush()
         with open(self.log_path) as f:
@@ -179,14 +190,14 @@ def in_process(args, model_dir: str, prompts: list[str]) -> dict:
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.max_tokens, ignore_eos=True)
               for i in range(len(prompts))]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)                       # warm-up
-    dt = float("inf")
+    dt = cpu = float("inf")
     for _ in range(args.reps):                                                  # best of reps
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        dt = min(dt, time.perf_counter() - t0)
+        dt, cpu = min(dt, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {"name": "in-process LLM.generate", "requests": len(prompts), "output_tokens": tokens, "seconds": dt,
-            "tokens_per_s": tokens / dt, "requests_per_s": len(prompts) / dt}
+            "tokens_per_s": tokens / dt, "requests_per_s": len(prompts) / dt, "cpu_seconds": cpu}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -223,8 +234,14 @@ def main(argv=None) -> dict:
     with Server(model_dir, engine_args(args), log_path=os.path.join(tmp.name, "server.log"),
                 threads=args.threads) as srv:
         asyncio.run(drive(srv.url, name, prompts[:2], args.max_tokens, 2))      # warm-up
-        results, dt = min((asyncio.run(drive(srv.url, name, prompts, args.max_tokens, args.concurrency))
-                           for _ in range(args.reps)), key=lambda r: r[1])                  # best of reps
+        runs = []
+        for _ in range(args.reps):                                              # best of reps
+            c0 = srv.cpu_seconds()
+            results, dt = asyncio.run(drive(srv.url, name, prompts, args.max_tokens, args.concurrency))
+            c1 = srv.cpu_seconds()
+            runs.append((dt, results, None if c0 is None or c1 is None else c1 - c0))
+        dt, results, cpu = min(runs, key=lambda r: r[0])
+        cpu = min((r[2] for r in runs if r[2] is not None), default=None)
     tokens = sum(r["tokens"] for r in results)
     ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results if r["tpot"] is not None]
     served = {"name": f"server, {args.concurrency} streams", "requests": n, "output_tokens": tokens, "seconds": dt,
@@ -232,10 +249,13 @@ def main(argv=None) -> dict:
               "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
               "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99)}
     served["vs_in_process"] = served["tokens_per_s"] / base["tokens_per_s"]
+    served["cpu_seconds"] = cpu
+    served["cpu_vs_in_process"] = base["cpu_seconds"] / cpu if cpu else None
     result = {"device": device_name(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))),
               "model": args.model or "toy (tiny preset, char tokenizer)", "concurrency": args.concurrency,
               "requests": n, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "threads": args.threads,
               "rows": [base, served], "server_vs_in_process": served["vs_in_process"],
+              "server_cpu_vs_in_process": served["cpu_vs_in_process"], "server_args": args.server_args,
               "median_ttft_ms": statistics.median(ttft) * 1e3}
     print(f"# {result['device']}  {result['model']}  {n} requests x {args.max_tokens} tokens, prompts "
           f"{args.prompt_len} chars, {args.concurrency} concurrent")
@@ -243,7 +263,8 @@ def main(argv=None) -> dict:
                                  ("seconds", "s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
                                  ("requests_per_s", "req/s", ".2f"), ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
                                  ("ttft_p99_ms", "TTFT p99 ms", ".1f"), ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
-                                 ("tpot_p99_ms", "TPOT p99 ms", ".2f"), ("vs_in_process", "x in-proc", ".3f")])
+                                 ("tpot_p99_ms", "TPOT p99 ms", ".2f"), ("vs_in_process", "x in-proc", ".3f"),
+                                 ("cpu_seconds", "CPU s", ".2f"), ("cpu_vs_in_process", "x in-proc CPU", ".3f")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -129,3 +129,20 @@ def test_a_failing_step_fails_its_requests_not_the_engine(model):
         await engine.shutdown()
 
     run(main())
+
+
+def test_stream_interval_batches_events_without_losing_any(model):
+    async def main():
+        engine = AsyncLLM(make_llm(model), stream_interval=3)
+        await engine.start()
+        sizes, toks = [], []
+        async for events in engine.stream([1, 2, 3], SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)):
+            sizes.append(len(events))
+            toks += [e.token_id for e in events]
+        await engine.shutdown()
+        return sizes, toks
+
+    sizes, toks = run(main())
+    want = make_llm(model).generate([[1, 2, 3]], SamplingParams(max_tokens=11, temperature=0, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].token_ids
+    assert toks == want and sizes[0] == 1 and all(s % 3 == 0 for s in sizes[1:-1]) and sum(sizes) == 11

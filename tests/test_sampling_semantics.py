@@ -327,3 +327,20 @@ def test_prompt_logprobs_on_the_moe_model():
         assert math.isclose(out.prompt_logprobs[p][prompt[p]].logprob, float(ref[p - 1, prompt[p]]), abs_tol=1e-4)
     t = out.outputs[0].token_ids[0]
     assert math.isclose(out.outputs[0].logprobs[0][t].logprob, float(ref[len(prompt) - 1, t]), abs_tol=1e-4)
+
+
+def test_fast_decode_equals_tokenizer_decode():
+    """The detokenizer's direct Rust path gives tokenizer.decode's text (specials, added tokens, unknown ids)."""
+    import random
+
+    from model.engine.detokenizer import _decode
+    from train.toy import char_tokenizer
+
+    rng = random.Random(0)
+    for tok in (char_tokenizer(), word_tokenizer(V)):
+        assert hasattr(tok, "backend_tokenizer") and not tok.clean_up_tokenization_spaces   # the fast path runs
+        for skip in (True, False):
+            p = SamplingParams(skip_special_tokens=skip)
+            for _ in range(200):
+                ids = [rng.randrange(len(tok) + 5) for _ in range(rng.randrange(12))]
+                assert _decode(tok, ids, p) == tok.decode(ids, skip_special_tokens=skip), ids

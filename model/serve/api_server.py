@@ -13,6 +13,7 @@ then the process exits.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import logging
 import signal
@@ -43,12 +44,21 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events sent straight from the request's task: Starlette's StreamingResponse adds a task group
+    and a second receive loop per response to notice a client leaving, which the handlers already do (they
+    abort the client's requests, which ends this stream)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.stream_response(send)
+
+
 def _respond(result) -> Response:
     if result is None:                                     # the client went away; nobody reads this
         return Response(status_code=499)
     if hasattr(result, "model_dump_json"):
         return Response(result.model_dump_json(), media_type="application/json")
-    return StreamingResponse(result, media_type="text/event-stream",
+    return EventStreamResponse(result, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -61,6 +71,8 @@ def build_app(engine: AsyncLLM, *, model_name: str, api_key: str | None = None, 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        gc.collect()
+        gc.freeze()          # start-up objects (model, tokenizer, app) never scanned again: cheaper collections
         yield
         await engine.shutdown(timeout=0.0)   # uvicorn already let running requests finish (bounded)
 
