@@ -60,8 +60,9 @@ def test_logprobs_none_zero_and_top_k(llm, model):
 
 
 def test_raw_and_processed_logprobs(llm, model):
-    """Raw (default) = the model's log_softmax; processed = the distribution the token was drawn from: after
-    temperature and the top-k cut (renormalised, cut tokens -inf) — the engine's and the request's mode."""
+    """Raw (default) = the model's log_softmax; processed = log_softmax(logits / T) over the FULL vocabulary: the
+    temperature applies, the top-k cut the token was drawn under does not (what the GRPO loss computes) — as the
+    engine's default mode or the request's."""
     prompt = [7, 1, 4]
     base = dict(temperature=0.5, top_k=4, max_tokens=6, seed=3, logprobs=5)
     raw = llm.generate([prompt], SamplingParams(**base), use_tqdm=False)[0].outputs[0]
@@ -69,14 +70,16 @@ def test_raw_and_processed_logprobs(llm, model):
                         use_tqdm=False)[0].outputs[0]
     assert raw.token_ids == proc.token_ids                                 # the mode never changes sampling
     logits = full_logits(model, prompt + raw.token_ids)[len(prompt) - 1:-1]   # [6, V]
-    scaled = logits / 0.5
-    cut = scaled.masked_fill(scaled < scaled.topk(4, dim=-1).values[:, -1:], float("-inf")).log_softmax(-1)
+    scaled = (logits / 0.5).log_softmax(-1)
     for i, t in enumerate(raw.token_ids):
+        assert int((logits[i] > logits[i, t]).sum()) < 4                  # drawn inside the top-4
         assert math.isclose(raw.logprobs[i][t].logprob, float(logits[i].log_softmax(-1)[t]), abs_tol=1e-5)
-        assert math.isclose(proc.logprobs[i][t].logprob, float(cut[i, t]), abs_tol=1e-5)
-        tail = [e.logprob for e in proc.logprobs[i].values()][-1]          # 5th most likely: cut by top_k=4
-        assert tail == float("-inf")
-    assert raw.cumulative_logprob < proc.cumulative_logprob                # sharpened and truncated
+        assert math.isclose(proc.logprobs[i][t].logprob, float(scaled[i, t]), abs_tol=1e-5)
+        top = scaled[i].topk(5)                                            # the 5th: outside top_k, still finite
+        got = sorted(((e.rank, e.logprob) for k, e in proc.logprobs[i].items() if e.rank <= 5))
+        torch.testing.assert_close(torch.tensor([v for _, v in got]), top.values, atol=1e-5, rtol=0)
+    assert math.isclose(proc.cumulative_logprob, float(scaled.gather(1, torch.tensor(proc.token_ids)[:, None]).sum()),
+                        abs_tol=1e-4)
     engine_default = LLM(model, num_blocks=64, block_size=4, logprobs_mode="processed_logprobs")
     same = engine_default.generate([prompt], SamplingParams(**base), use_tqdm=False)[0].outputs[0]
     assert same.token_logprobs == proc.token_logprobs

@@ -6,6 +6,8 @@ The step's only host sync is the read of the sampled tokens (with their log-prob
 A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks.
 `step()` is two halves: `compute_step()` (schedule, forward, sample: no tokenizer) and `process_step()`
 (bookkeeping, detokenization, stops); AsyncLLM (async_llm.py) runs the first in a worker thread.
+MoE models record, per fed token and MoE layer, the experts it was routed to (beside its K/V, on the device);
+`SamplingParams(return_routing=True)` returns them as `CompletionOutput.routing` (routing replay for RL).
 
 `model` is a checkpoint directory (loaded with MoEForCausalLM.from_pretrained, tokenizer with AutoTokenizer
 when the directory has one, generation_config.json for default sampling and EOS ids) or a model object used in
@@ -79,13 +81,23 @@ class LLM:
                  num_blocks: int | None = None, block_size: int = 64, gpu_memory_fraction: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
-                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, generation_config: str | None = "auto",
-                 logprobs_mode: str = "raw_logprobs", max_logprobs: int = 20,
+                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, record_routing: bool | None = None,
+                 generation_config: str | None = "auto", logprobs_mode: str = "raw_logprobs", max_logprobs: int = 20,
                  allow_long_max_model_len: bool = False):
+        """record_routing: keep each cached token's experts per MoE layer (needed by return_routing; None = on for
+        models with MoE layers; costs L * top_k int16 per cache slot and one small write per MoE layer per step).
+        generation_config: "auto" reads the checkpoint's generation_config.json (default sampling values, EOS ids),
+        None / "vllm" ignores it, or a path. logprobs_mode: the default distribution of returned log-probs
+        (sampling_params.py). max_logprobs: the most top log-probs a request may ask for (-1: no limit).
+        allow_long_max_model_len: accept a max_model_len beyond max_position_embeddings (with a warning)."""
         _check_engine_args(num_blocks=num_blocks, block_size=block_size, gpu_memory_fraction=gpu_memory_fraction,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
                            cpu_kv_cache_gib=cpu_kv_cache_gib, logprobs_mode=logprobs_mode, max_logprobs=max_logprobs)
         self.model, path = _load_model(model, dtype, device)
+        moe_layers = int(getattr(self.model, "num_moe_layers", 0) or 0)
+        if record_routing and not moe_layers:
+            raise ValueError("record_routing: the model has no MoE layers (no num_moe_layers) to record")
+        self.record_routing = bool(moe_layers) if record_routing is None else bool(record_routing)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.device = torch.device(self.model.device)
         cfg = self.model.config
@@ -98,7 +110,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                                  enforce_eager=enforce_eager)
+                                  enforce_eager=enforce_eager, record_routing=self.record_routing)
         self.sampler = Sampler(seed)
         self.generation_defaults, generation_eos = _generation_config(generation_config, path)
         self.eos_ids = _eos_ids(cfg, self.tokenizer) | generation_eos
@@ -185,6 +197,9 @@ class LLM:
         if params.logit_bias and max(params.logit_bias) >= V:
             raise RequestError(f"sampling_params.logit_bias: token id {max(params.logit_bias)} is outside the "
                                f"vocabulary [0, {V})")
+        if params.return_routing and self.runner.routing is None:
+            raise RequestError("sampling_params.return_routing: this engine records no routing (a model without "
+                               "MoE layers, or LLM(record_routing=False))")
 
     def _enqueue(self, req: Request, stream_text: bool = False) -> int:
         req.stream_text = stream_text
@@ -340,6 +355,8 @@ class LLM:
         if reason is not None:
             seq.finish_reason = reason
             seq.final_text = final_text(self.tokenizer, seq, p.stop_list)
+            if p.return_routing:  # before its blocks (and their recorded experts) are freed
+                seq.routing = self.runner.gather_routing(seq)
         text = self._emit_text(seq, reason is not None) if detok else None
         if reason is not None:
             self.scheduler.finish(seq)
@@ -404,7 +421,7 @@ class LLM:
         lp = req.params.logprobs is not None
         outs = [CompletionOutput(s.index, s.final_text, s.completion_ids, s.cumulative_logprob if lp else None,
                                  list(s.logprobs) if lp else None, s.finish_reason, s.stop_reason,
-                                 s.num_preemptions)
+                                 s.num_preemptions, routing=s.routing)
                 for s in sorted(req.samples.values(), key=lambda s: s.index)]
         self.finished[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs,
                                                       self._prompt_logprob_list(req))
@@ -501,7 +518,8 @@ class LLM:
     # ---- sizing ---------------------------------------------------------------------------------------------------
     def _auto_num_blocks(self, block_size: int, fraction: float, max_tokens: int, max_seqs: int,
                          cpu_gib: float) -> int:
-        per_block = self.model.kv_cache_bytes_per_block(block_size)
+        extra = {"routing": True} if self.record_routing else {}
+        per_block = self.model.kv_cache_bytes_per_block(block_size, **extra)
         if self.device.type != "cuda":
             return max(1, int(cpu_gib * 2**30) // per_block)
         if not 0.0 < fraction <= 1.0:

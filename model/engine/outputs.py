@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class Logprob:
@@ -28,6 +30,10 @@ class CompletionOutput:
     finish_reason: str | None = None    # "stop" (EOS, stop id or stop string), "length", "abort" or "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None for EOS)
     num_preemptions: int = 0
+    # return_routing=True: [P + C - 1, moe_layers, top_k] int16 on the model's device, the experts each fed token
+    # (the P prompt tokens from the prefill, then the completion but its last, never-fed token) was routed to in
+    # each MoE layer — the layout of MoEForCausalLM.forward(routing=) for input ids (prompt + completion)[:-1]
+    routing: torch.Tensor | None = None
 
     @property
     def token_logprobs(self) -> list[float] | None:

@@ -2,15 +2,19 @@
 generators, and the requested log-probs.
 
 Per row: logits -> logits processors (bad words, min_tokens, logit_bias, penalties: logits_processors.py) ->
-greedy rows take the argmax; the others sample from softmax(logits / T) after min-p, top-k and the smallest
-top-p nucleus, by inversion: token = first i with cdf[i] > u * cdf[V-1], one uniform u per row (cdf in
-float64). Each seeded sample draws its u from its OWN seeded torch.Generator (SeedStream, on the host, drawn 256
-at a time), the other rows from the engine's generator — so a seeded sample does not depend on what else is in
-the batch, and no per-row kernel is launched.
+times 1/T -> greedy rows take the argmax; the others sample after min-p, top-k and the smallest top-p nucleus,
+by inversion: token = first i with cdf[i] > u * cdf[V-1], one uniform u per row (cdf in float64). Each seeded
+sample draws its u from its OWN seeded torch.Generator (SeedStream, on the host, drawn 256 at a time), the other
+rows from the engine's generator — so a seeded sample does not depend on what else is in the batch, and no
+per-row kernel is launched (an earlier version drew V exponentials per row from per-row device generators: one
+launch per seeded row per step).
 
 Log-probs are read from the distribution each row's logprobs mode names (sampling_params.py): the raw logits'
-log_softmax, or the processed one the token was drawn from (greedy rows: after the processors, without
-temperature or cuts); plus the sampled token's rank and the top-k, for rows that asked.
+log_softmax, or the processed one: log_softmax(processed logits * 1/T) — temperature applied as a multiplication
+by 1/T, exactly as the GRPO loss's kernels do, so the engine and the trainer round alike; the FULL vocabulary,
+no min-p / top-k / top-p renormalisation; T = 1 for greedy rows; plus the sampled token's rank
+and the top-k, for rows that asked. (With cuts the token was drawn from the renormalised subset; its log-prob
+there is log p - log(kept mass).)
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
 
 
 class SeedStream:
@@ -106,33 +112,33 @@ class Sampler:
         if all(greedy):
             tokens, proc = x.argmax(dim=-1), x
         else:
-            proc = self._processed(x, params, greedy)                                  # [B, V]
-            tokens = self._draw(proc, streams)
+            inv_t = to_device([1.0 if g else 1.0 / p.temperature for p, g in zip(params, greedy)], torch.float32,
+                              x.device)
+            proc = x * inv_t[:, None]                                          # [B, V] processed logits
+            tokens = self._draw(self._cut(proc, params, greedy), streams)
             if any(greedy):
                 tokens = torch.where(to_device(greedy, torch.bool, x.device), x.argmax(dim=-1), tokens)
         modes = modes or [p.logprobs_mode or "raw_logprobs" for p in params]
         return self._logprobs(raw, proc, tokens, params, modes)
 
     @staticmethod
-    def _processed(x: torch.Tensor, params: list[SamplingParams], greedy: list[bool]) -> torch.Tensor:
-        """Temperature, min-p, top-k, top-p; greedy rows keep their logits (T = 1, no cuts)."""
-        dev = x.device
-        t = to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev)
-        scaled = x / t[:, None]                                                # [B, V]
+    def _cut(proc: torch.Tensor, params: list[SamplingParams], greedy: list[bool]) -> torch.Tensor:
+        """What is sampled from: min-p, top-k, top-p on the processed logits (greedy rows: no cuts)."""
+        dev, cut = proc.device, proc
         if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
-            scaled = _mask_min_p(scaled, to_device([0.0 if g else p.min_p for p, g in zip(params, greedy)],
-                                                   torch.float32, dev))
+            cut = _mask_min_p(cut, to_device([0.0 if g else p.min_p for p, g in zip(params, greedy)],
+                                             torch.float32, dev))
         if any((p.top_k > 0 or p.top_p < 1.0) and not g for p, g in zip(params, greedy)):
             top_k = to_device([-1 if g else p.top_k for p, g in zip(params, greedy)], torch.int64, dev)
             top_p = to_device([1.0 if g else p.top_p for p, g in zip(params, greedy)], torch.float32, dev)
-            scaled = _mask_top_k_top_p(scaled, top_k, top_p)
-        return scaled
+            cut = _mask_top_k_top_p(cut, top_k, top_p)
+        return cut
 
-    def _draw(self, proc: torch.Tensor, streams: list[SeedStream | None]) -> torch.Tensor:
-        u = to_device(self._uniforms(streams), torch.float64, proc.device)     # [B]
-        cdf = proc.softmax(dim=-1).double().cumsum(dim=-1)                     # [B, V]
+    def _draw(self, cut: torch.Tensor, streams: list[SeedStream | None]) -> torch.Tensor:
+        u = to_device(self._uniforms(streams), torch.float64, cut.device)      # [B]
+        cdf = cut.softmax(dim=-1).double().cumsum(dim=-1)                      # [B, V]
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        return torch.where(sampled < proc.shape[-1], sampled, proc.argmax(dim=-1))  # u * total rounded up
+        return torch.where(sampled < cut.shape[-1], sampled, cut.argmax(dim=-1))  # u * total rounded up
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, proc: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams],

@@ -10,13 +10,13 @@ k + 1 entries; -1: the whole vocabulary), plus `cumulative_logprob`. `prompt_log
 (the first prompt token has None). Which distribution they describe is the logprobs mode (LLM(logprobs_mode=...)
 for the engine, `logprobs_mode=` here for one request):
 - "raw_logprobs" (default, as vLLM): log_softmax of the model's logits, before anything below.
-- "processed_logprobs": log_softmax of the logits the token was actually drawn from — after bad_words,
-  min_tokens, logit_bias, the repetition/frequency/presence penalties, temperature, min_p, top-k and top-p
-  (the cut tokens at -inf, the rest renormalised); for greedy rows the same without temperature and the cuts.
-  This is vLLM's definition, kept on purpose: it is the behaviour policy's true probability, which
-  importance-sampling corrections need. With top_p=1, top_k=-1, min_p=0 and no penalties (GRPO's settings) it
-  equals log_softmax(logits / T) over the full vocabulary — exactly what the trainer's loss computes
-  (dsmath_kernels.token_logprobs(..., temperature=T)); with truncation the two differ by the kept mass log Z.
+- "processed_logprobs": log_softmax of the processed logits over the FULL vocabulary: after bad_words, min_tokens,
+  logit_bias and the repetition/frequency/presence penalties, times 1/T (T = 1 for greedy rows) — but BEFORE
+  min_p, top-k and top-p: no truncation, no renormalisation. A conscious choice for RL: it is exactly what the
+  GRPO loss computes for the token (dsmath_kernels.token_logprobs(..., temperature=T), same 1/T multiplication,
+  same rounding), so the trainer's and the engine's log-probs agree whatever top_p the rollout used, and a
+  token outside the nucleus still has a finite log-prob. (vLLM V1's processed mode includes the top-k/top-p
+  renormalisation; the drawn token's probability under the cut distribution is this value minus log(kept mass).)
 - "raw_logits" / "processed_logits": the same two points, as logits instead of log-probs.
 Prompt log-probs are always raw (the prompt was not sampled).
 """
@@ -57,6 +57,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit before sampling
     truncate_prompt_tokens: int | None = None    # keep the last k prompt tokens (-1: max_model_len - 1)
+    return_routing: bool = False         # return the experts each fed token was routed to (CompletionOutput.routing)
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
@@ -80,7 +81,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.logprobs_mode: must be one of {LOGPROBS_MODES} or None, "
                              f"got {self.logprobs_mode!r}")
         for name in ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
-                     "include_stop_str_in_output"):
+                     "include_stop_str_in_output", "return_routing"):
             check_bool(f"SamplingParams.{name}", getattr(self, name))
         t = self.truncate_prompt_tokens
         if check_int("SamplingParams.truncate_prompt_tokens", t, -1, none=True) == 0:

@@ -43,6 +43,7 @@ class Sequence:
         self.generator: SeedStream | None = None   # own random stream when the request is seeded
         self.logprobs: list[dict] = []       # {token_id: Logprob} per generated token (params.logprobs not None)
         self.cumulative_logprob = 0.0
+        self.routing = None                  # [len - 1, L, K] device tensor at finish (params.return_routing)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.final_text: str | None = None   # the completion's text, set when it finishes
