@@ -59,7 +59,7 @@ class PatchReport:
             groups = Counter((w, k) for _, w, k in rows)
             for (what, detail), n in groups.items():
                 first = next(p for p, w, k in rows if (w, k) == (what, detail))
-                lines.append(f"  {title:7s} {what:8s} x{n:<4d} e.g. {first}: {detail}")
+                lines.append(f"  {title:7s} {what:8s} x{n:<4d} e.g. {first or '(model)'}: {detail}")
         return "\n".join(lines)
 
 
@@ -147,21 +147,16 @@ def _plan_router(router, config, dtype) -> tuple[RoutePlan | None, str]:
         ref = layers.class_forward(router)(router, x)
     if not (isinstance(ref, tuple) and len(ref) == 3 and ref[2].dim() == 2):
         return None, f"{type(router).__name__}'s forward does not return (router_logits, weights, ids)"
-    logits_fp32 = ref[0].dtype == torch.float32 and x.dtype != torch.float32
-    top_k = ref[2].shape[1]
-    for plan in layers.candidate_route_plans(router, config, logits_fp32 or x.dtype == torch.float32,
-                                             ref[1].dtype == torch.float32, top_k):
+    logits_fp32, weights_fp32 = ref[0].dtype == torch.float32, ref[1].dtype == torch.float32
+    for plan in layers.candidate_route_plans(router, config, logits_fp32, weights_fp32, ref[2].shape[1]):
         if _probe_router(router, plan, x) is None:
             return plan, plan.describe() + " (probed)"
     return None, f"{type(router).__name__}: its outputs match none of dsmath's routing modes on a probe batch"
 
 
 @torch.no_grad()
-def _plan_experts(experts, plan: RoutePlan | None, router, dtype) -> str | None:
-    """None when moe_experts can replace this experts module (probed against its own forward), else the reason."""
-    problem = layers.experts_problem(experts)
-    if problem is not None:
-        return f"{type(experts).__name__}: {problem}"
+def _probe_experts(experts, plan: RoutePlan | None, router, dtype) -> str | None:
+    """None when moe_experts reproduces this (layout-checked) experts module's own forward on a probe batch."""
     gu = experts.gate_up_proj
     if gu.is_meta:
         return None
@@ -236,18 +231,15 @@ def patch(model: torch.nn.Module, *, routing: bool = True, experts: bool = True,
     config = getattr(model, "config", None)
     dtype = _model_dtype(model)
     todo = []  # (module, forward, state) applied only after every decision is made
-    plans: dict[type, tuple] = {}  # router class -> (plan, kernel): probed once per class
-    expert_ok: dict[type, str | None] = {}
+    probed: dict[type, str | None] = {}  # experts class -> problem: the (costlier) experts probe runs once a class
     moe = _experts_modules(model) if (routing or experts) else []
     for epath, emod, rpath, rmod in moe:
         plan = None
-        if rmod is not None:
-            if type(rmod) not in plans:
-                plans[type(rmod)] = (None, "already patched") if _instance_patched(rmod) else \
-                    _plan_router(rmod, config, dtype)
-            plan, kernel = plans[type(rmod)]
+        if rmod is not None:  # every router is planned and probed (cheap: one [64, E] routing)
+            done = _instance_patched(rmod)
+            plan, kernel = (None, "") if done else _plan_router(rmod, config, dtype)
             if routing:
-                if _instance_patched(rmod):
+                if done:
                     report.patched.append((rpath, "router", "route_topk (already patched)"))
                 elif plan is None:
                     report.left.append((rpath, "router", kernel))
@@ -260,10 +252,12 @@ def patch(model: torch.nn.Module, *, routing: bool = True, experts: bool = True,
             if _instance_patched(emod):
                 report.patched.append((epath, "experts", "moe_experts (already patched)"))
                 continue
-            if type(emod) not in expert_ok:
-                rplan = plan if rmod is not None and not _instance_patched(rmod) else None
-                expert_ok[type(emod)] = _plan_experts(emod, rplan, rmod if rplan else None, dtype)
-            problem = expert_ok[type(emod)]
+            problem = layers.experts_problem(emod)
+            if problem is not None:
+                problem = f"{type(emod).__name__}: {problem}"
+            elif type(emod) not in probed:
+                probed[type(emod)] = _probe_experts(emod, plan, rmod if plan else None, dtype)
+            problem = problem or probed[type(emod)]
             if problem is None:
                 todo.append((emod, layers.experts_forward, {}))
                 report.patched.append((epath, "experts", "moe_experts (permute + grouped GEMM)"))

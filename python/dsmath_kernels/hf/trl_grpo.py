@@ -74,7 +74,8 @@ def grpo_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in
     autocast = trainer.accelerator.autocast() if hasattr(trainer.accelerator, "autocast") else nullcontext()
     with autocast:
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-        hidden, weight = layers.head_operands(out.last_hidden_state[:, -C - 1:-1], policy.get_output_embeddings().weight)
+        head = policy.get_output_embeddings().weight  # [V, H]
+        hidden, weight = layers.head_operands(out.last_hidden_state[:, -C - 1:-1], head)  # [B, C, H]
     ref = inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None
     loss, metrics = grpo_loss(hidden, weight, completion_ids, mask, inputs["advantages"],
                               old_logprobs=inputs.get("old_per_token_logps"), ref_logprobs=ref, beta=trainer.beta,
