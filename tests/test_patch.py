@@ -320,3 +320,22 @@ def test_torch_compile_train_step_and_eval_logits(preset):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback taken
             assert rel_err(step(ids).logits, ref(ids).logits) <= REL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny-v3", "tiny-qwen3"])
+def test_cuda_patched_model_matches_unpatched(preset):
+    """On a GPU the patched model runs the CUDA route_topk and the Triton grouped GEMMs and GRPO/LM-head kernels."""
+    ref = hf_model(preset).cuda().train()
+    m, report = patched_pair(ref)
+    assert report.paths("experts")
+    ids = tokens().cuda()
+    out_p, out_r = m(ids, labels=ids), ref(ids, labels=ids)
+    assert out_p.logits is None and rel_err(out_p.loss, out_r.loss) <= REL
+    out_p.loss.backward()
+    out_r.loss.backward()
+    assert_same_grads(m, ref)
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, ref(ids).logits) <= REL
