@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import statistics
@@ -32,12 +33,17 @@ from dataclasses import dataclass
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from _util import device_name, print_json, print_table  # noqa: E402
+if __package__:  # `dsmath bench`: dsmath.bench.throughput inside the installed distribution
+    from .. import model as model_pkg
+    from ._util import device_name, print_json, print_table
+else:  # `python bench/throughput.py` from the repo
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, ROOT)
+    import model as model_pkg
+    from _util import device_name, print_json, print_table
 
-from model.engine import LLM, SamplingParams  # noqa: E402
+LLM, SamplingParams = model_pkg.LLM, model_pkg.SamplingParams
 
 
 @dataclass
@@ -271,8 +277,8 @@ def targets(rows: list[dict]) -> dict[str, bool]:
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
-    from model.modeling import MoEForCausalLM
-    from model.presets import preset_dict
+    MoEForCausalLM = model_pkg.MoEForCausalLM
+    preset_dict = importlib.import_module(model_pkg.__name__ + ".presets").preset_dict
 
     if args.model:
         with open(os.path.join(args.model, "config.json")) as f:

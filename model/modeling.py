@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.layers.attention import GQAAttention, MLAttention
-from model.layers.moe import MLP, MoE
-from model.layers.rmsnorm import RMSNorm
-from model.layers.rope import Rotary
-from model.meta import ForwardMeta
+from .config import ModelConfig
+from .layers.attention import GQAAttention, MLAttention
+from .layers.moe import MLP, MoE
+from .layers.rmsnorm import RMSNorm
+from .layers.rope import Rotary
+from .meta import ForwardMeta
 
 
 @dataclass
@@ -113,16 +113,16 @@ class MoEForCausalLM(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, dtype=None, device=None):
-        from model.presets import preset
+        from .presets import preset
         return cls.from_config(preset(name), dtype=dtype, device=device)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None):
-        from model.loader import load_pretrained
+        from .loader import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
-        from model.loader import save_pretrained
+        from .loader import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()

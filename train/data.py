@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from train.rewards import gold_str
+from .rewards import gold_str
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

@@ -18,8 +18,9 @@ import math
 import time
 from collections import defaultdict
 
-from train.data import DATASETS, Problem, build_prompt, load_problems
-from train.rewards import VerifyPool, answers_equal, default_pool, extract_answer, math_reward, math_rewards
+from ._pkg import model_module
+from .data import DATASETS, Problem, build_prompt, load_problems
+from .rewards import VerifyPool, answers_equal, default_pool, extract_answer, math_reward, math_rewards
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure metrics
@@ -112,7 +113,7 @@ def make_prompt(problem: str, tokenizer, style: str = "auto", system: str | None
 
 def generate(llm, problems: list[Problem], n: int, temperature: float, max_tokens: int, top_p: float = 1.0,
              seed: int = 0, system: str | None = None, style: str = "auto") -> list[list[str]]:
-    from model.engine import SamplingParams
+    SamplingParams = model_module("engine").SamplingParams
 
     prompts = [make_prompt(p.problem, llm.tokenizer, style, system) for p in problems]
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from model.engine import LLM
+    LLM = model_module("engine").LLM
 
     problems = load_problems(a.data, a.dataset, a.problem_key, a.answer_key, a.limit)
     temp = a.temperature if a.temperature is not None else (0.0 if a.n == 1 else 0.6)

@@ -54,9 +54,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.config import GRPOConfig, parse_config
-from train.data import ProblemSampler, build_prompt, load_problems
-from train.rewards import VerifyPool, format_reward, length_penalty, math_rewards
+from ._pkg import model_module
+from .config import GRPOConfig, parse_config
+from .data import ProblemSampler, build_prompt, load_problems
+from .rewards import VerifyPool, format_reward, length_penalty, math_rewards
 
 # ---------------------------------------------------------------------------------------------------------------
 # The policy: the LM and its loss in one module, so FSDP2 un-shards lm_head.weight inside forward
@@ -125,7 +126,7 @@ def rank_world() -> tuple[int, int]:
 
 def load_tokenizer(cfg: GRPOConfig, model_dir: str | None):
     if cfg.tokenizer == "char":
-        from train.toy import char_tokenizer
+        from .toy import char_tokenizer
 
         return char_tokenizer()
     from transformers import AutoTokenizer
@@ -138,24 +139,24 @@ def load_tokenizer(cfg: GRPOConfig, model_dir: str | None):
 
 def load_lm(cfg: GRPOConfig, path: str | None = None):
     """The policy LM in fp32 (the master weights): from `path` (a checkpoint) or cfg.model (directory or preset)."""
-    from model import MoEForCausalLM
-    from model.presets import PRESETS, preset
+    MoEForCausalLM = model_module().MoEForCausalLM
+    presets = model_module("presets")
 
     src = path or cfg.model
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if os.path.isdir(src):
         return MoEForCausalLM.from_pretrained(src, dtype=torch.float32, device=dev)
-    if src not in PRESETS:
-        raise ValueError(f"model: {src!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
+    if src not in presets.PRESETS:
+        raise ValueError(f"model: {src!r} is neither a directory nor a preset ({', '.join(presets.PRESETS)})")
     torch.manual_seed(cfg.seed)
     overrides = json.loads(cfg.model_overrides) if cfg.model_overrides else {}
-    return MoEForCausalLM.from_config(preset(src, **overrides), dtype=torch.float32, device=dev,
+    return MoEForCausalLM.from_config(presets.preset(src, **overrides), dtype=torch.float32, device=dev,
                                       init_std=cfg.init_std)
 
 
 def load_data(cfg: GRPOConfig):
     if cfg.data == "toy":
-        from train.toy import toy_problems
+        from .toy import toy_problems
 
         return toy_problems(cfg.toy_max_operand)
     return load_problems(cfg.data, cfg.dataset, cfg.problem_key, cfg.answer_key)
@@ -184,7 +185,7 @@ def lr_factor(step: int, cfg: GRPOConfig) -> float:
 def sample(llm, prompts: list[list[int]], cfg: GRPOConfig, step: int, first_index: int):
     """G completions per prompt, each request seeded from (seed, step, global problem index): the same samples
     whatever the batch composition or the number of ranks."""
-    from model.engine import SamplingParams
+    SamplingParams = model_module("engine").SamplingParams
 
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_tokens, logprobs=True,
@@ -361,7 +362,7 @@ def full_lm(policy: Policy, opts):
     sd = get_model_state_dict(policy, options=opts)
     if dist.get_rank() != 0:
         return None
-    from model import MoEForCausalLM
+    MoEForCausalLM = model_module().MoEForCausalLM
 
     with torch.device("meta"):
         lm = MoEForCausalLM(policy.lm.config)
@@ -401,7 +402,7 @@ def build(cfg: GRPOConfig):
     tokenizer = load_tokenizer(cfg, ckpt or (cfg.model if os.path.isdir(cfg.model) else None))
     problems = load_data(cfg)
     if ckpt is None and cfg.warmstart_steps:
-        from train.toy import warm_start
+        from .toy import warm_start
 
         warm_start(lm, tokenizer, problems, cfg.warmstart_steps, lr=cfg.warmstart_lr, seed=cfg.seed,
                    correct_frac=cfg.warmstart_correct_frac)
@@ -426,7 +427,7 @@ def build(cfg: GRPOConfig):
 
 
 def make_engine(lm, tokenizer, cfg: GRPOConfig):
-    from model.engine import LLM
+    LLM = model_module("engine").LLM
 
     need = cfg.group_size * max(1, cfg.problems_per_step // rank_world()[1])
     return LLM(lm, tokenizer=tokenizer, block_size=cfg.engine_block_size, seed=cfg.seed,

@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from train.data import Problem
+from .data import Problem
 
 SPECIALS = ["<bos>", "<eos>", "<pad>", "<unk>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -1,6 +1,6 @@
 """Generation engine: paged KV cache, continuous batching, chunked prefill, true n-way sampling.
 
-    from model import LLM, SamplingParams
+    from model import LLM, SamplingParams      # after `pip install .`: from dsmath.model import ...
     llm = LLM("path/to/checkpoint")            # or LLM(live_model) — used in place
     outs = llm.generate(["1+1="], SamplingParams(n=4, temperature=0.8, max_tokens=64, logprobs=True))
 
@@ -8,8 +8,8 @@ Parts (nano-vllm layout): sequence, block_manager, scheduler, sampler, model_run
 one-off prompts (`python -m model.engine.cli --model DIR "prompt"`).
 """
 
-from model.engine.llm_engine import LLM
-from model.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
-from model.engine.sampling_params import SamplingParams
+from .llm_engine import LLM
+from .outputs import CompletionOutput, RequestOutput, StreamEvent
+from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StreamEvent"]

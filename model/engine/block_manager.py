@@ -13,7 +13,7 @@ order; token p lives in slot block_table[p // block_size] * block_size + p % blo
 
 from collections import OrderedDict
 
-from model.engine.sequence import Sequence
+from .sequence import Sequence
 
 
 class Block:

@@ -39,13 +39,13 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    from model.engine import LLM
+    from . import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = dict(num_blocks=args.num_blocks, block_size=args.block_size)
     if args.model:
         return LLM(args.model, dtype=dtype, device=args.device, **kw)
-    from model.modeling import MoEForCausalLM
+    from ..modeling import MoEForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = MoEForCausalLM.from_preset(args.preset, dtype=dtype, device=device)
@@ -53,7 +53,7 @@ def build(args):
 
 
 def main(argv=None) -> int:
-    from model.engine import SamplingParams
+    from . import SamplingParams
 
     args = parse(argv)
     llm = build(args)

@@ -4,7 +4,7 @@ Decoding token by token breaks multi-byte characters and word-initial spaces; de
 tokens[prefix_offset:] against tokens[prefix_offset:read_offset] and emitting only the difference does not.
 """
 
-from model.engine.sequence import Sequence
+from .sequence import Sequence
 
 
 def decode_step(tokenizer, seq: Sequence) -> str:

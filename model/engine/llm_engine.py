@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.engine.block_manager import BlockManager
-from model.engine.detokenizer import decode_step, final_text, find_stop
-from model.engine.model_runner import ModelRunner
-from model.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
-from model.engine.sampler import Sampler, to_device
-from model.engine.sampling_params import SamplingParams
-from model.engine.scheduler import Batch, Scheduler
-from model.engine.sequence import Sequence
+from .block_manager import BlockManager
+from .detokenizer import decode_step, final_text, find_stop
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput, StreamEvent
+from .sampler import Sampler, to_device
+from .sampling_params import SamplingParams
+from .scheduler import Batch, Scheduler
+from .sequence import Sequence
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -298,7 +298,7 @@ class LLM:
 
 def _profile_forward(model, T: int, block_size: int) -> int:
     """Peak bytes allocated while prefilling one T-token sequence (the largest step) into a scratch cache."""
-    from model.meta import ForwardMeta
+    from ..meta import ForwardMeta
 
     dev = torch.device(model.device)
     nb = -(-T // block_size)
@@ -321,7 +321,7 @@ def _profile_forward(model, T: int, block_size: int) -> int:
 
 def _load_model(model, dtype, device):
     if isinstance(model, (str, os.PathLike)):
-        from model.modeling import MoEForCausalLM
+        from ..modeling import MoEForCausalLM
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return MoEForCausalLM.from_pretrained(str(model), dtype=dtype, device=device), str(model)

@@ -12,9 +12,9 @@ import logging
 
 import torch
 
-from model.engine.sampler import to_device
-from model.engine.scheduler import Batch
-from model.meta import ForwardMeta
+from ..meta import ForwardMeta
+from .sampler import to_device
+from .scheduler import Batch
 
 log = logging.getLogger(__name__)
 # Optional ForwardMeta field: the longest query run of a prefill step, so paged_prefill needs no host sync.

@@ -12,7 +12,7 @@ rows: the model's own log-softmax, i.e. temperature 1).
 
 import torch
 
-from model.engine.sampling_params import SamplingParams
+from .sampling_params import SamplingParams
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

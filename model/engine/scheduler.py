@@ -13,8 +13,8 @@ its generator state is kept, so a greedy (or seeded) sample continues where it w
 import bisect
 from dataclasses import dataclass, field
 
-from model.engine.block_manager import BlockManager
-from model.engine.sequence import Sequence, Status
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
 
 
 def _age(seq: Sequence) -> tuple[int, int]:

@@ -9,8 +9,8 @@ with its own sample index and generator. After that each sequence is independent
 import itertools
 from enum import Enum, auto
 
-from model.engine.sampler import SeedStream
-from model.engine.sampling_params import SamplingParams
+from .sampler import SeedStream
+from .sampling_params import SamplingParams
 
 
 class Status(Enum):

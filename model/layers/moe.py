@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsmath_kernels as dk
-from model.config import ModelConfig
+
+from ..config import ModelConfig
 
 
 class MLP(nn.Module):
