@@ -269,6 +269,18 @@ def test_loss_options_match_transformers():
     assert full.logits is not None and rel_err(full.loss, ref(ids, labels=ids).loss) <= REL
 
 
+def test_activation_checkpointing_grads_match():
+    ref = hf_model("tiny-v3").train()
+    m, _ = patched_pair(ref)
+    m.gradient_checkpointing_enable()  # the patched ops recompute deterministically
+    ids = tokens()
+    out_p, out_r = m(ids, labels=ids, use_cache=False), ref(ids, labels=ids, use_cache=False)
+    assert rel_err(out_p.loss, out_r.loss) <= REL
+    out_p.loss.backward()
+    out_r.loss.backward()
+    assert_same_grads(m, ref)
+
+
 def test_generate_matches_unpatched():
     ref = hf_model("tiny-v3")
     m, _ = patched_pair(ref)

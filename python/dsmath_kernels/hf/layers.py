@@ -269,7 +269,8 @@ def lm_loss_problem(model: torch.nn.Module) -> str | None:
     loss_fn = getattr(model, "loss_function", None)
     if getattr(loss_fn, "__name__", "") != "ForCausalLMLoss":
         return f"loss function {getattr(loss_fn, '__name__', loss_fn)!r} is not transformers' ForCausalLMLoss"
-    if hasattr(model, "router_aux_loss_coef") and aux_loss_fn(fwd) is None:
+    if hasattr(model, "router_aux_loss_coef") and (aux_loss_fn(fwd) is None or not hasattr(model, "num_experts")
+                                                   or not hasattr(model, "num_experts_per_tok")):
         return "a router aux loss dsmath does not know how to compute (no load_balancing_loss_func)"
     return None
 
