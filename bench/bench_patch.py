@@ -5,7 +5,8 @@ implementation, "grouped_mm" = torch._grouped_mm; `--baseline eager` for the per
 Configs: the tiny test models (tiny-qwen3, tiny-v3, fp32) and one-layer models at real shapes: Qwen3-30B-A3B
 (H 2048, 128 experts top-8, I 768, vocab 151936) and DeepSeek-V2-Lite (H 2048, 64 experts top-6 + 2 shared,
 I 1408, vocab 102400), bf16, random weights.
-One model per config, measured as transformers ships it, then patched in place (same weights) and measured again.
+One model per config, measured as transformers ships it, then patched in place (same weights) with the routers and
+experts only ("dsmath moe") and with the fused LM-head loss too ("dsmath"), measured each time.
 Peak memory: the step's peak beyond what was held before it, as bench_grpo_loss measures it (CUDA:
 max_memory_allocated; CPU: VmHWM after resetting it, glibc pinned so freed buffers cannot hide later ones);
 parameter gradients are allocated before the step on both sides, so the peak is activations, logits, temporaries.
@@ -62,14 +63,21 @@ def build(name: str, device: torch.device, baseline: str):
     return m
 
 
+VARIANTS = {  # name -> patch() options (None: transformers as it ships)
+    "transformers": None,
+    "dsmath moe": {"loss": False},  # route_topk + moe_experts, transformers' LM head and loss
+    "dsmath": {},  # + the fused LM-head loss
+}
+
+
 def measure(fn, device: torch.device, reps: int) -> tuple[float, float]:
-    """(median seconds, peak MB of the step beyond what was held before it)."""
-    peak = peak_extra_bytes(fn, device) / 2**20
-    return time_fn(fn, device, reps=reps, warmup=1), peak
+    """(median seconds, peak MB of the step beyond what was held before it); the peak run is the warm-up."""
+    peak = max(0.0, peak_extra_bytes(fn, device) / 2**20)  # < 0 when the step frees more than it allocates
+    return time_fn(fn, device, reps=reps, warmup=0), peak
 
 
-def run_config(name: str, args, device: torch.device) -> dict:
-    """Train and generate steps of transformers' model, then of the same model patched in place."""
+def run_config(name: str, args, device: torch.device) -> list[dict]:
+    """Train and generate steps of transformers' model, then of the same model patched in place per variant."""
     import dsmath_kernels
 
     model = build(name, device, args.baseline)
@@ -87,20 +95,23 @@ def run_config(name: str, args, device: torch.device) -> dict:
         model.zero_grad(set_to_none=False)  # gradients stay allocated: the step's peak is the activations' and loss's
         model(ids, labels=ids).loss.backward()
 
-    row = {"config": name, "train_tokens": args.batch * args.train_tokens}
-    for who in ("hf", "ds"):
-        if who == "ds":
-            row["patched"] = len(dsmath_kernels.patch(model).patched)
+    rows = []
+    for variant in args.variants.split(","):
+        dsmath_kernels.unpatch(model)
+        opts = VARIANTS[variant]
+        patched = 0 if opts is None else len(dsmath_kernels.patch(model, **opts).patched)
+        row = {"config": name, "variant": variant, "patched": patched, "train_tokens": args.batch * args.train_tokens}
         model.eval()
-        t, row[f"{who}_gen_mb"] = measure(gen, device, args.reps)
-        row[f"{who}_gen_ms"] = t / new * 1e3
+        t, row["gen_mb"] = measure(gen, device, args.reps)
+        row["gen_ms"] = t / new * 1e3
         model.train()
         step()  # gradients allocated before measuring
-        row[f"{who}_train_s"], row[f"{who}_train_mb"] = measure(step, device, args.reps)
+        row["train_s"], row["train_mb"] = measure(step, device, args.reps)
         model.zero_grad(set_to_none=True)
-    row["train_speedup"] = row["hf_train_s"] / row["ds_train_s"]
-    row["gen_speedup"] = row["hf_gen_ms"] / row["ds_gen_ms"]
-    return row
+        base = rows[0] if rows else row
+        row["train_x"], row["gen_x"] = base["train_s"] / row["train_s"], base["gen_ms"] / row["gen_ms"]
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -115,6 +126,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--baseline", default="grouped_mm", choices=["grouped_mm", "eager"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}; the first is "
+                   "the baseline of the speed-up columns")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -125,19 +138,16 @@ def main() -> None:
     pin_glibc_malloc()
     rows = []
     for name in (args.configs or default).split(","):
-        rows.append(run_config(name, args, device))
+        rows += run_config(name, args, device)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"device: {device_name(device)}; baseline: transformers experts_implementation={args.baseline}; "
           f"train: B={args.batch} x T={args.train_tokens}, fwd+bwd with labels; generate: B={args.gen_batch}, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens (ms per token)")
-    print_table(rows, [("config", "config", "s"), ("train_tokens", "tokens", "d"),
-                       ("hf_train_s", "hf train s", ".3f"), ("ds_train_s", "dsmath train s", ".3f"),
-                       ("train_speedup", "x", ".2f"), ("hf_train_mb", "hf peak MB", ".0f"),
-                       ("ds_train_mb", "dsmath peak MB", ".0f"), ("hf_gen_ms", "hf gen ms/tok", ".1f"),
-                       ("ds_gen_ms", "dsmath gen ms/tok", ".1f"), ("gen_speedup", "x", ".2f"),
-                       ("hf_gen_mb", "hf gen MB", ".0f"), ("ds_gen_mb", "dsmath gen MB", ".0f")])
+    print_table(rows, [("config", "config", "s"), ("variant", "variant", "s"), ("train_tokens", "tokens", "d"),
+                       ("train_s", "train s", ".3f"), ("train_x", "x", ".2f"), ("train_mb", "train peak MB", ".0f"),
+                       ("gen_ms", "gen ms/tok", ".1f"), ("gen_x", "x", ".2f"), ("gen_mb", "gen peak MB", ".0f")])
     print_json({"bench": "patch", "device": device_name(device), "baseline": args.baseline, "rows": rows})
 
 
