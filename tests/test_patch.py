@@ -170,6 +170,20 @@ def test_unsupported_model_gets_a_clear_message_and_is_left_intact(model_type, k
         assert torch.equal(m(ids).logits, logits)
 
 
+def test_loss_only_patch_serves_a_dense_model():
+    ref = other_model("llama").train()
+    m = copy.deepcopy(ref)
+    report = dsmath_kernels.patch(m, routing=False, experts=False)
+    assert report.paths() == [""] and report.patched[0][1] == "loss"
+    ids = tokens()
+    out_p, out_r = m(ids, labels=ids), ref(ids, labels=ids)
+    assert out_p.logits is None and rel_err(out_p.loss, out_r.loss) <= REL
+    out_p.loss.backward()
+    out_r.loss.backward()
+    for (name, p), (_, r) in zip(m.named_parameters(), ref.named_parameters()):
+        assert rel_err(p.grad, r.grad) <= REL, name
+
+
 def test_not_a_model_is_refused_by_name():
     with pytest.raises(TypeError, match="model"):
         dsmath_kernels.patch("deepseek_v3")
