@@ -184,6 +184,22 @@ def test_loss_only_patch_serves_a_dense_model():
         assert rel_err(p.grad, r.grad) <= REL, name
 
 
+def test_transformers_4_modulelist_experts_are_refused_clearly():
+    """transformers < 5 kept a ModuleList of per-expert MLPs and an nn.Linear gate: refused, named, unchanged."""
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 4),
+                                                            torch.nn.Linear(4, 8))
+
+    block = torch.nn.Module()
+    block.gate = torch.nn.Linear(8, 4, bias=False)
+    block.experts = torch.nn.ModuleList([Mlp() for _ in range(4)])
+    with pytest.raises(UnsupportedModelError, match="transformers < 5 keeps a ModuleList"):
+        dsmath_kernels.patch(block)
+    assert not any("forward" in mod.__dict__ for mod in block.modules())
+
+
 def test_not_a_model_is_refused_by_name():
     with pytest.raises(TypeError, match="model"):
         dsmath_kernels.patch("deepseek_v3")
