@@ -97,6 +97,18 @@ def test_logits_loss_and_grads_match_unpatched(case, mode):
     assert_same_grads(pat, ref)
 
 
+def test_bf16_router_ties_do_not_block_patching():
+    """Experts that tie on the router logit (bf16 logits tie often) may be picked differently by torch.topk and
+    route_topk: the probe accepts that, and every router is patched."""
+    m = hf_model("tiny-qwen3").to(torch.bfloat16)
+    for layer in m.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            with torch.no_grad():
+                layer.mlp.gate.weight[1::2] = layer.mlp.gate.weight[0::2]  # experts 2i and 2i+1 always tie
+    report = dsmath_kernels.patch(m)
+    assert report.paths("router") == ["model.layers.0.mlp.gate"], report.left
+
+
 def test_report_lists_patched_and_left_modules():
     m = hf_model("tiny-v3")
     report = dsmath_kernels.patch(m)
