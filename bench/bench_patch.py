@@ -7,6 +7,8 @@ Configs: the tiny test models (tiny-qwen3, tiny-v3, fp32) and one-layer models a
 I 1408, vocab 102400), bf16, random weights.
 One model per config, measured as transformers ships it, then patched in place (same weights) with the routers and
 experts only ("dsmath moe") and with the fused LM-head loss too ("dsmath"), measured each time.
+Time: wall clock (CUDA: events); on CPU also the process's CPU time, which other jobs on a shared machine disturb
+far less, and the speed-up columns (x, over the first variant) use it there.
 Peak memory: the step's peak beyond what was held before it, as bench_grpo_loss measures it (CUDA:
 max_memory_allocated; CPU: VmHWM after resetting it, glibc pinned so freed buffers cannot hide later ones);
 parameter gradients are allocated before the step on both sides, so the peak is activations, logits, temporaries.
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -70,10 +74,19 @@ VARIANTS = {  # name -> patch() options (None: transformers as it ships)
 }
 
 
-def measure(fn, device: torch.device, reps: int) -> tuple[float, float]:
-    """(median seconds, peak MB of the step beyond what was held before it); the peak run is the warm-up."""
+def measure(fn, device: torch.device, reps: int) -> tuple[float, float | None, float]:
+    """(median wall seconds, median CPU seconds of this process (CPU only: robust to other jobs on a shared
+    machine), peak MB of the step beyond what was held before it); the peak run is the warm-up."""
     peak = max(0.0, peak_extra_bytes(fn, device) / 2**20)  # < 0 when the step frees more than it allocates
-    return time_fn(fn, device, reps=reps, warmup=0), peak
+    if device.type == "cuda":
+        return time_fn(fn, device, reps=reps, warmup=0), None, peak
+    wall, cpu = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), peak
 
 
 def run_config(name: str, args, device: torch.device) -> list[dict]:
@@ -102,14 +115,15 @@ def run_config(name: str, args, device: torch.device) -> list[dict]:
         patched = 0 if opts is None else len(dsmath_kernels.patch(model, **opts).patched)
         row = {"config": name, "variant": variant, "patched": patched, "train_tokens": args.batch * args.train_tokens}
         model.eval()
-        t, row["gen_mb"] = measure(gen, device, args.reps)
-        row["gen_ms"] = t / new * 1e3
+        t, c, row["gen_mb"] = measure(gen, device, args.reps)
+        row["gen_ms"], row["gen_cpu_ms"] = t / new * 1e3, (c / new * 1e3 if c is not None else None)
         model.train()
         step()  # gradients allocated before measuring
-        row["train_s"], row["train_mb"] = measure(step, device, args.reps)
+        row["train_s"], row["train_cpu_s"], row["train_mb"] = measure(step, device, args.reps)
         model.zero_grad(set_to_none=True)
         base = rows[0] if rows else row
-        row["train_x"], row["gen_x"] = base["train_s"] / row["train_s"], base["gen_ms"] / row["gen_ms"]
+        key_t, key_g = ("train_s", "gen_ms") if device.type == "cuda" else ("train_cpu_s", "gen_cpu_ms")
+        row["train_x"], row["gen_x"] = base[key_t] / row[key_t], base[key_g] / row[key_g]
         rows.append(row)
     return rows
 
@@ -146,8 +160,9 @@ def main() -> None:
           f"train: B={args.batch} x T={args.train_tokens}, fwd+bwd with labels; generate: B={args.gen_batch}, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens (ms per token)")
     print_table(rows, [("config", "config", "s"), ("variant", "variant", "s"), ("train_tokens", "tokens", "d"),
-                       ("train_s", "train s", ".3f"), ("train_x", "x", ".2f"), ("train_mb", "train peak MB", ".0f"),
-                       ("gen_ms", "gen ms/tok", ".1f"), ("gen_x", "x", ".2f"), ("gen_mb", "gen peak MB", ".0f")])
+                       ("train_s", "train s", ".3f"), ("train_cpu_s", "CPU s", ".3f"), ("train_x", "x", ".2f"),
+                       ("train_mb", "train peak MB", ".0f"), ("gen_ms", "gen ms/tok", ".1f"),
+                       ("gen_cpu_ms", "CPU ms", ".1f"), ("gen_x", "x", ".2f"), ("gen_mb", "gen peak MB", ".0f")])
     print_json({"bench": "patch", "device": device_name(device), "baseline": args.baseline, "rows": rows})
 
 
