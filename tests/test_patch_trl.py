@@ -95,6 +95,8 @@ def trl_formula(trainer, model, inputs):
     coef_1 = torch.exp(logp - old)
     coef_2 = torch.clamp(coef_1, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        per_token = per_token * inputs["importance_sampling_ratio"]
     if trainer.beta != 0.0:
         d = inputs["ref_per_token_logps"] - logp
         per_token = per_token + trainer.beta * (torch.exp(d) - d - 1)
@@ -143,6 +145,21 @@ def test_loss_and_grads_equal_trl_formula(policy, loss_type, beta):
     assert logged["clip_ratio/region_mean"][0] > 0  # the perturbed old log-probs make ratios clip
 
 
+@pytest.mark.parametrize("shape", [(B, C), (B, 1)])  # TRL's token- and sequence-level IS modes
+def test_vllm_importance_sampling_correction(policy, shape):
+    ref = copy.deepcopy(policy)
+    ours = copy.deepcopy(policy)
+    trainer = trainer_for(ours, use_vllm=True, vllm_importance_sampling_correction=True, beta=0.04)
+    inputs = with_old_and_ref(ref, batch(), trainer.temperature)
+    inputs["importance_sampling_ratio"] = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 2
+    loss = grpo_compute_loss(trainer, ours, inputs)
+    expected = trl_formula(trainer, ref, inputs)
+    assert rel_err(loss, expected) <= REL
+    loss.backward()
+    expected.backward()
+    assert_grads_match(ours, ref)
+
+
 def test_router_aux_loss_is_added_as_trl_adds_it(policy):
     ours = copy.deepcopy(policy)
     trainer = trainer_for(ours, aux_loss_enabled=True, router_aux_loss_coef=0.01)
@@ -158,7 +175,8 @@ def test_router_aux_loss_is_added_as_trl_adds_it(policy):
 
 
 @pytest.mark.parametrize("change", [{"loss_type": "cispo"}, {"importance_sampling_level": "sequence"},
-                                    {"top_entropy_quantile": 0.5}, {"_entropy_bonus_enabled": True}])
+                                    {"top_entropy_quantile": 0.5}, {"_entropy_bonus_enabled": True},
+                                    {"off_policy_mask_threshold": 0.5}])
 def test_unsupported_configurations_warn_and_run_trls_loss(policy, change):
     trainer = trainer_for(policy, **change)
     trainer._compute_loss = lambda model, inputs: "trl's own loss"

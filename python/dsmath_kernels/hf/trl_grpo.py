@@ -10,10 +10,11 @@ The backbone runs once on prompt + completion; the hidden states at the position
 tokens [B, C, H] go with the LM head weight into `grpo_loss`, which never holds the [B, C, V] logits (TRL's own
 path scores them in vocab tiles too, but then applies the loss in PyTorch). Same loss as TRL's `_compute_loss` for
 loss_type "grpo", "bnpo", "dr_grpo" and "dapo" with token-level importance sampling, including beta > 0 (k3 KL),
-the temperature, tool masks, gradient-accumulation scaling and the MoE router aux loss; logs entropy, kl and the
+vLLM's sampler-mismatch importance-sampling correction (grpo_loss's token_weights), the temperature, tool masks,
+gradient-accumulation scaling and the MoE router aux loss; logs entropy, kl and the
 clip_ratio/{low,high,region}_mean metrics as TRL does (not clip_ratio/low_min and high_max). Anything else (cispo,
 sapo, vespo, luspo, sequence-level importance sampling, two-sided clipping `delta`, the off-policy mask, entropy
-masks or bonus, vLLM importance-sampling correction, bias-corrected KL, vision inputs) warns and runs TRL's own
+masks or bonus, bias-corrected KL, vision inputs) warns and runs TRL's own
 `_compute_loss`. Recipe and a runnable script: examples/trl_grpo.py."""
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ def unsupported(trainer, inputs) -> str | None:
         (getattr(trainer, "off_policy_mask_threshold", None) is not None, "the off-policy sequence mask"),
         (getattr(trainer, "top_entropy_quantile", 1.0) < 1.0, "the high-entropy token mask"),
         (getattr(trainer, "_entropy_bonus_enabled", False), "the entropy bonus"),
-        (getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False),
-         "vLLM importance-sampling correction"),
+        (_vllm_is(trainer) and trainer.loss_type == "vespo", "vLLM importance sampling with vespo"),
         (trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "bias-corrected KL"),
         (inputs["advantages"].dim() != 1, "per-token advantages"),
         (any(inputs.get(k) is not None for k in _VISION_KEYS), "vision inputs"),
@@ -77,10 +77,14 @@ def grpo_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in
         head = policy.get_output_embeddings().weight  # [V, H]
         hidden, weight = layers.head_operands(out.last_hidden_state[:, -C - 1:-1], head)  # [B, C, H]
     ref = inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None
+    tw = None
+    if _vllm_is(trainer):  # TRL multiplies the policy term (not the KL) by the sampler-mismatch IS ratio
+        tw = inputs["importance_sampling_ratio"].expand(completion_ids.shape)  # [B, C] or [B, 1] -> [B, C]
     loss, metrics = grpo_loss(hidden, weight, completion_ids, mask, inputs["advantages"],
                               old_logprobs=inputs.get("old_per_token_logps"), ref_logprobs=ref, beta=trainer.beta,
                               eps_low=trainer.epsilon_low, eps_high=trainer.epsilon_high,
-                              temperature=trainer.temperature, loss_type=_LOSS_TYPES[trainer.loss_type])
+                              temperature=trainer.temperature, loss_type=_LOSS_TYPES[trainer.loss_type],
+                              token_weights=tw)
     mode = "train" if trainer.model.training else "eval"
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     if trainer.loss_type == "dr_grpo":  # grpo_loss divides by B * C, TRL by B * max_completion_length
@@ -98,6 +102,10 @@ def grpo_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in
         trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux.detach()).mean().item())
     _log(trainer, mode, metrics, mask)
     return loss
+
+
+def _vllm_is(trainer) -> bool:
+    return bool(getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False))
 
 
 def _aux_loss(policy, out, attention_mask) -> torch.Tensor:
