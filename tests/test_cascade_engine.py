@@ -27,7 +27,7 @@ def rollout(model, *, cascade: bool, num_blocks: int, replay: bool = False):
     g = torch.Generator().manual_seed(3)
     ps = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (13, 22, 8)]
     stops = list(range(100, 120))
-    params = [SamplingParams(n=4, temperature=1.0, seed=s, max_tokens=14, stop_token_ids=stops, logprobs=True)
+    params = [SamplingParams(n=4, temperature=1.0, seed=s, max_tokens=14, stop_token_ids=stops, logprobs=0)
               for s in (1, 2, 3)]
     llm = LLM(model, num_blocks=num_blocks, block_size=4, max_num_seqs=12, cascade=cascade)
     if replay:
