@@ -84,7 +84,7 @@ def test_plans_count_heads_and_are_bucketed_by_context(model, monkeypatch):
     calls = []
     monkeypatch.setattr(mr, "plan_decode", lambda *a, **k: calls.append(k) or dk.plan_decode(*a, **k))
     monkeypatch.setattr(dk.attention, "_num_workers", lambda device: 64)  # a device with room for splits
-    llm = LLM(model, num_blocks=64, block_size=4, max_num_seqs=4, max_model_len=200000)
+    llm = LLM(model, num_blocks=64, block_size=4, max_num_seqs=4, max_model_len=200000, allow_long_max_model_len=True)
     r = llm.runner
     assert r.buckets == [4096, 16384, 65536, 200000]
     r._plan(2, 100)
