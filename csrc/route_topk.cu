@@ -138,9 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 int route_topk_cuda(const void* logits, int dtype, int64_t stride_t, const float* bias, const routing::Params& p,
                     float* weights, int32_t* ids, void* stream) {
-  if (p.E < 1 || p.E > routing::kMaxExperts || p.K < 1 || p.K > routing::kMaxTopK || p.n_group < 1 ||
-      p.n_group > routing::kMaxGroups)
-    return kBadArgument;
+  if (!routing::params_ok(p)) return kBadArgument;
   if (p.T == 0) return kOk;
   const int64_t blocks = (p.T + kWarps - 1) / kWarps;
   route_topk_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(

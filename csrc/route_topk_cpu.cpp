@@ -11,9 +11,7 @@ namespace dsmath {
 
 int route_topk_cpu(const void* logits, int dtype, int64_t stride_t, const float* bias, const routing::Params& p,
                    float* weights, int32_t* ids, int num_threads) {
-  if (p.E < 1 || p.E > routing::kMaxExperts || p.K < 1 || p.K > routing::kMaxTopK || p.n_group < 1 ||
-      p.n_group > routing::kMaxGroups)
-    return kBadArgument;
+  if (!routing::params_ok(p)) return kBadArgument;
   auto work = [&](int64_t begin, int64_t end) {
     std::vector<float> scores(p.E), choice(p.E);
     float w[routing::kMaxTopK];

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsmath_kernels.grpo import _mm_f32
+from dsmath_kernels._linalg import mm_f32 as _mm_f32
 from dsmath_kernels.triton_common import mma
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -145,7 +145,9 @@ def _lse_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, dz_ptr,
 
 # ------------------------------------------------------------------------------------------------------- launchers
 def _config(device: torch.device) -> dict:
-    if INTERPRET or device.type != "cuda":
+    """Tiles: small ones in the interpreter; on the GPU (and on meta tensors, for the compile report) the sm_90
+    config, checked by `python -m dsmath_kernels.compile_report`."""
+    if INTERPRET or device.type not in ("cuda", "meta"):
         return {"BM": 16, "BN": 32, "BK": 16}
     return {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
 
@@ -160,7 +162,7 @@ def _check(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
                          f"{list(w.shape)}, {list(t.shape)}")
     if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"grpo_triton: hidden / weight dtypes {h.dtype} / {w.dtype} (need one of fp32, fp16, bf16)")
-    if h.device.type != "cuda" and not INTERPRET:
+    if h.device.type not in ("cuda", "meta") and not INTERPRET:
         raise ValueError(f"grpo_triton: tensors on {h.device} need a CUDA GPU or TRITON_INTERPRET=1")
     return t.contiguous()
 
