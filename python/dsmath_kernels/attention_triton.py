@@ -251,8 +251,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     flags = torch.zeros(1, dtype=torch.int32, device=q.device) if flags is None else flags
     da, db = _dim_split(D)
     shared_v = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and Dv == da
-    block_h = 16 if _interpreting() else min(32, max(16, triton.next_power_of_2(G)))
-    block_n = 16 if _interpreting() else (32 if max(D, Dv) > 256 else 64)
+    block_h, block_n, warps = (16, 16, 4) if _interpreting() else _decode_tiles(G, D, Dv, q.dtype)
     po = plse = out
     if num_splits > 1:
         po = torch.empty(B, Hq, num_splits, Dv, dtype=torch.float32, device=q.device)
@@ -268,7 +267,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             num_splits, chunk, k_cache.shape[0], bt.shape[1], BS=k_cache.shape[1], BLOCK_H=block_h, BLOCK_N=block_n,
             DA=da, BLOCK_DB=max(db, 16), HAS_B=db > 0,
             BLOCK_DV=max(16, triton.next_power_of_2(Dv)), SHARED_V=shared_v, UPCAST=_interpreting(), PREC=_prec(q),
-            num_warps=8 if Dv > 256 else 4, num_stages=2,
+            num_warps=warps, num_stages=2,
         )
     if num_splits > 1:
         m = plse.amax(-1, keepdim=True)  # [B, Hq, 1]
@@ -278,6 +277,17 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def _decode_tiles(G: int, D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps) of the decode kernel: the G heads of a kv head are the M dim of the MMA (16 or
+    32 rows); 32 keys per step for rows wider than 256 (MLA), else 64. fp32 (exact FMA dots, no tensor cores) rows
+    wider than 128 take 16 keys and 8 warps: the 16-bit tiles spill 2-3 KB per thread there. Every branch is compiled
+    for sm_90 by `python -m dsmath_kernels.compile_report`."""
+    block_h = min(32, max(16, triton.next_power_of_2(G)))
+    if dtype == torch.float32 and max(D, Dv) > 128:
+        return block_h, 16, 8
+    return block_h, (32 if max(D, Dv) > 256 else 64), (8 if Dv > 256 else 4)
+
+
 def _dim_split(D: int) -> tuple[int, int]:
     """D = DA + rest with DA the largest power of two <= D (>= 16); rest padded to a power of two >= 16 (0: none)."""
     da = max(16, 1 << (D.bit_length() - 1))
@@ -285,15 +295,20 @@ def _dim_split(D: int) -> tuple[int, int]:
     return da, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
 
 
-def _tiles(Dv: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): tiny in the interpreter; wide value rows (MLA, Dv 512) get a 32-row tile so
-    the fp32 accumulator stays in registers."""
+def _tiles(Dv: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+    """Prefill (BLOCK_M, BLOCK_N, num_warps): tiny in the interpreter; wide value rows (MLA, Dv 512) get a 32-row tile
+    so the fp32 accumulator stays in registers; head dims 192 / 256 take 8 warps (4 sat at 254 registers on sm_90).
+    fp32 (exact FMA dots) takes small tiles: the 16-bit ones spill 4-80 KB per thread. Every branch is compiled for
+    sm_90 by `python -m dsmath_kernels.compile_report`."""
     if _interpreting():
         return 16, 16, 4
-    if Dv > 256 or D > 256:
+    wide, mid = Dv > 256 or D > 256, Dv > 128 or D > 128
+    if dtype == torch.float32:
+        return (16, 16, 8) if wide else (32, 16, 8) if mid else (32, 32, 4)
+    if wide:
         return 32, 32, 8
-    if Dv > 128 or D > 128:
-        return 64, 32, 4
+    if mid:
+        return 64, 32, 8
     return 128, 64, 8
 
 
@@ -320,7 +335,7 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     cu, sl = cu_seqlens_q.contiguous(), seq_lens.contiguous()
     flags = torch.zeros(1, dtype=torch.int32, device=q.device) if flags is None else flags
     da, db = _dim_split(D)
-    bm, bn, warps = _tiles(Dv, D)
+    bm, bn, warps = _tiles(Dv, D, q.dtype)
     for b0, b1 in _batch_slices(B):
         grid = (max(1, triton.cdiv(max_q, bm)), b1 - b0, Hq)
         _prefill_fwd_kernel[grid](

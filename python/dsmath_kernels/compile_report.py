@@ -150,7 +150,12 @@ def collect(specs: Iterable[KernelSpec]) -> list[Variant]:
 
 # ---------------------------------------------------------------------------------------------- compile
 def _specialise(v: Variant, target):
-    """Triton's own launch-time specialisation of the recorded call -> (src, options, key)."""
+    """Triton's own launch-time specialisation of the recorded call -> (src, options, key). The key hashes everything
+    the compiled code depends on: Triton and ptxas versions, target, the kernel's source and the jit functions it
+    calls (fn.cache_key), signature, constants, attributes and options."""
+    import hashlib
+
+    import triton
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -160,9 +165,10 @@ def _specialise(v: Variant, target):
     binder = create_function_from_signature(v.fn.signature, v.fn.params, backend)
     bound, spec, opts = binder(*v.args, **kw)
     opts, sig, consts, attrs = v.fn._pack_args(backend, kw, bound, spec, opts)
-    key = repr((v.fn.__module__, v.fn.__name__, sorted(sig.items()), sorted(consts.items(), key=str),
-                sorted(attrs.items(), key=str), sorted(opts.__dict__.items(), key=str)))
-    return ASTSource(v.fn, sig, consts, attrs), opts, key
+    options = {k: val for k, val in opts.__dict__.items() if k != "extern_libs"}  # extern_libs: install paths
+    text = repr((triton.__version__, backend.hash(), v.fn.__name__, v.fn.cache_key, sorted(sig.items()),
+                 sorted(consts.items(), key=str), sorted(attrs.items(), key=str), sorted(options.items(), key=str)))
+    return ASTSource(v.fn, sig, consts, attrs), opts, hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 _PTXAS_RE = {
@@ -193,24 +199,20 @@ def _mma_kind(ptx: str) -> str:
     return "fma"
 
 
-def _config_str(v: Variant, opts) -> str:
-    parts = [f"{k}{v.kwargs[k]}" for k in _CONFIG_KEYS if k in v.kwargs]
-    return " ".join(parts + [f"w{opts.num_warps}", f"s{opts.num_stages}"])
-
-
 def _mode_str(v: Variant) -> str:
     flags = [k for k, val in v.kwargs.items() if val is True and k not in ("IEEE", "UPCAST")]
     return v.mode or ",".join(flags) or "-"
 
 
-def compile_variant(v: Variant, target_name: str) -> dict:
+def measure(v: Variant, target_name: str) -> dict:
+    """Compile one launch for the target: raw figures {regs, spill, smem, mma, warps, key}."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as tcompile
 
-    cc, smem_max, regfile = TARGETS[target_name]
+    cc = TARGETS[target_name][0]
     target = GPUTarget("cuda", cc, 32)
-    src, opts, _ = _specialise(v, target)
+    src, opts, key = _specialise(v, target)
     buf = io.StringIO()
     old = knobs.nvidia.dump_ptxas_log
     knobs.nvidia.dump_ptxas_log = True
@@ -223,10 +225,16 @@ def compile_variant(v: Variant, target_name: str) -> dict:
     ptx = k.asm["ptx"]
     if not _PTXAS_RE["regs"].search(log):
         log = _ptxas_log(ptx, cc)
-    regs = int(_PTXAS_RE["regs"].search(log).group(1))
-    spill = sum(int(x) for x in _PTXAS_RE["spill"].search(log).groups())
-    smem = int(k.metadata.shared)
-    threads = 32 * opts.num_warps
+    return {"key": key, "regs": int(_PTXAS_RE["regs"].search(log).group(1)),
+            "spill": sum(int(x) for x in _PTXAS_RE["spill"].search(log).groups()), "smem": int(k.metadata.shared),
+            "mma": _mma_kind(ptx), "warps": opts.num_warps, "stages": opts.num_stages}
+
+
+def judge(v: Variant, target_name: str, m: dict) -> dict:
+    """A table row from raw figures: fits the target? within the spill budget?"""
+    _, smem_max, regfile = TARGETS[target_name]
+    regs, spill, smem = m["regs"], m["spill"], m["smem"]
+    threads = 32 * m["warps"]
     problems = []
     if smem > smem_max:
         problems.append(f"shared memory {smem} B > {smem_max} B")
@@ -234,8 +242,10 @@ def compile_variant(v: Variant, target_name: str) -> dict:
         problems.append(f"{regs} registers x {threads} threads > {regfile}")
     if v.spill_budget is not None and v.dtype in ("bfloat16", "float16") and spill > v.spill_budget:
         problems.append(f"spills {spill} B > budget {v.spill_budget} B")
+    config = " ".join([f"{k}{v.kwargs[k]}" for k in _CONFIG_KEYS if k in v.kwargs] +
+                      [f"w{m['warps']}", f"s{m['stages']}"])
     return {"target": target_name, "family": v.family, "kernel": v.kernel, "mode": _mode_str(v), "dtype": v.dtype,
-            "config": _config_str(v, opts), "regs": regs, "spill": spill, "smem": smem, "mma": _mma_kind(ptx),
+            "config": config, "regs": regs, "spill": spill, "smem": smem, "mma": m["mma"],
             "fits": smem <= smem_max and regs * threads <= regfile, "budget": v.spill_budget, "problems": problems}
 
 
@@ -245,17 +255,36 @@ _JOBS: list = []  # (variant, target) inherited by forked workers
 def _work(i: int) -> dict:
     v, t = _JOBS[i]
     try:
-        return compile_variant(v, t)
+        return measure(v, t)
     except Exception as e:  # a config that does not compile is a failure of the sweep, reported as a row
-        return {"target": t, "family": v.family, "kernel": v.kernel, "mode": _mode_str(v), "dtype": v.dtype,
-                "config": str({k: v.kwargs[k] for k in _CONFIG_KEYS if k in v.kwargs}), "regs": None,
-                "spill": None, "smem": None, "mma": None, "fits": False, "budget": v.spill_budget,
-                "problems": [f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"]}
+        return {"error": f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+def _error_row(v: Variant, t: str, err: str) -> dict:
+    return {"target": t, "family": v.family, "kernel": v.kernel, "mode": _mode_str(v), "dtype": v.dtype,
+            "config": str({k: v.kwargs[k] for k in _CONFIG_KEYS if k in v.kwargs}), "regs": None, "spill": None,
+            "smem": None, "mma": None, "fits": False, "budget": v.spill_budget, "problems": [err]}
+
+
+def _run_jobs(n: int, jobs: int) -> list[dict]:
+    if n == 0:
+        return []
+    jobs = max(1, min(jobs, n))
+    if jobs == 1:
+        return [_work(i) for i in range(n)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
+        return list(ex.map(_work, range(n), chunksize=1))
 
 
 def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = None,
-          specs: Iterable[KernelSpec] | None = None) -> list[dict]:
-    """Compile every distinct launch for each target; returns one row per (target, launch)."""
+          specs: Iterable[KernelSpec] | None = None, cache: str | None = None, verify: int = 0,
+          stats: dict | None = None) -> list[dict]:
+    """Compile every distinct launch for each target; one row per (target, launch). cache: a JSON file of raw
+    figures by compile key (read, and written back with new entries); verify: recompile that many cached entries
+    (chosen by key) and fail on any difference, so a stale or edited cache cannot pass."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_report: unset TRITON_INTERPRET (the interpreter never compiles)")
     for m in PLUGINS:
@@ -265,23 +294,44 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
     variants = collect(SPECS if specs is None else specs)
     if only:
         variants = [v for v in variants if only in f"{v.family} {v.kernel} {_mode_str(v)} {v.dtype}"]
-    _JOBS.clear()
-    seen = set()
+    known: dict = {}
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            known = json.load(f)
+    launches, seen = [], set()  # (variant, target, key) in table order, each key once
     for t in targets:
         target = GPUTarget("cuda", TARGETS[t][0], 32)
         for v in variants:
-            key = (t, _specialise(v, target)[2])
+            key = _specialise(v, target)[2]
             if key not in seen:
                 seen.add(key)
-                _JOBS.append((v, t))
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(_JOBS)))
-    if jobs == 1:
-        return [_work(i) for i in range(len(_JOBS))]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
-        return list(ex.map(_work, range(len(_JOBS)), chunksize=1))
+                launches.append((v, t, key))
+    todo = [x for x in launches if x[2] not in known]
+    checks = sorted((x for x in launches if x[2] in known), key=lambda x: x[2])[:verify]
+    _JOBS[:] = [(v, t) for v, t, _ in todo + checks]
+    results = _run_jobs(len(_JOBS), jobs or os.cpu_count() or 1)
+    fresh = dict(zip([k for _, _, k in todo + checks], results))
+    rows = []
+    for v, t, key in launches:
+        m = fresh[key] if key in fresh else known[key]
+        if "error" in m:
+            rows.append(_error_row(v, t, m["error"]))
+            continue
+        row = judge(v, t, m)
+        if key in known and key in fresh and "error" not in fresh[key]:
+            got = {k: fresh[key][k] for k in ("regs", "spill", "smem", "mma")}
+            want = {k: known[key][k] for k in ("regs", "spill", "smem", "mma")}
+            if got != want:
+                row["problems"].append(f"cache entry differs from a fresh compile: cached {want}, compiled {got}")
+        rows.append(row)
+    if stats is not None:
+        stats.update(launches=len(launches), compiled=len(todo), verified=len(checks))
+    if cache and todo:
+        known.update({k: m for k, m in fresh.items() if "error" not in m})
+        with open(cache + ".tmp", "w") as f:
+            json.dump(dict(sorted(known.items())), f, indent=0, sort_keys=True)
+        os.replace(cache + ".tmp", cache)
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -302,15 +352,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object: rows and failures")
     ap.add_argument("--only", default=None, help="keep launches whose family/kernel/mode/dtype contain TEXT")
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
+    ap.add_argument("--cache", default=None, help="JSON file of compiled figures by compile key (read and updated)")
+    ap.add_argument("--no-update", action="store_true", help="do not write new entries into --cache")
+    ap.add_argument("--verify", type=int, default=0, help="recompile N cached entries and fail on a difference")
     a = ap.parse_args(argv)
     targets = list(TARGETS) if a.target == "all" else [a.target]
-    rows = sweep(targets, a.only, a.jobs)
+    stats: dict = {}
+    cache = a.cache
+    if cache and a.no_update:  # read-only: work on a copy
+        import shutil
+
+        tmp = tempfile.mkdtemp()
+        if os.path.exists(cache):
+            shutil.copy(cache, os.path.join(tmp, "cache.json"))
+        cache = os.path.join(tmp, "cache.json")
+    rows = sweep(targets, a.only, a.jobs, cache=cache, verify=a.verify, stats=stats)
     for t in targets:
         for name, fn in SECTIONS:
             rows += [{"target": t, "section": name, **r} for r in fn(t)]
     bad = [r for r in rows if r["problems"]]
     if a.json:
-        print(json.dumps({"rows": rows, "failures": len(bad)}))
+        print(json.dumps({"rows": rows, "failures": len(bad), **stats}))
     else:
         for t in targets:
             sub = [r for r in rows if r["target"] == t and "section" not in r]
@@ -321,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n# {t}: {name}")
                 for r in sec:
                     print("  " + "  ".join(f"{k}={v}" for k, v in r.items() if k not in ("target", "section")))
-        print(f"\n{len(bad)} failing of {len(rows)}")
+        print(f"\n{len(bad)} failing of {len(rows)} ({stats.get('compiled', 0)} compiled, "
+              f"{stats.get('verified', 0)} cached entries verified)")
     return 1 if bad else 0
 
 

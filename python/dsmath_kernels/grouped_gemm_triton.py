@@ -156,10 +156,21 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-_GEMM_CONFIGS = [  # two per rows-per-expert bucket, so a new shape compiles and times at most two
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4),  # decode: weight-bandwidth bound, small M tiles
+# Configs per rows-per-expert bucket (decode <= 16, small prefill <= 64, prefill / training), two per bucket so a new
+# shape compiles and times at most two. 16-bit operands run on tensor cores (wgmma for BM >= 64, mma.sync below);
+# fp32 operands use exact IEEE dots (FMA, no tensor cores), so they get their own small tiles: the 16-bit tiles
+# need up to 408 KB of shared memory and spill tens of KB per thread in fp32. Every config a launch can select is
+# compiled for sm_90 by `python -m dsmath_kernels.compile_report` in CI: it must fit (<= 227 KB shared memory) and a
+# 16-bit launch must not spill.
+_GEMM_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 8, 4),  # decode: weight-bandwidth bound, small M tiles
     _cfg(32, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),  # small prefill
     _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),  # prefill / training (wgmma 64xN per warpgroup)
+]
+_GEMM_CONFIGS_FP32 = [
+    _cfg(16, 64, 32, 4, 3), _cfg(16, 32, 64, 4, 3),
+    _cfg(32, 64, 32, 4, 3), _cfg(64, 32, 32, 4, 3),
+    _cfg(128, 32, 32, 8, 3), _cfg(128, 64, 32, 8, 3),
 ]
 _WGRAD_CONFIGS = [_cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 8, 3)]
 
@@ -170,10 +181,33 @@ def _bucket(rows: int, experts: int) -> int:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
+    """The configs one launch may take: by bucket and operand dtype, then narrowed for the register-heavy epilogues
+    (sm_90 compile figures in bench/RESULTS.md): SwiGLU (ACT, two accumulators) and its backward (DACT, three
+    outputs) take BN <= 128 (fp32: 32 at BM 128); storing the pre-activations (STORE_H) takes BN 64 at BM 128 and 8
+    warps at BM 64; DACT takes BN 64, BM <= 64 and 8 warps from BM 64 (BM 128 with BN 64 sits at 255 registers)."""
     b = named_args["mbucket"]
+    flag = lambda k: bool(kwargs.get(k, named_args.get(k, False)))  # noqa: E731
     bms = (16,) if b <= 16 else (32, 64) if b <= 64 else (128,)
-    wide = any(kwargs.get(k, named_args.get(k, False)) for k in ("ACT", "DACT"))  # 2 B tiles / 3 outputs: BN <= 128
-    return [c for c in configs if c.kwargs["BM"] in bms and not (wide and c.kwargs["BN"] > 128)]
+    if named_args["x_ptr"].dtype == torch.float32:
+        wide = flag("ACT") or flag("DACT")
+        return [c for c in _GEMM_CONFIGS_FP32 if c.kwargs["BM"] in bms and not (wide and c.kwargs["BN"] > 32 and
+                                                                                 c.kwargs["BM"] == 128)]
+    out = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        warps, stages = c.num_warps, c.num_stages
+        if bm not in bms or ((flag("ACT") or flag("DACT")) and bn > 128):
+            continue
+        if flag("STORE_H") and bm >= 64:
+            bn, warps = (64, 8) if bm == 128 else (bn, 8)
+        if flag("DACT"):
+            bn = min(bn, 64)
+            if bm >= 64:
+                bm, warps = 64, 8
+        cfg = _cfg(bm, bn, bk, warps, stages)
+        if all(cfg.kwargs != o.kwargs or cfg.num_warps != o.num_warps or cfg.num_stages != o.num_stages for o in out):
+            out.append(cfg)
+    return out
 
 
 _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "E", "mbucket", "ACT", "GATHER", "STORE_H", "DACT"],
