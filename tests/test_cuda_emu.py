@@ -377,7 +377,8 @@ def test_emulation_catches_a_broken_kernel():
     src = emu.cuda_sources()
     path = os.path.join(emu.CSRC, "route_topk.cu")
     good = src[path]
-    bad = good.replace("for (int off = 16; off > 0; off >>= 1) {\n    float ov", "for (int off = 8; off > 0; off >>= 1) {\n    float ov")
+    site = "for (int off = 16; off > 0; off >>= 1) {\n    float ov"
+    bad = good.replace(site, site.replace("16", "8"))
     assert bad != good, "mutation site not found"
     lib = emu.load(emu.build({path: bad}))
     x, kw = _route_case("v3")

@@ -93,6 +93,7 @@ BOUNDS_FLAGS = {
     2: ("seq_lens", "a length is negative or beyond what its block-table row holds"),
     4: ("slot_mapping", "a slot lies outside [-1, num_blocks * block_size)"),
     8: ("ids", "an expert id lies outside [0, num_experts)"),
+    16: ("max_seqlen_q", "below the longest query run (the queries past it were not computed)"),
 }
 _FLAGS: dict[int, torch.Tensor] = {}
 
@@ -108,8 +109,7 @@ def bounds_flags(device: torch.device) -> torch.Tensor:
 
 
 def flags_message(bits: int) -> str:
-    return "; ".join(f"{arg}: {what} (seen by a CUDA kernel, which treated it as empty)"
-                     for bit, (arg, what) in BOUNDS_FLAGS.items() if bits & bit)
+    return "; ".join(f"{arg}: {what} (seen on the GPU)" for bit, (arg, what) in BOUNDS_FLAGS.items() if bits & bit)
 
 
 def raise_device_errors(device=None) -> None:

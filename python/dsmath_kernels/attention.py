@@ -26,8 +26,9 @@ raises ValueError naming the argument. On CUDA the kernels guard every block-tab
 [0, NB) or a length beyond the table is treated as empty (zeros out, no write) and sets a device-side flag, with
 no host sync; DSMATH_CHECK_BOUNDS=1 (or check_bounds=True) reads the flag after the call and raises the same
 ValueError, and `dsmath_kernels.raise_device_errors()` checks it on demand (say once per step).
-max_seqlen_q (prefill) sizes the GPU grid only: the kernel covers every query whatever it says; in debug mode
-(DSMATH_CHECK_BOUNDS=1) and on CPU a value below the true maximum raises.
+max_seqlen_q (prefill) must be >= every sequence's query count: on GPU it sizes the grid, and a sequence with more
+queries leaves its rows past it unwritten and sets the device flag; in debug mode (DSMATH_CHECK_BOUNDS=1) and on
+CPU a value below the true maximum raises ValueError before anything runs.
 
 Block size: any 1..256 works. Recommended for the engine: 64 (DEFAULT_BLOCK_SIZE). The kernels look the block
 table up per token (an L1-cached int32 read, a shift for power-of-two sizes), so their speed barely depends on the
@@ -183,6 +184,12 @@ def _bounds_slots(slot_mapping, num_slots: int) -> None:
     bad = (s < -1) | (s >= num_slots)
     i = int(bad.nonzero()[0])
     raise ValueError(f"slot_mapping: entry {i} = {int(s[i])} is outside [-1, {num_slots}) (-1 skips a token)")
+
+
+def _flags_before(device: torch.device, debug: bool) -> None:
+    """CUDA, debug mode: clear the device's bounds flags so the check after the call sees this call's bits only."""
+    if debug:
+        _ext.bounds_flags(device).zero_()
 
 
 def _flags_after(device: torch.device, debug: bool, detail) -> None:
@@ -353,6 +360,7 @@ def _write(op: str, pairs, slot_mapping: torch.Tensor, debug: bool, ref) -> None
     num_slots = cache0.shape[0] * cache0.shape[1]
     choice = _dispatch.take(_choose_write(op, cache0.device, [(name, c) for _, c, name in pairs]))
     if choice.backend == "cuda":
+        _flags_before(cache0.device, debug)
         for src, cache, _ in pairs:
             _write_rows(src, cache, slot_mapping)
         _flags_after(cache0.device, debug, lambda: _bounds_slots(slot_mapping, num_slots))
@@ -441,6 +449,7 @@ def _decode_run(op, q, k_cache, v_cache, block_tables, seq_lens, scale, num_spli
     if backend == "triton":
         from dsmath_kernels import attention_triton
 
+        _flags_before(q.device, debug)
         out = attention_triton.paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
                                                    chunk, _ext.bounds_flags(q.device))
         _flags_after(q.device, debug, lambda: _bounds(block_tables, seq_lens, NB, BS))
@@ -463,6 +472,7 @@ def _decode_run(op, q, k_cache, v_cache, block_tables, seq_lens, scale, num_spli
             _ext.dtype_code(q), B, Hq, k_cache.shape[2], D, Dv, BS, float(scale), num_splits, chunk, bt.shape[1], NB,
             _ext.ptr(flags))
     if backend == "cuda":
+        _flags_before(q.device, debug)
         with torch.cuda.device(q.device):
             _ext.C().paged_decode_cuda(*args, _ext.stream_of(q))
         _flags_after(q.device, debug, lambda: _bounds(block_tables, seq_lens, NB, BS))
@@ -598,6 +608,7 @@ def _prefill_run(op, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, 
 
         if debug:
             _bounds_prefill(q, block_tables, cu_seqlens_q, seq_lens, NB, BS, max_q)
+        _flags_before(q.device, debug)
         out = attention_triton.paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                                     scale, causal, max_q, _ext.bounds_flags(q.device))
         _flags_after(q.device, debug, lambda: _bounds(block_tables, seq_lens, NB, BS))
@@ -652,9 +663,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Varlen prefill against the paged cache: q [Nq, Hq, D] -> [Nq, Hq, Dv]. Sequence b's queries are
     q[cu[b]:cu[b+1]], its LAST n_b = cu[b+1] - cu[b] tokens (positions seq_lens[b] - n_b ..); the cache already
     holds all seq_lens[b] tokens, new ones included (write the cache first). Causal: query at position i sees
-    keys at positions <= i. cu_seqlens_q [B + 1] int32; pass max_seqlen_q (max n_b) to avoid a host sync: it
-    only sizes the GPU grid (the kernel covers every query whatever it says), and a value below the true maximum
-    raises ValueError on CPU and in debug mode (DSMATH_CHECK_BOUNDS=1)."""
+    keys at positions <= i. cu_seqlens_q [B + 1] int32; pass max_seqlen_q (max n_b) to avoid a host sync. It must
+    be >= every n_b: a smaller value raises ValueError on CPU and in debug mode (DSMATH_CHECK_BOUNDS=1); on GPU
+    without debug mode the rows past it are not computed and the device flag is set (raise_device_errors)."""
     Hq, D, Hkv = _check_gqa_caches(q, k_cache, v_cache)
     scale = _check_scale(scale)
     max_q = _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q)

@@ -67,14 +67,18 @@ if triton is not None:
         return tl.where(bad, 0, L)
 
     @triton.jit
-    def _checked_blocks(BT, row, offs_n, n_mask, FLAGS, NB, BS: tl.constexpr):
-        """Block ids of key positions offs_n (int64 row offset `row`) and the mask of the valid ones; an id outside
-        [0, NB) is an absent key and sets the kBadBlockId flag (1)."""
+    def _checked_blocks(BT, row, offs_n, n_mask, NB, BS: tl.constexpr):
+        """Block ids of key positions offs_n (int64 row offset `row`), the mask of the valid ones and of the bad
+        ones: an id outside [0, NB) is an absent key (the caller ORs the bad mask up and flags it once)."""
         blk = tl.load(BT + row + offs_n // BS, mask=n_mask, other=0)
         bad = n_mask & ((blk < 0) | (blk >= NB))
-        if tl.max(bad.to(tl.int32), 0) > 0:
+        return blk.to(tl.int64), n_mask & (bad == 0), bad
+
+    @triton.jit
+    def _flag_bad_blocks(FLAGS, seen):
+        """kBadBlockId (1) when any key of the loop had a bad block id (one atomic per program, after the loop)."""
+        if tl.max(seen.to(tl.int32), 0) > 0:
             tl.atomic_or(FLAGS, 1)
-        return blk.to(tl.int64), n_mask & (bad == 0)
 
     @triton.jit
     def _prefill_fwd_kernel(Q, K, V, Out, BT, CU, SL, FLAGS, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_t,
@@ -86,8 +90,11 @@ if triton is not None:
         q0 = tl.load(CU + b)
         n = tl.load(CU + b + 1) - q0
         L = _checked_len(SL, b, FLAGS, max_blocks, BS)
-        # every query tile, whatever grid.x is (max_seqlen_q only sizes the grid)
-        for mt in range(tl.program_id(0), tl.cdiv(n, BLOCK_M), tl.num_programs(0)):
+        mt = tl.program_id(0)
+        if mt == 0:  # max_seqlen_q (grid.x) below this sequence's queries: flag 16, the rows past it stay unwritten
+            if n > tl.num_programs(0) * BLOCK_M:
+                tl.atomic_or(FLAGS, 16)
+        if mt * BLOCK_M < n:
             _prefill_tile(Q, K, V, Out, BT, FLAGS, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_t, so_h, s_bt,
                           scale_log2, G, D, DV, NB, b, h, mt, q0, n, L, BS, BLOCK_M, BLOCK_N, DA, BLOCK_DB, HAS_B,
                           BLOCK_DV, CAUSAL, UPCAST, PREC)
@@ -119,9 +126,11 @@ if triton is not None:
         if CAUSAL:
             hi = L - n + tl.minimum((mt + 1) * BLOCK_M, n)
         bt_row = b.to(tl.int64) * s_bt  # int64: B x max_blocks may pass 2**31
+        seen = tl.zeros([BLOCK_N], tl.int1)
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            blk, n_mask = _checked_blocks(BT, bt_row, offs_n, offs_n < hi, FLAGS, NB, BS)
+            blk, n_mask, bad = _checked_blocks(BT, bt_row, offs_n, offs_n < hi, NB, BS)
+            seen = seen | bad
             slot = (offs_n % BS).to(tl.int64)
             k_off = blk * sk_b + slot * sk_t + kvh * sk_h
             s = _tile_scores(q_a, q_b, K, k_off, n_mask, offs_a, offs_b, D, DA, HAS_B, UPCAST, PREC) * scale_log2
@@ -141,6 +150,7 @@ if triton is not None:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        _flag_bad_blocks(FLAGS, seen)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptr = Out + rows[:, None] * so_t + h * so_h + offs_v[None, :]
         tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
@@ -180,9 +190,11 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
         bt_row = b.to(tl.int64) * s_bt  # int64: B x max_blocks may pass 2**31
+        seen = tl.zeros([BLOCK_N], tl.int1)
         for start in range(begin, end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            blk, n_mask = _checked_blocks(BT, bt_row, offs_n, offs_n < end, FLAGS, NB, BS)
+            blk, n_mask, bad = _checked_blocks(BT, bt_row, offs_n, offs_n < end, NB, BS)
+            seen = seen | bad
             slot = (offs_n % BS).to(tl.int64)
             k_off = blk * sk_b + slot * sk_t + kvh * sk_h
             ka = tl.load(K + k_off[None, :] + offs_a[:, None], mask=n_mask[None, :] & (offs_a[:, None] < D),
@@ -212,6 +224,7 @@ if triton is not None:
                     v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        _flag_bad_blocks(FLAGS, seen)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         rows = b.to(tl.int64) * Hq + heads  # [BLOCK_H]
         o_mask = h_mask[:, None] & (offs_v[None, :] < DV)
@@ -279,13 +292,15 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def _decode_tiles(G: int, D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_N, num_warps) of the decode kernel: the G heads of a kv head are the M dim of the MMA (16 or
-    32 rows); 32 keys per step for rows wider than 256 (MLA), else 64. fp32 (exact FMA dots, no tensor cores) rows
-    wider than 128 take 16 keys and 8 warps: the 16-bit tiles spill 2-3 KB per thread there. Every branch is compiled
-    for sm_90 by `python -m dsmath_kernels.compile_report`."""
+    32 rows); 64 keys per step, 32 for rows wider than 256 (MLA) with 32 heads (ptxas held the 16-head MLA tile to
+    128 registers and spilled at 32 keys, not at 64). fp32 (exact FMA dots, no tensor cores) rows wider than 128
+    take 16 keys and 8 warps: the 16-bit tiles spill 2-3 KB per thread there. Every branch is compiled for sm_90 by
+    `python -m dsmath_kernels.compile_report`."""
     block_h = min(32, max(16, triton.next_power_of_2(G)))
     if dtype == torch.float32 and max(D, Dv) > 128:
         return block_h, 16, 8
-    return block_h, (32 if max(D, Dv) > 256 else 64), (8 if Dv > 256 else 4)
+    wide = max(D, Dv) > 256
+    return block_h, (32 if wide and block_h == 32 else 64), (8 if Dv > 256 else 4)
 
 
 def _dim_split(D: int) -> tuple[int, int]:
@@ -316,9 +331,10 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool,
                          max_q: int, flags: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher: q [Nq, Hq, D], k_cache [NB, BS, Hkv, D], v_cache [NB, BS, Hkv, Dv] (any strides with a unit last
-    stride; v may be a view of k) -> [Nq, Hq, Dv]. Argument checks are done by attention.paged_prefill. max_q sizes
-    grid.x only (each program loops over its sequence's query tiles); more than 65,535 sequences launch in slices
-    (grid.y). flags: as paged_decode_triton."""
+    stride; v may be a view of k) -> [Nq, Hq, Dv]. Argument checks are done by attention.paged_prefill. max_q must be
+    >= every sequence's query count: it sizes grid.x (one program per BLOCK_M queries; a loop over tiles instead
+    cost 70 registers), and a sequence with more queries sets flag 16 (its rows past max_q are not written). More
+    than 65,535 sequences launch in slices (grid.y). flags: as paged_decode_triton."""
     Nq, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     B = cu_seqlens_q.shape[0] - 1

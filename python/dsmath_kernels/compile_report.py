@@ -6,8 +6,9 @@ layers, every dtype and mode the public ops launch them with) and records each l
 autotuned launch expands into every config its prune function keeps for that call. Each distinct launch is then
 specialised exactly as Triton's launcher would (Triton's own binder: 16-byte aligned pointers, ints equal to 1 or
 divisible by 16) and compiled for the target. Per config the table gives registers per thread, spill bytes
-(ptxas stores + loads), shared memory, the MMA the main loop uses (wgmma on sm_90, mma.sync, or plain fma) and
-whether it fits the target: shared memory within the per-block limit, registers x threads within the register
+(ptxas stores + loads), shared memory, the MMA the main loop uses (wgmma on sm_90, mma.sync, or plain fma: fp32
+operands run exact IEEE dots, without tensor cores), whether loads are pipelined (cp.async, JSON only) and whether
+it fits the target: shared memory within the per-block limit, registers x threads within the register
 file. Compile-time figures only: nothing runs.
 
 Failures (exit status 1, and the CI test tests/test_compile_report.py): a launcher-selectable config that does not
@@ -227,7 +228,8 @@ def measure(v: Variant, target_name: str) -> dict:
         log = _ptxas_log(ptx, cc)
     return {"key": key, "regs": int(_PTXAS_RE["regs"].search(log).group(1)),
             "spill": sum(int(x) for x in _PTXAS_RE["spill"].search(log).groups()), "smem": int(k.metadata.shared),
-            "mma": _mma_kind(ptx), "warps": opts.num_warps, "stages": opts.num_stages}
+            "mma": _mma_kind(ptx), "pipelined": "cp.async" in ptx, "warps": opts.num_warps,
+            "stages": opts.num_stages}
 
 
 def judge(v: Variant, target_name: str, m: dict) -> dict:
@@ -246,7 +248,7 @@ def judge(v: Variant, target_name: str, m: dict) -> dict:
                       [f"w{m['warps']}", f"s{m['stages']}"])
     return {"target": target_name, "family": v.family, "kernel": v.kernel, "mode": _mode_str(v), "dtype": v.dtype,
             "config": config, "regs": regs, "spill": spill, "smem": smem, "mma": m["mma"],
-            "fits": smem <= smem_max and regs * threads <= regfile, "budget": v.spill_budget, "problems": problems}
+            "pipelined": m["pipelined"], "fits": smem <= smem_max and regs * threads <= regfile, "budget": v.spill_budget, "problems": problems}
 
 
 _JOBS: list = []  # (variant, target) inherited by forked workers
@@ -318,9 +320,10 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
             rows.append(_error_row(v, t, m["error"]))
             continue
         row = judge(v, t, m)
+        row["key"] = key
         if key in known and key in fresh and "error" not in fresh[key]:
-            got = {k: fresh[key][k] for k in ("regs", "spill", "smem", "mma")}
-            want = {k: known[key][k] for k in ("regs", "spill", "smem", "mma")}
+            got = {k: fresh[key][k] for k in ("regs", "spill", "smem", "mma", "pipelined")}
+            want = {k: known[key].get(k) for k in ("regs", "spill", "smem", "mma", "pipelined")}
             if got != want:
                 row["problems"].append(f"cache entry differs from a fresh compile: cached {want}, compiled {got}")
         rows.append(row)
@@ -335,13 +338,13 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':<16} {'mode':<14} {'dtype':<9} {'config':<28} {'regs':>4} {'spill':>5} {'smem KB':>7} " \
+    head = f"{'kernel':<19} {'mode':<13} {'dtype':<9} {'config':<28} {'regs':>4} {'spill':>5} {'smem KB':>7} " \
            f"{'mma':<5} fits"
     lines = [head, "-" * len(head)]
     for r in rows:
         smem = "-" if r["smem"] is None else f"{r['smem'] / 1024:.1f}"
         fits = "yes" if not r["problems"] else "NO: " + "; ".join(r["problems"])
-        lines.append(f"{r['kernel']:<16} {r['mode']:<14} {r['dtype']:<9} {r['config']:<28} {r['regs'] or '-':>4} "
+        lines.append(f"{r['kernel']:<19} {r['mode']:<13} {r['dtype']:<9} {r['config']:<28} {r['regs'] or '-':>4} "
                      f"{'-' if r['spill'] is None else r['spill']:>5} {smem:>7} {r['mma'] or '-':<5} {fits}")
     return "\n".join(lines)
 
@@ -400,7 +403,7 @@ def _drive_grouped_gemm(run) -> None:
     from dsmath_kernels import grouped_gemm_triton as gg
 
     i32 = torch.int32
-    H, I, E, K = 2048, 1408, 64, 6  # DeepSeek-V2-Lite expert layer
+    H, I, E, K = 2048, 1408, 64, 6  # noqa: E741 - DeepSeek-V2-Lite expert layer
     for dt in DTYPES:
         w_gu, w_dn = _meta(E, 2 * I, H, dtype=dt), _meta(E, H, I, dtype=dt)
         for T in (64, 512, 8192):  # rows per expert 6 / 48 / 768: the three BM buckets of _prune_gemm

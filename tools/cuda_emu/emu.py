@@ -158,7 +158,7 @@ def build(sources: dict[str, str] | None = None, out_dir: str | None = None, job
 def load(path: str) -> ctypes.CDLL:
     """A built emulation library with its C entry points typed."""
     lib = ctypes.CDLL(path)
-    P, I, L, F = ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    P, I, L, F = ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_float  # noqa: E741
     sigs = {
         "emu_route_topk": [P, I, L, I, L, P, I, I, I, I, I, F, P, P],
         "emu_moe_permute": [P, L, I, I, P, P, P, P, P],

@@ -21,7 +21,7 @@ enum Status : int { kOk = 0, kBadArgument = 1, kUnsupported = 2, kCudaError = 3 
 // Device-side bounds flags (bits of an int32 the caller passes; python/dsmath_kernels/_ext.py names them). A kernel
 // that meets an out-of-range block id / length / slot / expert id treats it as empty, sets its bit and goes on:
 // no trap, no host sync. DSMATH_CHECK_BOUNDS=1 makes Python read the flag after the call and raise.
-enum BoundsFlag : int { kBadBlockId = 1, kBadSeqLen = 2, kBadSlot = 4, kBadExpertId = 8 };
+enum BoundsFlag : int { kBadBlockId = 1, kBadSeqLen = 2, kBadSlot = 4, kBadExpertId = 8, kBadMaxSeqlenQ = 16 };
 
 // Largest grid.y / grid.z of a launch (CUDA's limit); launchers split larger batches into several launches. The CPU
 // emulation of the CUDA files (tools/cuda_emu) lowers it to test the split.
