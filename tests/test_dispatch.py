@@ -194,3 +194,17 @@ def test_report_for_a_preset_and_a_checkpoint_dir(tmp_path):
     route = [m for m in r["model_backends"] if m["op"] == "route_topk"]
     assert route and all(m["fallback"] and "E = 600" in m["reason"] for m in route)
     assert any(m["op"] == "paged_decode" for m in r["model_backends"])
+
+
+def test_grpo_modules_import_one_way():
+    """grpo.py imports grpo_triton (lazily, for the kernels); grpo_triton never imports grpo (the shared fp32 GEMM
+    helper lives in _linalg)."""
+    import ast
+
+    import dsmath_kernels.grpo_triton as gt
+
+    tree = ast.parse(open(gt.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "dsmath_kernels.grpo" not in imported, imported
+    assert "dsmath_kernels._linalg" in imported

@@ -319,7 +319,7 @@ def _tiles(Dv: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, i
         return 16, 16, 4
     wide, mid = Dv > 256 or D > 256, Dv > 128 or D > 128
     if dtype == torch.float32:
-        return (16, 16, 8) if wide else (32, 16, 8) if mid else (32, 32, 4)
+        return (16, 16, 8) if wide else (32, 16, 8) if mid or max(D, Dv) > 64 else (32, 32, 4)
     if wide:
         return 32, 32, 8
     if mid:

@@ -329,8 +329,10 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
         rows.append(row)
     if stats is not None:
         stats.update(launches=len(launches), compiled=len(todo), verified=len(checks))
-    if cache and todo:
+    if cache and (todo or (not only and set(known) - seen)):
         known.update({k: m for k, m in fresh.items() if "error" not in m})
+        if not only:  # a full sweep: drop the figures of launches that no longer exist
+            known = {k: m for k, m in known.items() if k in seen}
         with open(cache + ".tmp", "w") as f:
             json.dump(dict(sorted(known.items())), f, indent=0, sort_keys=True)
         os.replace(cache + ".tmp", cache)
@@ -358,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="JSON file of compiled figures by compile key (read and updated)")
     ap.add_argument("--no-update", action="store_true", help="do not write new entries into --cache")
     ap.add_argument("--verify", type=int, default=0, help="recompile N cached entries and fail on a difference")
+    ap.add_argument("--cuda", action="store_true", help="add the csrc/*.cu kernels' ptxas figures (nvcc, ~1 min)")
     a = ap.parse_args(argv)
+    if a.cuda:
+        register_section("CUDA kernels (nvcc --resource-usage, cuobjdump -sass)", cuda_section)
     targets = list(TARGETS) if a.target == "all" else [a.target]
     stats: dict = {}
     cache = a.cache
@@ -385,10 +390,79 @@ def main(argv: list[str] | None = None) -> int:
                 sec = [r for r in rows if r["target"] == t and r.get("section") == name]
                 print(f"\n# {t}: {name}")
                 for r in sec:
-                    print("  " + "  ".join(f"{k}={v}" for k, v in r.items() if k not in ("target", "section")))
+                    extra = "  ".join(f"{k}={v}" for k, v in r.items()
+                                      if k not in ("target", "section", "kernel", "problems", "file"))
+                    state = "NO: " + "; ".join(r["problems"]) if r["problems"] else "ok"
+                    print(f"  {r.get('file', ''):<16} {r['kernel']:<44} {extra}  {state}")
         print(f"\n{len(bad)} failing of {len(rows)} ({stats.get('compiled', 0)} compiled, "
               f"{stats.get('verified', 0)} cached entries verified)")
     return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------------- CUDA section
+def cuda_section(target: str) -> list[dict]:
+    """ptxas figures of every kernel in csrc/*.cu for the target (nvcc --resource-usage: registers, spills, static
+    shared memory) and the tensor-core instructions of its SASS (cuobjdump -sass: HGMMA / HMMA / IMMA counts).
+    Needs the repository's csrc/ and nvcc; a problem when a kernel spills or uses more than 48 KiB static shared
+    memory."""
+    import shutil
+
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+    nvcc = shutil.which("nvcc")
+    if not os.path.isdir(csrc) or nvcc is None:
+        return [{"kernel": "-", "problems": ["needs the repository's csrc/ and nvcc"]}]
+    try:
+        from triton import knobs
+
+        cuobjdump = knobs.nvidia.cuobjdump.path
+    except Exception:  # noqa: BLE001 - SASS counts are optional
+        cuobjdump = shutil.which("cuobjdump")
+    cc = TARGETS[target][0]
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    rows = []
+    for f in sorted(os.listdir(csrc)):
+        if not f.endswith(".cu"):
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            cubin = os.path.join(d, "k.cubin")
+            proc = subprocess.run([nvcc, f"-arch={arch}", "-O3", "--expt-relaxed-constexpr", "-cubin",
+                                   f"-I{os.path.join(csrc, 'include')}", "--resource-usage",
+                                   os.path.join(csrc, f), "-o", cubin], capture_output=True, text=True)
+            if proc.returncode:
+                rows.append({"kernel": f, "problems": [f"nvcc failed: {proc.stderr.strip()[-300:]}"]})
+                continue
+            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout \
+                if cuobjdump else ""
+        counts: dict[str, dict] = {}
+        for block in sass.split("Function : ")[1:]:
+            name = block.split("\n", 1)[0].strip()
+            counts[name] = {k: len(re.findall(rf"\b{k}\b", block)) for k in ("HGMMA", "HMMA", "IMMA")}
+        log, cur = proc.stdout + proc.stderr, None
+        for line in log.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                cur = {"file": f, "mangled": m.group(1)}
+                rows.append(cur)
+            elif cur is not None and (m := _PTXAS_RE["spill"].search(line)):
+                cur["spill"] = int(m.group(1)) + int(m.group(2))
+            elif cur is not None and (m := _PTXAS_RE["regs"].search(line)):
+                cur["regs"] = int(m.group(1))
+                sm = re.search(r"(\d+) bytes smem", line)
+                cur["smem"] = int(sm.group(1)) if sm else 0
+    names = subprocess.run(["c++filt"], input="\n".join(r.get("mangled", "") for r in rows), capture_output=True,
+                           text=True).stdout.splitlines() if shutil.which("c++filt") else []
+    for i, r in enumerate(rows):
+        if "mangled" not in r:
+            continue
+        full = (names[i] if i < len(names) else r["mangled"]).replace("(anonymous namespace)::", "").split("(")[0]
+        head, lt, tail = full.partition("<")
+        r["kernel"] = head.rsplit("::", 1)[-1] + lt + tail
+        tc = counts.get(r["mangled"], {})
+        r["mma"] = ",".join(f"{k}x{v}" for k, v in tc.items() if v) or "fma"
+        r["problems"] = ([f"spills {r['spill']} B"] if r.get("spill") else []) + \
+            ([f"static shared memory {r['smem']} B > 48 KiB"] if r.get("smem", 0) > 48 * 1024 else [])
+        del r["mangled"]
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- built-in specs

@@ -183,8 +183,9 @@ def _bucket(rows: int, experts: int) -> int:
 def _prune_gemm(configs, named_args, **kwargs):
     """The configs one launch may take: by bucket and operand dtype, then narrowed for the register-heavy epilogues
     (sm_90 compile figures in bench/RESULTS.md): SwiGLU (ACT, two accumulators) and its backward (DACT, three
-    outputs) take BN <= 128 (fp32: 32 at BM 128); storing the pre-activations (STORE_H) takes BN 64 at BM 128 and 8
-    warps at BM 64; DACT takes BN 64, BM <= 64 and 8 warps from BM 64 (BM 128 with BN 64 sits at 255 registers)."""
+    outputs) take BN <= 128 (fp32: 32 at BM 128) and 8 warps at BM 64 (4 sat at 255 registers); storing the
+    pre-activations (STORE_H) also takes BN 64 at BM 128; DACT takes BN 64, BM <= 64 and 8 warps from BM 64 (BM 128
+    with BN 64 sits at 255 registers)."""
     b = named_args["mbucket"]
     flag = lambda k: bool(kwargs.get(k, named_args.get(k, False)))  # noqa: E731
     bms = (16,) if b <= 16 else (32, 64) if b <= 64 else (128,)
@@ -200,6 +201,8 @@ def _prune_gemm(configs, named_args, **kwargs):
             continue
         if flag("STORE_H") and bm >= 64:
             bn, warps = (64, 8) if bm == 128 else (bn, 8)
+        elif flag("ACT") and bm == 64:
+            warps = 8
         if flag("DACT"):
             bn = min(bn, 64)
             if bm >= 64:
