@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split("
 def _run(code_or_args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter never compiles
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # import what this process imports
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else ["-m", "dsmath_kernels.compile_report",
                                                                         *code_or_args]
     proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)

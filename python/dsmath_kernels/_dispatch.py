@@ -74,7 +74,8 @@ def strict() -> bool:
 
 
 def force_reference() -> bool:
-    return os.environ.get(FORCE_ENV, "0") == "1"
+    """DSMATH_FORCE_REFERENCE=1 (never under torch.compile tracing: compiled graphs keep the ops)."""
+    return not torch.compiler.is_compiling() and os.environ.get(FORCE_ENV, "0") == "1"
 
 
 def kernel(op: str, backend: str, note: str = "") -> Choice:
@@ -130,6 +131,8 @@ def take(choice: Choice) -> Choice:
     FallbackError under DSMATH_STRICT=1. Under explain() it stops the call and returns the choice to explain."""
     if getattr(_dry, "on", False):
         raise _Explained(choice)
+    if torch.compiler.is_compiling():  # traced, not run: the custom op bodies take their choices at run time
+        return choice
     with _lock:
         _counts[(choice.op, choice.backend)] += 1
     if choice.fallback:

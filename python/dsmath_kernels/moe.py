@@ -377,6 +377,7 @@ def _row_dots(dout: torch.Tensor, y: torch.Tensor, inverse: torch.Tensor) -> tor
 @torch.library.custom_op("dsmath::moe_experts", mutates_args=())
 def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
                     ids: torch.Tensor) -> torch.Tensor:
+    _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
     if _use_triton(x):
         from dsmath_kernels import grouped_gemm_triton
 
@@ -419,6 +420,7 @@ def _moe_train_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                               torch.Tensor]:
     """Training forward: also returns what backward needs (h, y, order, offsets, inverse)."""
+    _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
     h, y, order, offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
     return _combine(y, weights, inverse), h, y, order, offsets, inverse
 
@@ -485,8 +487,8 @@ def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     Differentiable w.r.t. x, w_gate_up, w_down and weights. Without gradients (inference) the fused path runs:
     the gather is folded into the gate-up GEMM, SiLU-and-mul into its epilogue."""
     _check_experts(x, w_gate_up, w_down, weights, ids)
-    choice = _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
-    if choice.backend == "reference":
+    if _dispatch.force_reference():
+        _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
         return moe_experts_ref(x, w_gate_up, w_down, weights, ids)
     ids = ids.to(torch.int32)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights))
