@@ -101,7 +101,8 @@ def _cases(dev):
         slots = slots.to(dev)
 
         def run(k=k, v=v, slots=slots, bs=bs, dt=dt, NB=NB):
-            kc, vc = torch.zeros(NB, bs, 4, 128, dtype=dt, device=dev), torch.zeros(NB, bs, 4, 128, dtype=dt, device=dev)
+            kc = torch.zeros(NB, bs, 4, 128, dtype=dt, device=dev)
+            vc = torch.zeros_like(kc)
             kr, vr = kc.clone(), vc.clone()
             dk.cache_write(k, v, kc, vc, slots)
             ref.cache_write_ref(k, v, kr, vr, slots)

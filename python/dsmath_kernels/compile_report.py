@@ -23,7 +23,8 @@ Adding a kernel (another module's Triton kernel, say a new decode kernel):
         drive=my_drive, spill_budget={"_my_kernel": 0}))
 where `kernels` are the module attributes the launcher calls (a JITFunction or an Autotuner) and `drive(run)`
 calls the launcher with meta tensors through `run(mode, launcher, *args, **kwargs)` once per mode and dtype it can
-be launched with. Put the module in PLUGINS (below) so the sweep imports it. A section with other rows (the CUDA
+be launched with (mode: a label, or a function of the launch's keyword arguments for a launcher that launches
+several kernels). Put the module in PLUGINS (below) so the sweep imports it. A section with other rows (the CUDA
 kernels' ptxas figures, say) is added with `register_section(name, fn)`, fn(target) -> list of row dicts with at
 least "kernel" and "problems" keys.
 
@@ -113,15 +114,18 @@ class _Recorder:
     def _launch(self, *args, **kwargs):
         obj = self.obj
         configs = getattr(obj, "configs", None)
+        mode = self.state["mode"]
+        if callable(mode):  # a launcher that launches twice: its label from the launch's flags
+            mode = mode(kwargs)
         if configs is None:  # plain @triton.jit
-            self.sink.append((self.state["mode"], obj, args, dict(kwargs)))
+            self.sink.append((mode, obj, args, dict(kwargs)))
             return
         fn = obj.fn  # Autotuner -> JITFunction
         prune = getattr(obj, "early_config_prune", None)
         named = dict(zip(fn.arg_names, args))
         kept = prune(configs, named, **kwargs) if prune else configs
         for cfg in kept:
-            self.sink.append((self.state["mode"], fn, args, {**kwargs, **cfg.all_kwargs()}))
+            self.sink.append((mode, fn, args, {**kwargs, **cfg.all_kwargs()}))
 
 
 def collect(specs: Iterable[KernelSpec]) -> list[Variant]:
@@ -178,20 +182,6 @@ _PTXAS_RE = {
 }
 
 
-def _ptxas_log(ptx: str, cc: int) -> str:
-    """Run ptxas -v on the PTX (used when Triton's cache answered and ptxas did not run)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    tool, arch = get_ptxas(cc), sm_arch_from_capability(cc)
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([tool.path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")],
-                              capture_output=True, text=True)
-        return proc.stderr + proc.stdout
-
-
 def _mma_kind(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -224,8 +214,8 @@ def measure(v: Variant, target_name: str) -> dict:
         knobs.nvidia.dump_ptxas_log = old
     log = buf.getvalue()
     ptx = k.asm["ptx"]
-    if not _PTXAS_RE["regs"].search(log):
-        log = _ptxas_log(ptx, cc)
+    if not _PTXAS_RE["regs"].search(log):  # Triton's cache answered: sweep() points it at an empty directory
+        raise RuntimeError("no ptxas log (Triton's kernel cache answered)")
     return {"key": key, "regs": int(_PTXAS_RE["regs"].search(log).group(1)),
             "spill": sum(int(x) for x in _PTXAS_RE["spill"].search(log).groups()), "smem": int(k.metadata.shared),
             "mma": _mma_kind(ptx), "pipelined": "cp.async" in ptx, "warps": opts.num_warps,
@@ -248,7 +238,8 @@ def judge(v: Variant, target_name: str, m: dict) -> dict:
                       [f"w{m['warps']}", f"s{m['stages']}"])
     return {"target": target_name, "family": v.family, "kernel": v.kernel, "mode": _mode_str(v), "dtype": v.dtype,
             "config": config, "regs": regs, "spill": spill, "smem": smem, "mma": m["mma"],
-            "pipelined": m["pipelined"], "fits": smem <= smem_max and regs * threads <= regfile, "budget": v.spill_budget, "problems": problems}
+            "pipelined": m["pipelined"], "fits": smem <= smem_max and regs * threads <= regfile,
+            "budget": v.spill_budget, "problems": problems}
 
 
 _JOBS: list = []  # (variant, target) inherited by forked workers
@@ -293,6 +284,16 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
         importlib.import_module(m)
     from triton.backends.compiler import GPUTarget
 
+    # a private, empty Triton cache: every compile runs ptxas (its log gives registers and spills, with exactly the
+    # flags Triton uses), and nothing of this sweep lands in the user's cache
+    tmp_cache = tempfile.mkdtemp(prefix="dsmath_compile_report_")
+    os.environ["TRITON_CACHE_DIR"] = tmp_cache
+    try:
+        from triton import knobs
+
+        knobs.cache.dir = tmp_cache
+    except Exception:  # noqa: BLE001 - older knobs: the environment variable does it
+        pass
     variants = collect(SPECS if specs is None else specs)
     if only:
         variants = [v for v in variants if only in f"{v.family} {v.kernel} {_mode_str(v)} {v.dtype}"]
@@ -311,7 +312,12 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
     todo = [x for x in launches if x[2] not in known]
     checks = sorted((x for x in launches if x[2] in known), key=lambda x: x[2])[:verify]
     _JOBS[:] = [(v, t) for v, t, _ in todo + checks]
-    results = _run_jobs(len(_JOBS), jobs or os.cpu_count() or 1)
+    try:
+        results = _run_jobs(len(_JOBS), jobs or os.cpu_count() or 1)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp_cache, ignore_errors=True)
     fresh = dict(zip([k for _, _, k in todo + checks], results))
     rows = []
     for v, t, key in launches:
@@ -486,7 +492,8 @@ def _drive_grouped_gemm(run) -> None:
             weights = _meta(T, K, dtype=torch.float32)
             run("plain", gg.grouped_gemm, _meta(R, H, dtype=dt), w_gu, off)
             run("dx", gg.grouped_gemm, _meta(R, 2 * I, dtype=dt), w_gu.transpose(1, 2), off)
-            run("swiglu+scale", gg.moe_experts_fused, x, w_gu, w_dn, weights, order, off)
+            run(lambda kw: "swiglu" if kw["ACT"] else "down+scale", gg.moe_experts_fused, x, w_gu, w_dn, weights,
+                order, off)
             run("swiglu_train", gg.gate_up_train, x, w_gu, off, order, K)
             run("dact", gg.down_backward, _meta(R, H, dtype=dt), w_dn, off, _meta(R, 2 * I, dtype=dt))
             run("wgrad", gg.grouped_wgrad, _meta(R, H, dtype=dt), _meta(R, I, dtype=dt), off, E)
