@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import statistics
@@ -32,12 +33,18 @@ from dataclasses import dataclass
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from _util import device_name, print_json, print_table  # noqa: E402
+if __package__ and "." in __package__:  # `dsmath bench`: dsmath.bench.throughput in the installed distribution
+    from .. import model as model_pkg
+    from ._util import device_name, print_json, print_table
+else:  # `python bench/throughput.py` (or `bench.throughput`) from the repo
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, ROOT)
+    from _util import device_name, print_json, print_table
 
-from model.engine import LLM, SamplingParams  # noqa: E402
+    import model as model_pkg
+
+LLM, SamplingParams = model_pkg.LLM, model_pkg.SamplingParams
 
 
 @dataclass
@@ -90,7 +97,8 @@ def make_workloads(args, vocab: int, max_len: int) -> list[Workload]:
     if "c" in want:
         k, n, p, new = s["c"]
         out.append(Workload("c_grpo_rollout", [rand_prompt(p) for _ in range(k)],
-                            [SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, logprobs=True)] * k,
+                            [SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, logprobs=0,
+                                            logprobs_mode="processed_logprobs")] * k,
                             True))
     if "d" in want:
         p, n = s["d"]
@@ -271,8 +279,8 @@ def targets(rows: list[dict]) -> dict[str, bool]:
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
-    from model.modeling import MoEForCausalLM
-    from model.presets import preset_dict
+    MoEForCausalLM = model_pkg.MoEForCausalLM
+    preset_dict = importlib.import_module(model_pkg.__name__ + ".presets").preset_dict
 
     if args.model:
         with open(os.path.join(args.model, "config.json")) as f:

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from model.config import load_config
+from .config import load_config
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -57,7 +57,7 @@ PRESETS = {"v2-lite": V2_LITE, "tiny": TINY_V2, "tiny-v2": TINY_V2, "tiny-v3": T
 
 def preset(name: str, **overrides):
     """-> ModelConfig of a named preset, with config.json fields overridden by keyword."""
-    from model.config import ModelConfig
+    from .config import ModelConfig
     if name not in PRESETS:
         raise ValueError(f"preset: unknown {name!r} (known: {', '.join(PRESETS)})")
     return ModelConfig.from_dict({**copy.deepcopy(PRESETS[name]), **overrides})

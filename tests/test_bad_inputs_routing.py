@@ -85,3 +85,26 @@ def test_cpu_launcher_refuses_top_k_beyond_kept_experts():
     i = torch.empty(4, 17, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="bad argument"):
         _ext.C().route_topk_cpu(X.data_ptr(), 0, 4, 64, 64, 0, 17, 8, 2, 0, True, 1.0, w.data_ptr(), i.data_ptr(), 1)
+
+
+IDS = torch.randint(0, 64, (4, 6))
+REPLAY = {
+    "logits int": lambda: dk.route_topk_weights(torch.zeros(4, 64, dtype=torch.int32), IDS),
+    "ids float": lambda: dk.route_topk_weights(X, IDS.float()),
+    "ids rows differ": lambda: dk.route_topk_weights(X, IDS[:3]),
+    "ids 1-D": lambda: dk.route_topk_weights(X, IDS[0]),
+    "ids = E": lambda: dk.route_topk_weights(X, torch.full((4, 2), 64)),
+    "ids = -1": lambda: dk.route_topk_weights(X, torch.full((4, 2), -1)),
+    "ids = -2**40": lambda: dk.route_topk_weights(X, torch.full((4, 2), -(2**40))),
+    "too many ids": lambda: dk.route_topk_weights(X, torch.zeros(4, 65, dtype=torch.int64)),
+    "scoring unknown": lambda: dk.route_topk_weights(X, IDS, scoring="tanh"),
+    "scale nan": lambda: dk.route_topk_weights(X, IDS, routed_scaling_factor=float("nan")),
+    "scale inf": lambda: dk.route_topk_weights(X, IDS, routed_scaling_factor=float("inf")),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLAY))
+def test_route_topk_weights_bad_input_names_the_argument(name):
+    with pytest.raises((TypeError, ValueError)) as e:
+        REPLAY[name]()
+    assert_names_argument(e.value, dk.route_topk_weights, extra=("ids.shape[1]",))

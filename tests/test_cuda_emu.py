@@ -75,6 +75,18 @@ def test_route_topk_cu_matches_cpu_kernel(name, dtype):
         assert torch.equal(w, torch.full_like(w, 2.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["v3", "e512", "nan_inf", "k1"])
+def test_route_topk_weights_cu_matches_cpu_kernel(name, dtype):
+    """Replay (route_weights_kernel): the weights of given ids, bit-identical to the CPU kernel's."""
+    x, kw = _route_case(name)
+    x = x.to(dtype)
+    _, ids = dk.route_topk(x, **kw)
+    rkw = {k: kw[k] for k in ("scoring", "renormalize", "routed_scaling_factor") if k in kw}
+    w = emu.route_topk_weights(x, ids, **rkw)
+    assert_close(w, dk.route_topk_weights(x, ids, **rkw), atol=1e-7, rtol=1e-6, name=f"{name} replay weights")
+
+
 def test_route_topk_cu_zero_tokens_and_schedule():
     x, kw = _route_case("v3")
     w, i = emu.route_topk(x[:0], **kw)

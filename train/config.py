@@ -15,6 +15,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from .data import FEWSHOT_SETS, PROMPT_STYLES
+
 
 @dataclass
 class GRPOConfig:
@@ -25,8 +27,11 @@ class GRPOConfig:
     dataset: str = "custom"          # math500 | aime24 | amc23 | gsm8k | custom (field layout)
     problem_key: str = "problem"
     answer_key: str = "answer"
-    prompt: str = "auto"             # auto (chat template if any, else plain) | plain | raw (the problem text as is)
-    system: str | None = None
+    prompt: str = "auto"             # auto | chat | qwen-math | deepseek-r1 | few-shot | plain | raw (train/data.py)
+    system: str | None = None        # system prompt (chat and plain styles)
+    chat_template_kwargs: str | None = None  # JSON object for apply_chat_template, e.g. {"enable_thinking": false}
+    fewshot: str | None = None       # few-shot exemplars: minerva-math | gsm8k-cot (default: by dataset)
+    max_prompt_length: int = 1024    # problems whose prompt has more tokens are skipped (counted and logged at start)
     # ---- sampling (DeepSeekMath: 64 samples per question, 1024 tokens)
     steps: int = 1000
     problems_per_step: int = 16      # P, across all ranks
@@ -40,10 +45,23 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2            # DAPO clip-higher: 0.28
     normalize: str = "std"           # std | none (Dr. GRPO: no division by the group std)
-    drop_equal_groups: bool = False  # DAPO dynamic sampling (here: drop the groups, no re-sampling)
+    drop_equal_groups: bool = False  # DAPO dynamic sampling: groups all correct or all wrong (accuracy, not total
+                                     #   reward) leave the loss and new problems are sampled until the batch holds
+                                     #   problems_per_step informative groups
+    max_resample_rounds: int = 4     # DAPO: extra sampling rounds per step at most (then train on what there is)
+    mask_truncated_completions: bool = False  # DAPO overlong filtering: completions cut at max_tokens leave the loss
     mu: int = 1                      # optimisation passes over each sampled batch (DeepSeekMath: 1)
     minibatches: int = 1             # optimizer steps per pass
     micro_batch: int = 64            # sequences per forward/backward (gradient accumulation)
+    # ---- sampler-trainer mismatch (notes in train/README.md, "Log-probs that match")
+    routing_replay: bool | None = None  # R3: the trainer's forwards (old, reference, new) use the experts the engine
+                                     #   picked for each token; None = on for MoE policies
+    skip_recompute: bool = True      # old log-probs = the engine's where the gap is zero by construction (mu = 1, one
+                                     #   minibatch, replay on or no MoE, float32): one forward pass fewer per step
+    tis_cap: float = 2.0             # truncated importance sampling: the policy-gradient term of each token weighted
+                                     #   by min(pi_old / pi_engine, C); 0 = off
+    tis_mode: str = "token"          # token | sequence_mask (weight 0 for sequences whose geometric-mean ratio
+                                     #   leaves [1/C, C], 1 for the others)
     # ---- reward terms
     format_weight: float = 0.0       # + w * format_reward (a \boxed{} answer present)
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens (0: off)
@@ -85,15 +103,34 @@ class GRPOConfig:
             (self.loss_type in ("grpo", "dapo", "dr_grpo"), f"loss_type: grpo|dapo|dr_grpo, got {self.loss_type!r}"),
             (self.normalize in ("std", "none"), f"normalize: std|none, got {self.normalize!r}"),
             (self.schedule in ("constant", "cosine"), f"schedule: constant|cosine, got {self.schedule!r}"),
-            (self.prompt in ("auto", "plain", "raw"), f"prompt: auto|plain|raw, got {self.prompt!r}"),
+            (self.prompt in PROMPT_STYLES, f"prompt: {'|'.join(PROMPT_STYLES)}, got {self.prompt!r}"),
+            (self.fewshot in (None, *FEWSHOT_SETS), f"fewshot: {'|'.join(FEWSHOT_SETS)}, got {self.fewshot!r}"),
+            (self.max_prompt_length >= 1, f"max_prompt_length: must be >= 1, got {self.max_prompt_length}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype: float32|bfloat16, got {self.dtype!r}"),
             (self.group_size >= 1 and self.problems_per_step >= 1, "group_size and problems_per_step must be >= 1"),
             (self.mu >= 1 and self.minibatches >= 1 and self.micro_batch >= 1, "mu, minibatches, micro_batch >= 1"),
             (self.beta >= 0 and self.lr > 0, "beta >= 0 and lr > 0"),
+            (self.tis_mode in ("token", "sequence_mask"), f"tis_mode: token|sequence_mask, got {self.tis_mode!r}"),
+            (self.tis_cap == 0 or self.tis_cap >= 1, f"tis_cap: 0 (off) or >= 1, got {self.tis_cap}"),
+            (self.max_resample_rounds >= 0, f"max_resample_rounds: >= 0, got {self.max_resample_rounds}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.template_kwargs()
+
+    def template_kwargs(self) -> dict | None:
+        """chat_template_kwargs parsed (a JSON object), or None."""
+        if self.chat_template_kwargs is None:
+            return None
+        try:
+            d = json.loads(self.chat_template_kwargs) if isinstance(self.chat_template_kwargs, str) \
+                else self.chat_template_kwargs
+        except json.JSONDecodeError as e:
+            raise ValueError(f"chat_template_kwargs: not JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"chat_template_kwargs: expected a JSON object, got {self.chat_template_kwargs!r}")
+        return d
 
 
 PRESETS: dict[str, dict] = {

@@ -16,8 +16,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from train.config import GRPOConfig
-from train.grpo import METRIC_KEYS, Policy, backward_minibatch, rank_world, shard
+from ._pkg import model_module
+from .config import GRPOConfig
+from .grpo import METRIC_KEYS, Policy, backward_minibatch, rank_world, shard
 
 
 def fixed_batch(N: int = 8, T: int = 12, V: int = 128, seed: int = 0) -> dict:
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     torch.set_num_threads(1)
     rank, world = rank_world()
-    from model import MoEForCausalLM
+    MoEForCausalLM = model_module().MoEForCausalLM
 
     torch.manual_seed(0)
     cfg = GRPOConfig(micro_batch=a.micro_batch, beta=0.04, max_tokens=16)

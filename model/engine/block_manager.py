@@ -13,7 +13,7 @@ order; token p lives in slot block_table[p // block_size] * block_size + p % blo
 
 from collections import OrderedDict
 
-from model.engine.sequence import Sequence
+from .sequence import Sequence
 
 
 class Block:
@@ -56,6 +56,8 @@ class BlockManager:
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Cached block ids matching seq's leading full blocks (always leaves >= 1 token to compute)."""
         if not self.prefix_caching or seq.block_table or seq.num_computed:
+            return []
+        if seq.params.prompt_logprobs is not None:  # cached blocks would skip the prompt positions' logits
             return []
         bs, prev, hits = self.block_size, None, []
         for i in range((len(seq) - 1) // bs):

@@ -39,13 +39,13 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    from model.engine import LLM
+    from . import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = dict(num_blocks=args.num_blocks, block_size=args.block_size)
     if args.model:
         return LLM(args.model, dtype=dtype, device=args.device, **kw)
-    from model.modeling import MoEForCausalLM
+    from ..modeling import MoEForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = MoEForCausalLM.from_preset(args.preset, dtype=dtype, device=device)
@@ -53,13 +53,13 @@ def build(args):
 
 
 def main(argv=None) -> int:
-    from model.engine import SamplingParams
+    from . import SamplingParams
 
     args = parse(argv)
     llm = build(args)
     prompt = [int(t) for t in args.ids.split(",")] if args.ids else " ".join(args.prompt)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop, logprobs=True)
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop, logprobs=0)
     if args.stream and args.n == 1:
         for ev in llm.stream([prompt], params):
             sys.stdout.write(ev.text if ev.text is not None else f"{ev.token_id} ")

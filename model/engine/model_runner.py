@@ -5,6 +5,8 @@ in one non-blocking transfer per tensor. Pure decode steps on CUDA replay a CUDA
 smallest captured batch size >= B (padding rows write nowhere: slot -1, and attend to one token of block 0);
 everything else runs eagerly. Capture is attempted once at start-up and silently falls back to eager mode if
 the model cannot be captured (e.g. an op that syncs with the host).
+With record_routing (MoE models) the cache also holds each cached token's experts per MoE layer, written by the
+forward itself (eager and graphed alike), copied on copy-on-write, read per sequence by `gather_routing`.
 """
 
 import dataclasses
@@ -12,9 +14,9 @@ import logging
 
 import torch
 
-from model.engine.sampler import to_device
-from model.engine.scheduler import Batch
-from model.meta import ForwardMeta
+from ..meta import ForwardMeta
+from .sampler import to_device
+from .scheduler import Batch
 
 log = logging.getLogger(__name__)
 # Optional ForwardMeta field: the longest query run of a prefill step, so paged_prefill needs no host sync.
@@ -30,16 +32,37 @@ def _kv_heads(config) -> int:
     return 1 if getattr(config, "is_mla", False) else int(getattr(config, "num_key_value_heads", 1) or 1)
 
 
+def logits_starts(batch: Batch) -> list[int]:
+    """Row of each sequence's first logit in what `ModelRunner.run` returns: one row per sequence (its last new
+    token), or one per new token for sequences with batch.all_logits set. A sequence's last row is
+    starts[b + 1] - 1 (a final entry closes the list)."""
+    counts = [k if (batch.all_logits and batch.all_logits[b]) else 1 for b, k in enumerate(batch.num_new)]
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return starts
+
+
+def logits_indices(batch: Batch, cu: torch.Tensor) -> torch.Tensor:
+    """[M] int64 indices into the N new tokens whose logits the model returns (see logits_starts)."""
+    if not any(batch.all_logits):
+        return cu[1:] - 1
+    return torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) if every else cu[b + 1:b + 2] - 1
+                      for b, every in enumerate(batch.all_logits)])
+
+
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
-                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False):
+                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False):
         self.model = model
         self.device = torch.device(model.device)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_heads = _kv_heads(model.config)
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        extra = {"routing": True} if record_routing else {}  # models without MoE layers take no such argument
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device, **extra)
+        self.routing = getattr(self.kv_cache, "routing", None)  # [S + 1, L, K] or None
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_error: str | None = None
@@ -73,7 +96,7 @@ class ModelRunner:
             slots = tables[row, pos // bs].long() * bs + pos % bs                  # [N]
         return {"input_ids": torch.tensor(ids, dtype=torch.int64), "positions": pos, "cu_seqlens_q": cu.int(),
                 "seq_lens": torch.tensor(lens, dtype=torch.int32), "block_tables": tables, "slot_mapping": slots,
-                "logits_indices": cu[1:] - 1}
+                "logits_indices": logits_indices(batch, cu)}
 
     def prepare(self, batch: Batch) -> ForwardMeta:
         h = self.host_meta(batch)
@@ -85,7 +108,8 @@ class ModelRunner:
     # ---- running ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
-        """Logits [B, V] float32 of each scheduled sequence's last new token."""
+        """Logits [M, V] float32: of each scheduled sequence's last new token (M = B), and of every new token of
+        the sequences with batch.all_logits set (rows laid out by logits_starts)."""
         B = len(batch.seqs)
         if batch.is_decode and self.graphs and B <= max(self.graphs):
             return self._replay(batch)
@@ -102,6 +126,19 @@ class ModelRunner:
             layer = self.kv_cache[i]
             for t in layer if isinstance(layer, (tuple, list)) else (layer,):
                 t.index_copy_(0, dst, t.index_select(0, src))
+        if self.routing is not None:  # the blocks' recorded experts travel with their K/V
+            r = self.routing[:-1].view(-1, self.block_size, *self.routing.shape[1:])  # [NB, BS, L, K]
+            r.index_copy_(0, dst, r.index_select(0, src))
+
+    def gather_routing(self, seq) -> torch.Tensor:
+        """[n, L, K] experts of the sequence's first n = num_computed tokens (those fed through the model), a copy
+        on the device (no host sync); read before the sequence's blocks are freed."""
+        bs, n = self.block_size, seq.num_computed
+        table = torch.tensor(seq.block_table[: -(-n // bs)], dtype=torch.int64)
+        pos = torch.arange(n)
+        slots = table[pos // bs] * bs + pos % bs                                    # [n]
+        return self.routing.index_select(0, slots.pin_memory().to(self.device, non_blocking=True)
+                                         if self.pin else slots)
 
     # ---- CUDA graphs -------------------------------------------------------------------------------------------
     @staticmethod

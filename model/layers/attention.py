@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsmath_kernels as dk
-from model.config import ModelConfig
-from model.layers.rmsnorm import RMSNorm
-from model.layers.rope import apply_rope
-from model.meta import ForwardMeta
+
+from ..config import ModelConfig
+from ..meta import ForwardMeta
+from .rmsnorm import RMSNorm
+from .rope import apply_rope
 
 
 def sdpa(q, k, v, scale: float, mask: torch.Tensor | None) -> torch.Tensor:

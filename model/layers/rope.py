@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from model.config import RopeConfig, yarn_mscale
+from ..config import RopeConfig, yarn_mscale
 
 
 def inv_freq_and_scale(r: RopeConfig) -> tuple[torch.Tensor, float]:

@@ -19,14 +19,16 @@ from dsmath_kernels.attention import (  # noqa: E402
     paged_prefill,
     plan_decode,
 )
+from dsmath_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
+from dsmath_kernels.hf import PatchReport, patch, patch_class, unpatch, unpatch_class  # noqa: E402
 from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
-from dsmath_kernels.routing import route_topk  # noqa: E402
+from dsmath_kernels.routing import route_topk, route_topk_weights  # noqa: E402
 
 __all__ = [
     "__version__",
     # routing
-    "route_topk",
+    "route_topk", "route_topk_weights",
     # MoE experts
     "MoePermutation", "moe_permute", "grouped_gemm", "moe_experts",
     # paged attention
@@ -34,6 +36,10 @@ __all__ = [
     "mla_prefill",
     # GRPO
     "group_advantages", "token_logprobs", "grpo_loss",
+    # losses
+    "linear_cross_entropy",
+    # transformers models (dsmath_kernels.hf; transformers is imported only when a patcher is called)
+    "patch", "unpatch", "patch_class", "unpatch_class", "PatchReport",
     # dispatch and bounds
     "explain", "Choice", "FallbackWarning", "FallbackError", "raise_device_errors",
 ]

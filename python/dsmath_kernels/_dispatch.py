@@ -177,7 +177,8 @@ def reset(counts: bool = True, warned: bool = True) -> None:
 
 # ---------------------------------------------------------------------------------------------- explain
 _EXPLAIN: dict[str, Callable[..., Choice]] = {}
-_NOT_OPS = {"explain", "raise_device_errors"}  # package functions that are not ops
+# package functions that are not ops (explain never runs them): add a new non-op public function here
+_NOT_OPS = {"explain", "raise_device_errors", "patch", "unpatch", "patch_class", "unpatch_class"}
 
 
 def register_explain(op: str, fn: Callable[..., Choice]) -> None:

@@ -161,6 +161,7 @@ def load(path: str) -> ctypes.CDLL:
     P, I, L, F = ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_float  # noqa: E741
     sigs = {
         "emu_route_topk": [P, I, L, I, L, P, I, I, I, I, I, F, P, P],
+        "emu_route_weights": [P, I, L, I, L, P, I, I, I, F, P],
         "emu_moe_permute": [P, L, I, I, P, P, P, P, P],
         "emu_moe_workspace": [L, I],
         "emu_cache_write": [P, L, P, L, L, I, L, I, P, I, L, L, P],
@@ -214,6 +215,20 @@ def route_topk(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", bi
                                   routed_scaling_factor, _ptr(w), _ptr(i))
     _check(st, "route_topk_cuda", lib)
     return w, i
+
+
+def route_topk_weights(logits: torch.Tensor, ids: torch.Tensor, *, scoring: str = "softmax", renormalize: bool = True,
+                       routed_scaling_factor: float = 1.0, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """csrc/route_topk.cu's replay kernel on the CPU: weights [T, K] fp32 of the given expert ids [T, K]."""
+    T, E = logits.shape
+    K = ids.shape[1]
+    ids32 = ids.to(torch.int32).contiguous()
+    w = torch.full((T, K), float("nan"))
+    lib = lib or library()
+    st = lib.emu_route_weights(_ptr(logits), DTYPE_CODES[logits.dtype], T, E, logits.stride(0), _ptr(ids32), K,
+                               {"softmax": 0, "sigmoid": 1}[scoring], int(renormalize), routed_scaling_factor, _ptr(w))
+    _check(st, "route_weights_cuda", lib)
+    return w
 
 
 def moe_permute(ids: torch.Tensor, E: int, block_m: int = 1,

@@ -22,6 +22,8 @@ void set_last_cuda_error(const char* msg) { g_error = msg ? msg : ""; }
 namespace dsmath {  // weak: a library built from a subset of the .cu files (tests of the emulation) still links
 int route_topk_cuda(const void*, int, int64_t, const float*, const routing::Params&, float*, int32_t*, void*)
     __attribute__((weak));
+int route_weights_cuda(const void*, int, int64_t, const int32_t*, const routing::Params&, float*, void*)
+    __attribute__((weak));
 int moe_permute_cuda(const int32_t*, int64_t, int, int, int32_t*, int32_t*, int32_t*, int32_t*, int32_t*, void*)
     __attribute__((weak));
 int cache_write_cuda(const void*, int64_t, void*, int64_t, int64_t, int, int64_t, int, const void*, int, int64_t,
@@ -56,6 +58,15 @@ int emu_route_topk(uintptr_t logits, int dtype, int64_t T, int E, int64_t stride
   routing::Params p = route_params(T, E, K, n_group, topk_group, scoring, renormalize != 0, scale);
   return route_topk_cuda(as_ptr<const void>(logits), dtype, stride_t, as_ptr<const float>(bias), p,
                          as_ptr<float>(weights), as_ptr<int32_t>(ids), nullptr);
+}
+
+int emu_route_weights(uintptr_t logits, int dtype, int64_t T, int E, int64_t stride_t, uintptr_t ids, int K,
+                      int scoring, int renormalize, float scale, uintptr_t weights) {
+  set_last_cuda_error("");
+  if (!&route_weights_cuda) return kMissing;
+  routing::Params p = route_params(T, E, K, 1, 1, scoring, renormalize != 0, scale);
+  return route_weights_cuda(as_ptr<const void>(logits), dtype, stride_t, as_ptr<const int32_t>(ids), p,
+                            as_ptr<float>(weights), nullptr);
 }
 
 long long emu_moe_workspace(int64_t P, int E) { return moe::workspace_ints(P, E); }
