@@ -3,8 +3,9 @@
 Metadata is built on the host with vectorised torch ops (no per-token Python loops) and copied to the device
 in one non-blocking transfer per tensor. Pure decode steps on CUDA replay a CUDA graph captured for the
 smallest captured batch size >= B (padding rows write nowhere: slot -1, and attend to one token of block 0);
-everything else runs eagerly. Capture is attempted once at start-up and silently falls back to eager mode if
-the model cannot be captured (e.g. an op that syncs with the host).
+everything else runs eagerly. Capture is attempted at start-up (and again when LLM.wake_up re-allocates the cache)
+and falls back to eager mode, with a warning and `capture_error`, if the model cannot be captured (e.g. an op that
+syncs with the host). `release()` / `allocate()` free and re-create the cache and graphs (LLM.sleep / wake_up).
 """
 
 import dataclasses
@@ -30,6 +31,15 @@ def _kv_heads(config) -> int:
     return 1 if getattr(config, "is_mla", False) else int(getattr(config, "num_key_value_heads", 1) or 1)
 
 
+def _capture_mode() -> str:
+    """Under torch.distributed (a trainer's rollout), capture in thread-local mode: the NCCL watchdog thread may
+    query events of earlier collectives while this thread captures, which the default global mode turns into a
+    failed capture. Our own thread's unsafe calls still fail the capture."""
+    import torch.distributed as dist
+
+    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
                  kv_dtype: torch.dtype | None = None, enforce_eager: bool = False):
@@ -39,12 +49,29 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_heads = _kv_heads(model.config)
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        self.num_blocks, self.kv_dtype, self.max_num_seqs = num_blocks, kv_dtype, max_num_seqs
+        self.enforce_eager = enforce_eager
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_error: str | None = None
-        if self.device.type == "cuda" and not enforce_eager:
-            self.capture(max_num_seqs)
+        self.kv_cache = None
+        self.allocate()
+
+    # ---- sleep mode (LLM.sleep / wake_up) -------------------------------------------------------------------------
+    def allocate(self) -> None:
+        """Allocate the KV cache (num_blocks, fixed at start) and capture the decode CUDA graphs on it."""
+        self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size, dtype=self.kv_dtype,
+                                                     device=self.device)
+        if self.device.type == "cuda" and not self.enforce_eager:
+            self.capture(self.max_num_seqs)
+
+    def release(self) -> None:
+        """Free the KV cache, the CUDA graphs (their memory pool) and the static buffers they read."""
+        self.graphs.clear()
+        self.kv_cache = self.static = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     # ---- metadata ---------------------------------------------------------------------------------------------
     def _plan(self, B: int, max_len: int):
@@ -137,7 +164,7 @@ class ModelRunner:
                     self.model.forward_paged(meta, self.kv_cache)  # warm-up (lazy inits, autotuning)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode=_capture_mode()):
                         out = self.model.forward_paged(meta, self.kv_cache)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = (graph, out)
