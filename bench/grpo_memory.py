@@ -40,8 +40,8 @@ LAYOUT = {"model_type": "qwen3_moe", "num_attention_heads": 8, "num_key_value_he
           "tie_word_embeddings": False, "eos_token_id": 1, "bos_token_id": 0}
 SIZES = {  # hidden, layers, experts, expert intermediate, vocab
     "250m": dict(hidden_size=1024, num_hidden_layers=7, num_experts=16, moe_intermediate_size=512,
-                 intermediate_size=2048, vocab_size=32000),
-    "ci": dict(hidden_size=384, num_hidden_layers=6, num_experts=16, moe_intermediate_size=384,
+                 intermediate_size=2048, vocab_size=24000),
+    "ci": dict(hidden_size=384, num_hidden_layers=10, num_experts=16, moe_intermediate_size=384,
                intermediate_size=768, vocab_size=8000),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_experts=4, moe_intermediate_size=32, intermediate_size=64,
                  vocab_size=128, num_attention_heads=4, head_dim=16),

@@ -8,8 +8,9 @@ config.json (the model's fields, `dtype` and `torch_dtype`), the tokenizer files
 transformers' AutoModelForCausalLM and our LLM / MoEForCausalLM.from_pretrained load the directory. Weights are
 cast to --dtype (default: the run's compute dtype), except DeepSeek's routers, which stay float32 as our model and
 transformers keep them in memory. No process group is needed, and nothing is gathered: parameters are read from
-the shards one bucket (128 MiB, or one larger parameter) at a time and written tensor by tensor, so host memory stays ~ the largest
-parameter in float32 whatever the model size. The trainer runs this on its final checkpoint (OUT/hf/step_N).
+the shards one bucket (128 MiB, or one larger parameter) at a time and written tensor by tensor, so host memory
+stays ~ the largest parameter in float32 whatever the model size. The trainer runs this on its final checkpoint
+(OUT/hf/step_N).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """GRPO for math with verifiable rewards — DeepSeekMath's recipe as one readable loop.
 
 Algorithm (Shao et al. 2024, "DeepSeekMath", section 4), one step:
-  1. take P problems; the engine samples G completions of each ON THE LIVE POLICY WEIGHTS (same process, the
-     model object itself, no weight copy) and returns each token's sampled log-prob;
+  1. take P problems; the engine samples G completions of each on the current policy (its rollout copy of the
+     weights, refreshed from the policy before every rollout) and returns each token's sampled log-prob;
   2. reward r = math_reward(completion, gold) (+ optional format / overlong terms);
   3. advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of completion i;
   4. old log-probs (trainer forward, no grad) and, if beta > 0, reference log-probs from a frozen copy of the
@@ -20,10 +20,10 @@ tokens divided by a constant B * max_tokens, no KL).
 Departures from the paper:
   - outcome rewards only (no process supervision; no reward model — the reward is the verifier);
   - DAPO's dynamic sampling drops the all-equal groups instead of sampling more until the batch is full;
-  - the reference model is the policy at step 0 of THIS run (after an optional warm start), kept in full on each
-    rank (sharded like the policy under FSDP2); no periodic reference reset (DeepSeekMath's iterative RL);
-  - bf16: single process keeps fp32 weights (the master copy) and trains under autocast, generating in fp32;
-    under FSDP2 the sharded fp32 parameters are the master copy and compute/generation use bf16 all-gathers.
+  - the reference model is the policy at step 0 of THIS run (after an optional warm start), in the compute dtype,
+    sharded like the policy; no periodic reference reset (DeepSeekMath's iterative RL);
+  - precision (train/README.md): fp32 master weights always; compute in `dtype` (bf16 by default on CUDA, fp32 on a
+    CPU): FSDP2 mixed precision under torchrun, autocast in one process; rollouts on a copy in the compute dtype.
 
 Launch:
     python -m train.grpo --config toy --out runs/toy                      # CPU proof, < 10 min on 2 cores
@@ -31,11 +31,18 @@ Launch:
     torchrun --nproc-per-node 8 -m train.grpo --config dapo --model CKPT --data train.jsonl --out runs/dapo
     python -m train.plot runs/toy                                          # reward, KL, length curves
 
-Under torchrun the policy is sharded with FSDP2 (`fully_shard` per decoder layer and the root); each rank samples
-its share of the P problems (P divisible by the world size), un-shards the weights for generation, and the loss is
-normalised by global counts so gradients equal a single process's on the same data.
-Outputs in OUT: metrics.jsonl (one JSON object per step), ckpt/step_N/ (safetensors + config.json + tokenizer,
-loadable by transformers; trainer.pt with optimizer, LR schedule, RNG and data position), ref/ (reference weights).
+    python -m train.grpo --plan-memory --model v2-lite --world-size 8      # per-rank memory plan, nothing runs
+
+At scale (torchrun): the models are built on the meta device and sharded with FSDP2 (`fully_shard` per decoder
+layer, DeepSeek's fp32 routers, and the root); each rank allocates only its shards and reads only their slices of
+the safetensors checkpoint (model/sharded_load.py) — no full copy anywhere. Each rank samples its share of the P
+problems (P divisible by the world size) on the engine's bf16 rollout copy, filled layer by layer from the shards
+and freed with the KV cache after the rollout (LLM.sleep / wake_up); the loss is normalised by global counts so
+gradients equal a single process's on the same data.
+Outputs in OUT: metrics.jsonl (one JSON object per step, with per-rank peak memory), ckpt/step_N/ (DCP shards of the
+fp32 master weights and AdamW state, config.json, tokenizer, trainer_state.pt; resumable at any world size),
+ref/ (reference shards), hf/step_N/ (the final checkpoint exported for transformers and our LLM: train/export.py),
+memory.json (per-rank load and run peaks).
 """
 
 from __future__ import annotations
@@ -107,9 +114,9 @@ def device() -> torch.device:
 
 
 def shard(policy: Policy, cfg: GRPOConfig, *, reference: bool = False) -> None:
-    """FSDP2: one group per decoder layer plus the root (embeddings, final norm, LM head); DeepSeek's float32
-    routers get their own small group, so they are gathered and used in float32 (FSDP2 needs one dtype per group,
-    and transformers keeps gate.weight float32 too).
+    """FSDP2: one group per decoder layer, one for the embeddings (unless tied to the LM head), and the root (final
+    norm, LM head: used in Policy.forward); DeepSeek's float32 routers get their own small group, so they are
+    gathered and used in float32 (FSDP2 needs one dtype per group, and transformers keeps gate.weight float32 too).
 
     Mixed precision (train/README.md): the policy's float32 shards are the master weights; a group's forward and
     backward run on a bfloat16 all-gather (param_dtype) and gradients are reduce-scattered in float32
@@ -124,12 +131,15 @@ def shard(policy: Policy, cfg: GRPOConfig, *, reference: bool = False) -> None:
         MixedPrecisionPolicy()
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32) if low else mp
     offload = CPUOffloadPolicy() if reference and cfg.ref_offload and torch.cuda.is_available() else OffloadPolicy()
+    if not policy.lm.config.tie_word_embeddings:  # its own group: the root (final norm, LM head) gathers half as much
+        fully_shard(policy.lm.model.embed_tokens, mesh=mesh, mp_policy=mp, offload_policy=offload)
     for layer in policy.lm.model.layers:
         gate = getattr(layer.mlp, "gate", None)
         if policy.lm.config.router_fp32 and gate is not None:
             fully_shard(gate, mesh=mesh, mp_policy=fp32, offload_policy=offload)
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    fully_shard(policy, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                reshard_after_forward=True if reference else None)  # the reference never runs a backward
 
 
 def fsdp_units(policy: Policy) -> list[tuple[nn.Module | None, list[str]]]:
@@ -319,7 +329,15 @@ def logprobs_of(policy: Policy, b: dict, cfg: GRPOConfig) -> torch.Tensor:
         m = trim(b, s)
         with autocast(cfg):
             out[s, : m["ids"].shape[1]] = policy(m["ids"], m["targets"], cfg=cfg).float()
+    reshard_root(policy)
     return out
+
+
+def reshard_root(policy: Policy) -> None:
+    """FSDP2 keeps the root group (embeddings, LM head) gathered after a forward, for the backward that usually
+    follows; after a no-grad pass nothing follows, so free it (0.5x the model's bf16 size at V2-Lite's vocab)."""
+    if fsdp_modules(policy):
+        policy.reshard()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,10 +532,28 @@ def build(cfg: GRPOConfig):
     ref = build_reference(policy, mcfg, cfg, fresh=ckpt is None) if cfg.beta > 0 else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay)
+    init_optimizer_state(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     sampler = ProblemSampler(problems, seed=cfg.seed)
     start = load_trainer_state(policy, opt, sched, sampler, ckpt) if ckpt else 0
     return policy, ref, tokenizer, opt, sched, sampler, start
+
+
+@torch.no_grad()
+def init_optimizer_state(opt) -> None:
+    """Allocate AdamW's moments now rather than at the first step (zeros, step counters 0: the same first update),
+    so the memory the engine sizes its KV cache against at the first rollout already holds them."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()  # lr 0 and zero gradients: the parameters do not move
+    opt.zero_grad(set_to_none=True)
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    for st in opt.state.values():
+        st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
 
 
 def _at_t1(cfg: GRPOConfig) -> GRPOConfig:
@@ -562,6 +598,7 @@ class Rollout:
     def __init__(self, policy: Policy, opt, tokenizer, cfg: GRPOConfig):
         self.lm = lm_on_meta(policy.lm.config, compute_dtype(cfg)).eval()
         self.opt, self.tokenizer, self.cfg, self.llm = opt, tokenizer, cfg, None
+        self.cuda_graphs = 0  # decode batch sizes captured at the last wake (0: eager, e.g. on a CPU)
 
     def sample(self, policy: Policy, prompts: list[list[int]], step: int, first_index: int) -> list:
         off = self.cfg.rollout_offload
@@ -580,6 +617,7 @@ class Rollout:
             if off:
                 policy.to("cpu")
             self.llm.wake_up(["kv_cache"])
+        self.cuda_graphs = len(self.llm.runner.graphs)
         try:
             return sample(self.llm, prompts, self.cfg, step, first_index)
         finally:
@@ -728,7 +766,7 @@ def _train(cfg: GRPOConfig, mem: PeakMemory) -> tuple[list[dict], str | None]:
                 d = save_checkpoint(policy, opt, sched, sampler, tokenizer, done, cfg)
                 final = d if done == cfg.steps else None
             peaks = mem.gather(mem.peak())  # the step and its checkpoint
-            m |= {"peak_mem_gib": max(peaks), "peak_mem_gib_ranks": peaks}
+            m |= {"peak_mem_gib": max(peaks), "peak_mem_gib_ranks": peaks, "rollout_cuda_graphs": rollout.cuda_graphs}
             if not history:
                 m["load_peak_mem_gib"] = max(load_peak)
             history.append(m)

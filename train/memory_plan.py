@@ -35,13 +35,15 @@ def _nbytes(dtype: torch.dtype) -> int:
 
 
 def parameter_counts(mcfg) -> dict:
-    """{"total", "largest_unit"}: parameters of the model and of its largest FSDP2 unit (a decoder layer or the root:
-    embeddings + final norm + LM head), counted on the meta device."""
+    """{"total", "largest_unit"}: parameters of the model and of its largest FSDP2 unit (train.grpo.shard: a decoder
+    layer, the embeddings, or the root: final norm + LM head (+ the embeddings when tied)), counted on meta."""
     with torch.device("meta"):
         lm = model_module().MoEForCausalLM(mcfg)
     total = sum(p.numel() for p in lm.parameters())
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in lm.model.layers]
-    return {"total": total, "largest_unit": max(layers + [total - sum(layers)])}
+    units = [sum(p.numel() for p in layer.parameters()) for layer in lm.model.layers]
+    if not mcfg.tie_word_embeddings:
+        units.append(lm.model.embed_tokens.weight.numel())
+    return {"total": total, "largest_unit": max(units + [total - sum(units)])}
 
 
 def layer_activation_bytes(c, moe: bool, b: int) -> int:
