@@ -91,7 +91,7 @@ def plan_dtype(cfg: GRPOConfig) -> torch.dtype:
     return torch.float32 if cfg.dtype == "float32" else torch.bfloat16
 
 
-def plan(cfg: GRPOConfig, mcfg, world: int, gpu_gib: float, prompt_tokens: int = 512,
+def plan(cfg: GRPOConfig, mcfg, world: int, gpu_gib: float, prompt_tokens: int = 1024,
          outside_gib: float | None = None) -> dict:
     """-> {"rollout": {part: GiB}, "update": {part: GiB}, "peak_allocated", "fits", ...} per rank."""
     dtype = plan_dtype(cfg)
