@@ -655,8 +655,8 @@ def move_optimizer_state(opt, dev: torch.device) -> None:
         for k, v in st.items():
             if torch.is_tensor(v) and k != "step" and v.device != dev:
                 st[k] = v.to(dev, non_blocking=True)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    if torch.cuda.is_available():  # both directions: the copies are complete before anything is freed or read
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -752,14 +752,14 @@ def run(cfg: GRPOConfig) -> list[dict]:
     try:
         history, final = _train(cfg, mem)
         gc.collect()  # FSDP2 hooks form reference cycles: free the training state before the export
-        if final is not None:  # the export holds one bucket of parameters at a time
-            if rank == 0:
-                from .export import export_checkpoint
+        summary = os.path.join(cfg.out, "memory.json")
+        mem.write_summary(summary)  # the last collective: the export below may outlast a NCCL timeout
+        if final is not None and rank == 0:  # one bucket of parameters at a time; the other ranks may leave
+            from .export import export_checkpoint
 
-                export_checkpoint(final, os.path.join(cfg.out, "hf", os.path.basename(final)),
-                                  dtype=cfg.export_dtype or str(compute_dtype(cfg)).replace("torch.", ""))
-            _barrier()
-        mem.write_summary(os.path.join(cfg.out, "memory.json"))
+            export_checkpoint(final, os.path.join(cfg.out, "hf", os.path.basename(final)),
+                              dtype=cfg.export_dtype or str(compute_dtype(cfg)).replace("torch.", ""))
+            mem.amend_summary(summary)
     finally:
         torch.set_num_threads(threads)
     return history
@@ -874,6 +874,14 @@ class PeakMemory:
         t[rank] = x
         dist.all_reduce(t)
         return [round(v, 4) for v in t.tolist()]
+
+    def amend_summary(self, path: str) -> None:
+        """Rank 0 after the export: its run peak in memory.json now includes the export."""
+        with open(path) as f:
+            d = json.load(f)
+        d["run_peak_gib"][0] = round(max(d["run_peak_gib"][0], self.lifetime, self._read()), 4)
+        with open(path, "w") as f:
+            json.dump(d, f, indent=1)
 
     def write_summary(self, path: str) -> None:
         """memory.json: per rank, what was held when run() started, the peak while loading and the run's peak
