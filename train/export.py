@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -91,7 +92,9 @@ def _stream(reader, keys: list[str], meta, prefix: str, bucket_bytes: int):
             size += _nbytes(meta[keys[i]])
             i += 1
         sd = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in bucket}
-        dcp.load(sd, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # DCP says it assumes a single process: it is one
+            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
+            dcp.load(sd, storage_reader=reader, no_dist=True)
         for k in bucket:
             yield from loader.hf_split(k[len(prefix):], sd.pop(k))
 
