@@ -4,6 +4,8 @@ One step = schedule (scheduler.py) -> copy-on-write block copies -> forward over
 (model_runner.py) -> sample (sampler.py) -> append tokens, detokenize, check stops, free finished sequences.
 The step's only host sync is the read of the sampled tokens (and their log-probs, in the same transfer).
 A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks.
+MoE models record, per fed token and MoE layer, the experts it was routed to (beside its K/V, on the device);
+`SamplingParams(return_routing=True)` returns them as `CompletionOutput.routing` (routing replay for RL).
 
 `model` is a checkpoint directory (loaded with MoEForCausalLM.from_pretrained, tokenizer with AutoTokenizer
 when the directory has one) or a model object used in place — e.g. the GRPO trainer's live MoEForCausalLM,
@@ -56,8 +58,14 @@ class LLM:
                  num_blocks: int | None = None, block_size: int = 64, gpu_memory_fraction: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
-                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False):
+                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, record_routing: bool | None = None):
+        """record_routing: keep each cached token's experts per MoE layer (needed by return_routing; None = on for
+        models with MoE layers; costs L * top_k int16 per cache slot and one small write per MoE layer per step)."""
         self.model, path = _load_model(model, dtype, device)
+        moe_layers = int(getattr(self.model, "num_moe_layers", 0) or 0)
+        if record_routing and not moe_layers:
+            raise ValueError("record_routing: the model has no MoE layers (no num_moe_layers) to record")
+        self.record_routing = bool(moe_layers) if record_routing is None else bool(record_routing)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.device = torch.device(self.model.device)
         cfg = self.model.config
@@ -70,7 +78,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                                  enforce_eager=enforce_eager)
+                                  enforce_eager=enforce_eager, record_routing=self.record_routing)
         self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(cfg, self.tokenizer)
         self.requests: dict[int, Request] = {}
@@ -111,6 +119,9 @@ class LLM:
             raise ValueError(f"params.n: {params.n} samples exceed max_num_seqs={self.max_num_seqs}")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("params.stop: stop strings need a tokenizer (use stop_token_ids)")
+        if params.return_routing and self.runner.routing is None:
+            raise ValueError("params.return_routing: this engine records no routing (a model without MoE layers, "
+                             "or LLM(record_routing=False))")
         rid, self._next_id = self._next_id, self._next_id + 1
         return Request(rid, text, ids, params)
 
@@ -237,6 +248,8 @@ class LLM:
         text = self._emit_text(seq, reason is not None) if self.tokenizer is not None else None
         if reason is not None:
             seq.finish_reason = reason
+            if p.return_routing:  # before its blocks (and their recorded experts) are freed
+                seq.routing = self.runner.gather_routing(seq)
             self.scheduler.finish(seq)
             self._finish_sample(seq)
         return StreamEvent(seq.request_id, seq.index, token, logprob if p.logprobs else None, text, reason)
@@ -272,7 +285,7 @@ class LLM:
         outs = [CompletionOutput(s.index, s.completion_ids,
                                  final_text(self.tokenizer, s, req.params.stop_list),
                                  list(s.logprobs) if req.params.logprobs else None, s.finish_reason,
-                                 s.num_preemptions)
+                                 s.num_preemptions, s.routing)
                 for s in sorted(req.samples.values(), key=lambda s: s.index)]
         self.finished[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs)
 
@@ -329,22 +342,24 @@ class LLM:
     # ---- sizing ---------------------------------------------------------------------------------------------------
     def _auto_num_blocks(self, block_size: int, fraction: float, max_tokens: int, max_seqs: int,
                          cpu_gib: float) -> int:
-        per_block = self.model.kv_cache_bytes_per_block(block_size)
+        extra = {"routing": True} if self.record_routing else {}
+        per_block = self.model.kv_cache_bytes_per_block(block_size, **extra)
         if self.device.type != "cuda":
             return max(1, int(cpu_gib * 2**30) // per_block)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {fraction}")
-        return kv_cache_blocks(self.model, block_size, fraction, min(max_tokens, self.max_model_len - 1), max_seqs,
-                               self.device)
+        return kv_cache_blocks(self.model, per_block, block_size, fraction, min(max_tokens, self.max_model_len - 1),
+                               max_seqs, self.device)
 
 
-def kv_cache_blocks(model, block_size: int, fraction: float, profile_tokens: int, max_seqs: int, device) -> int:
+def kv_cache_blocks(model, per_block: int, block_size: int, fraction: float, profile_tokens: int, max_seqs: int,
+                    device) -> int:
     """KV-cache blocks for `fraction` of the GPU memory FREE FOR THE CACHE, measured, not assumed: after the weights
     are in place, a profiling forward (the largest prefill step) gives the activation peak; then
     torch.cuda.mem_get_info() (which sees every process on the device, the CUDA context and NCCL buffers) gives the
     free memory, from which the activation peak, the sampler's temporaries and the decode CUDA graphs' pool (about
-    the activation peak scaled to max_seqs tokens) are kept back. fraction < 1 leaves the rest as headroom."""
-    per_block = model.kv_cache_bytes_per_block(block_size)
+    the activation peak scaled to max_seqs tokens) are kept back. fraction < 1 leaves the rest as headroom.
+    per_block: bytes of one cache block (with the routing record when the engine keeps one)."""
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     act = _profile_forward(model, profile_tokens, block_size) - base

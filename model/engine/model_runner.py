@@ -6,6 +6,8 @@ smallest captured batch size >= B (padding rows write nowhere: slot -1, and atte
 everything else runs eagerly. Capture is attempted at start-up (and again when LLM.wake_up re-allocates the cache)
 and falls back to eager mode, with a warning and `capture_error`, if the model cannot be captured (e.g. an op that
 syncs with the host). `release()` / `allocate()` free and re-create the cache and graphs (LLM.sleep / wake_up).
+With record_routing (MoE models) the cache also holds each cached token's experts per MoE layer, written by the
+forward itself (eager and graphed alike), copied on copy-on-write, read per sequence by `gather_routing`.
 """
 
 import dataclasses
@@ -42,7 +44,7 @@ def _capture_mode() -> str:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
-                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False):
+                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False):
         self.model = model
         self.device = torch.device(model.device)
         self.block_size = block_size
@@ -50,7 +52,8 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_heads = _kv_heads(model.config)
         self.num_blocks, self.kv_dtype, self.max_num_seqs = num_blocks, kv_dtype, max_num_seqs
-        self.enforce_eager = enforce_eager
+        self.enforce_eager, self.record_routing = enforce_eager, record_routing
+        self.routing = None  # [S + 1, L, K] or None
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_error: str | None = None
@@ -60,15 +63,17 @@ class ModelRunner:
     # ---- sleep mode (LLM.sleep / wake_up) -------------------------------------------------------------------------
     def allocate(self) -> None:
         """Allocate the KV cache (num_blocks, fixed at start) and capture the decode CUDA graphs on it."""
+        extra = {"routing": True} if self.record_routing else {}  # models without MoE layers take no such argument
         self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size, dtype=self.kv_dtype,
-                                                     device=self.device)
+                                                     device=self.device, **extra)
+        self.routing = getattr(self.kv_cache, "routing", None)
         if self.device.type == "cuda" and not self.enforce_eager:
             self.capture(self.max_num_seqs)
 
     def release(self) -> None:
         """Free the KV cache, the CUDA graphs (their memory pool) and the static buffers they read."""
         self.graphs.clear()
-        self.kv_cache = self.static = None
+        self.kv_cache = self.static = self.routing = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -129,6 +134,19 @@ class ModelRunner:
             layer = self.kv_cache[i]
             for t in layer if isinstance(layer, (tuple, list)) else (layer,):
                 t.index_copy_(0, dst, t.index_select(0, src))
+        if self.routing is not None:  # the blocks' recorded experts travel with their K/V
+            r = self.routing[:-1].view(-1, self.block_size, *self.routing.shape[1:])  # [NB, BS, L, K]
+            r.index_copy_(0, dst, r.index_select(0, src))
+
+    def gather_routing(self, seq) -> torch.Tensor:
+        """[n, L, K] experts of the sequence's first n = num_computed tokens (those fed through the model), a copy
+        on the device (no host sync); read before the sequence's blocks are freed."""
+        bs, n = self.block_size, seq.num_computed
+        table = torch.tensor(seq.block_table[: -(-n // bs)], dtype=torch.int64)
+        pos = torch.arange(n)
+        slots = table[pos // bs] * bs + pos % bs                                    # [n]
+        return self.routing.index_select(0, slots.pin_memory().to(self.device, non_blocking=True)
+                                         if self.pin else slots)
 
     # ---- CUDA graphs -------------------------------------------------------------------------------------------
     @staticmethod

@@ -41,16 +41,29 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> weights [T, K] float32, ids [T, K] int32."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits [T, E]."""
+        if self.cfg.router_fp32:
+            return F.linear(x.float(), self.weight.float())  # [T, E]
+        return F.linear(x, self.weight.to(x.dtype))  # [T, E]
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gating's own choice: logits [T, E] -> weights [T, K] float32, ids [T, K] int32."""
         c = self.cfg
-        if c.router_fp32:
-            logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        else:
-            logits = F.linear(x, self.weight.to(x.dtype))  # [T, E]
         return dk.route_topk(logits, c.num_experts_per_tok, scoring=c.scoring, bias=self.e_score_correction_bias,
                              n_group=c.n_group, topk_group=c.topk_group, renormalize=c.renormalize,
                              routed_scaling_factor=c.routed_scaling_factor)
+
+    def replay(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Routing replay: weights [T, K] float32 of the given experts ids [T, K], from these logits, renormalised
+        and scaled exactly as `select` does (differentiable: the router still gets gradients)."""
+        c = self.cfg
+        return dk.route_topk_weights(logits, ids, scoring=c.scoring, renormalize=c.renormalize,
+                                     routed_scaling_factor=c.routed_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> weights [T, K] float32, ids [T, K] int32."""
+        return self.select(self.logits(x))
 
 
 class Experts(nn.Module):
@@ -72,12 +85,23 @@ class MoE(nn.Module):
         n = cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n, bias=cfg.mlp_bias) if n else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., H]."""
+    def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
+                return_routing: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [..., H] -> [..., H]. routing [..., K] int: replay — use these experts instead of the gate's top-k,
+        with weights recomputed from the router logits at those ids. return_routing: also return the ids [..., K]
+        int32 the gate's own top-k picks (with routing given: computed from the same logits, not used)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        weights, ids = self.gate(x)  # [T, K]
+        logits = self.gate.logits(x)  # [T, E]
+        if routing is None:
+            weights, ids = self.gate.select(logits)  # [T, K]
+            own = ids
+        else:
+            ids = routing.reshape(-1, routing.shape[-1]).to(torch.int32)  # [T, K]
+            weights = self.gate.replay(logits, ids)
+            own = self.gate.select(logits.detach())[1] if return_routing else None
         out = self.experts(x, weights, ids)  # [T, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out.view(shape)
+        out = out.view(shape)
+        return (out, own.view(*shape[:-1], own.shape[-1])) if return_routing else out
