@@ -142,7 +142,13 @@ def shard(policy: Policy, cfg: GRPOConfig, *, reference: bool = False) -> None:
     (reduce_dtype), so the optimizer updates float32 shards with float32 gradients. The reference already holds
     bfloat16 weights (no cast) and, with cfg.ref_offload on CUDA, keeps its shards in pinned host memory."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     mesh = init_device_mesh(device().type, (dist.get_world_size(),))
     low = compute_dtype(cfg) == torch.bfloat16 and not reference
@@ -156,6 +162,7 @@ def shard(policy: Policy, cfg: GRPOConfig, *, reference: bool = False) -> None:
         gate = getattr(layer.mlp, "gate", None)
         if policy.lm.config.router_fp32 and gate is not None:
             fully_shard(gate, mesh=mesh, mp_policy=fp32, offload_policy=offload)
+            register_fsdp_forward_method(gate, "logits")  # MoE calls gate.logits(x), not gate(x)
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(policy, mesh=mesh, mp_policy=mp, offload_policy=offload,
                 reshard_after_forward=True if reference else None)  # the reference never runs a backward
