@@ -27,11 +27,12 @@ def prompts(k=6, V=128):
 
 
 def test_cuda_graph_decode_matches_eager(model):
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
     eager = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8, enforce_eager=True)
     graph = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8)
     assert eager.runner.graphs == {}
-    assert sorted(graph.runner.graphs) == [1, 2, 4, 8], f"capture failed: {graph.runner.capture_error}"
+    sizes = sorted({k[0] for k in graph.runner.graphs})
+    assert sizes == [1, 2, 4, 8], f"capture failed: {graph.runner.capture_error}"
     a = eager.generate(prompts(), params, use_tqdm=False)
     b = graph.generate(prompts(), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
@@ -91,7 +92,7 @@ def test_sleep_frees_the_cache_graphs_and_weights_and_wake_up_restores_them(mode
     llm.wake_up(["weights"])
     own.load_state_dict(weights)
     llm.wake_up(["kv_cache"])
-    assert sorted(llm.runner.graphs) == [1, 2, 4, 8], llm.runner.capture_error  # captured again, on the new cache
+    assert sorted({k[0] for k in llm.runner.graphs}) == [1, 2, 4, 8], llm.runner.capture_error  # captured again
     assert [o.outputs[0].token_ids for o in llm.generate(prompts(), p, use_tqdm=False)] == want
     llm.sleep(level=1)  # weights to host memory
     assert next(own.parameters()).device.type == "cpu"
