@@ -99,6 +99,7 @@ def main(argv=None) -> None:
     if rank == 0:
         torch.save({"world": world, **results}, a.out)
     if world > 1:
+        dist.barrier()  # no rank tears its process group down while another still works
         dist.destroy_process_group()
 
 
