@@ -281,7 +281,8 @@ namespace gemm {
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define DSM_INLINE __attribute__((always_inline)) inline
 
-constexpr int kT = 96;  // tokens per KV tile: a multiple of every micro-tile's MT (6, 8, 12, 24)
+constexpr int kT = 96;         // tokens per KV tile: a multiple of every micro-tile's MT (6, 8, 12, 24)
+constexpr int kPrefetch = 32;  // K-row prefetch distance in floats (two lines)
 
 template <int L> struct VT {
   typedef float f __attribute__((vector_size(4 * L)));
@@ -320,17 +321,18 @@ template <int L> DSM_INLINE V<L> exp2v(V<L> x) {
 }
 
 // S^T[i][v*L + lane] (row stride ss) = sum_d krow[i][d] * qp[d][v*L + lane], i < MT, v < NV.
+// The K rows stream from memory when few rows share them (16-row items: 1 FMA per loaded K element): each row is
+// prefetched kPrefetch floats ahead once per 64-byte line.
 template <int L, int MT, int NV>
-DSM_INLINE void qk_tile(const float* const* krow, const float* qp, int d0, int d1, float* s, int64_t ss) {
+DSM_INLINE void qk_tile(const float* const* krow, const float* qp, int D, float* s, int64_t ss) {
   V<L> acc[MT][NV];
   for (int i = 0; i < MT; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = d0 ? load<L>(s + i * ss + v * L) : V<L>{};
+    for (int v = 0; v < NV; ++v) acc[i][v] = V<L>{};
   const float* k[MT];
   for (int i = 0; i < MT; ++i) k[i] = krow[i];
-  static const int PF = std::getenv("PF") ? std::atoi(std::getenv("PF")) : 0;
-  for (int d = d0; d < d1; ++d) {
-    if (PF && (d & 15) == 0)
-      for (int i = 0; i < MT; ++i) __builtin_prefetch(k[i] + d + PF);
+  for (int d = 0; d < D; ++d) {
+    if ((d & 15) == 0)
+      for (int i = 0; i < MT; ++i) __builtin_prefetch(k[i] + d + kPrefetch);
     V<L> b[NV];
     for (int v = 0; v < NV; ++v) b[v] = load<L>(qp + static_cast<int64_t>(d) * NV * L + v * L);
     for (int i = 0; i < MT; ++i) {
@@ -405,10 +407,8 @@ template <class C, int NV>
 DSM_INLINE void qk_panel(const float* const* krow, const float* qp, int D, int n, float* s, int64_t ss) {
   if constexpr (NV <= C::NVMAX) {
     constexpr int MT = C::ACC / NV;
-    static const int KC = std::getenv("KC") ? std::atoi(std::getenv("KC")) : 1 << 20;
-    for (int d0 = 0; d0 < D; d0 += KC)
-      for (int j = 0; j < n; j += MT)  // tokens past n point at the zero row: whole micro-tiles are safe
-        qk_tile<C::L, MT, NV>(krow + j, qp, d0, std::min(D, d0 + KC), s + j * ss, ss);
+    for (int j = 0; j < n; j += MT)  // tokens past n point at the zero row: whole micro-tiles are safe
+      qk_tile<C::L, MT, NV>(krow + j, qp, D, s + j * ss, ss);
   }
 }
 
@@ -535,8 +535,6 @@ DSM_INLINE void item(const AttendParams& p, int R, const int* seq, const int* he
       }
     }
     float* s = b.s.data();
-    static const int SKIP = std::getenv("SKIP") ? std::atoi(std::getenv("SKIP")) : 0;
-    if (!(SKIP & 1))
     for (int p0 = 0; p0 < Rp; p0 += C::NVMAX * L) {
       const int nv = std::min(C::NVMAX * L, Rp - p0) / L;
       const float* qp = b.qt.data() + static_cast<int64_t>(p0) * D;
@@ -547,8 +545,7 @@ DSM_INLINE void item(const AttendParams& p, int R, const int* seq, const int* he
         default: qk_panel<C, 4>(b.krow.data(), qp, D, n, s + p0, Rp); break;
       }
     }
-    if (!(SKIP & 2)) softmax_tile<L>(s, Rp, b.ok.data(), n, Rp, b.m.data(), b.l.data(), b.alpha.data());
-    if (SKIP & 4) continue;
+    softmax_tile<L>(s, Rp, b.ok.data(), n, Rp, b.m.data(), b.l.data(), b.alpha.data());
     int r0 = 0;
     for (; r0 + C::MR <= R; r0 += C::MR)
       pv_rows<C, C::MR>(s + r0, Rp, b.vrow.data(), n, R, Dvp, b.alpha.data() + r0,
@@ -593,16 +590,21 @@ void item_portable(const AttendParams& p, int R, const int* seq, const int* head
   item<Portable>(p, R, seq, head, bt_row, kvh, begin, end, split, b, bad);
 }
 
-// The widest engine this CPU runs (DSMATH_CPU_ISA=avx512|avx2|portable narrows it: tests of every build).
-ItemFn pick() {
-  const char* want = std::getenv("DSMATH_CPU_ISA");
-  const std::string w = want ? want : "";
+struct Engine {
+  ItemFn item;
+  int lanes;
+  const char* isa;
+};
+
+// The widest engine this CPU runs, at most as wide as `engine` (attn::kCpuEngine*) allows.
+Engine pick(int engine) {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
   __builtin_cpu_init();
-  if ((w.empty() || w == "avx512") && __builtin_cpu_supports("x86-64-v4")) return item_avx512;
-  if ((w.empty() || w == "avx512" || w == "avx2") && __builtin_cpu_supports("x86-64-v3")) return item_avx2;
+  if (engine != attn::kCpuEngineAvx2 && engine != attn::kCpuEnginePortable && __builtin_cpu_supports("x86-64-v4"))
+    return {item_avx512, Avx512::L, "avx512"};
+  if (engine != attn::kCpuEnginePortable && __builtin_cpu_supports("x86-64-v3")) return {item_avx2, Avx2::L, "avx2"};
 #endif
-  return item_portable;
+  return {item_portable, Portable::L, "portable"};
 }
 
 }  // namespace gemm
@@ -631,7 +633,7 @@ bool bad_args(const AttendParams& p) {
          p.num_blocks < 0 || (!p.out && !p.part_o) || (p.part_o && (!p.part_lse || p.slot0 < 0 ||
                                                                     p.slot0 + p.num_splits > p.nslot)) ||
          (p.tiles && (p.num_tiles < 0 || !p.members || p.heads_per_tile < 1)) ||
-         (p.kv_dtype == attn::kFloat8E4M3 && !p.k_scale);
+         (p.kv_dtype == attn::kFloat8E4M3 && !p.k_scale) || p.engine < 0 || p.engine > attn::kCpuEngineRows;
 }
 
 }  // namespace
@@ -643,8 +645,8 @@ int attend_cpu(const AttendParams& p, int num_threads) {
   BadRead bad;
   bad.out = p.bad;
   const int S = p.num_splits;
+  const gemm::Engine engine = gemm::pick(p.engine);
   if (p.tiles) {  // shared pass: tile -> row blocks of its members x heads, on the GEMM engine
-    const gemm::ItemFn engine = gemm::pick();
     std::vector<int64_t> first(p.num_tiles + 1, 0);  // first row-block item of each tile
     for (int t = 0; t < p.num_tiles; ++t) {
       const int32_t* tl = p.tiles + t * attn::kTileCols;
@@ -667,10 +669,12 @@ int attend_cpu(const AttendParams& p, int num_threads) {
       thread_local gemm::Buf buf;
       int64_t begin, end;
       attn::adaptive_split(0, tl[4], s, S, p.min_chunk, kTok, begin, end);
-      engine(p, rows.n, rows.seq, rows.head, tl[0], tl[3] / G, begin, end, s, buf, bad);
+      engine.item(p, rows.n, rows.seq, rows.head, tl[0], tl[3] / G, begin, end, s, buf, bad);
     });
   } else {  // per-sequence pass: (sequence, kv head, row block of its G heads, split)
     const int blocks = (G + kRows - 1) / kRows;
+    // the engine once a sequence's heads fill its vectors (MLA: 16-128 heads); few GQA heads: the row-block kernel
+    const bool gemm_rows = p.engine != attn::kCpuEngineRows && std::min(G, kRows) >= engine.lanes;
     parallel_for(static_cast<int64_t>(p.B) * p.Hkv * blocks * S, num_threads, [&](int64_t i, Scratch& sc) {
       const int s = static_cast<int>(i % S);
       const int rb = static_cast<int>((i / S) % blocks);
@@ -682,21 +686,23 @@ int attend_cpu(const AttendParams& p, int num_threads) {
         rows.head[rows.n] = kvh * G + g;
         ++rows.n;
       }
-      if (sc.q.size() < static_cast<size_t>(kRows) * p.D || sc.o.size() < static_cast<size_t>(kRows) * p.Dv ||
-          sc.vr.size() < static_cast<size_t>(kTok) * p.Dv)
-        sc.size(p.D, p.Dv);
       int64_t begin, end;
       attn::adaptive_split(p.start ? p.start[b] : 0, p.seq_lens[b], s, S, p.min_chunk, kTok, begin, end);
-      static const bool exp_gemm = std::getenv("DSMATH_EXP_SEQ_GEMM") != nullptr;
-      if (exp_gemm) {
+      if (gemm_rows) {
         thread_local gemm::Buf buf;
-        gemm::pick()(p, rows.n, rows.seq, rows.head, b, kvh, begin, end, s, buf, bad);
-      } else
-      run_item(p, rows, b, kvh, begin, end, s, sc, bad);
+        engine.item(p, rows.n, rows.seq, rows.head, b, kvh, begin, end, s, buf, bad);
+      } else {
+        if (sc.q.size() < static_cast<size_t>(kRows) * p.D || sc.o.size() < static_cast<size_t>(kRows) * p.Dv ||
+            sc.vr.size() < static_cast<size_t>(kTok) * p.Dv)
+          sc.size(p.D, p.Dv);
+        run_item(p, rows, b, kvh, begin, end, s, sc, bad);
+      }
     });
   }
   return kOk;
 }
+
+const char* attend_cpu_isa(int engine) { return gemm::pick(engine).isa; }
 
 int merge_partials_cpu(const float* part_o, const float* part_lse, void* out, int dtype, int64_t rows, int nslot,
                        int Dv, int num_threads) {
