@@ -246,6 +246,7 @@ def test_reference_cascade_is_plain_attention():
 TRITON_CASES = [  # mla, heads (Hq, Hkv), group size, prompt, block size, splits
     (True, (16, 1), 5, 40, 16, 1),
     (True, (128, 1), 2, 17, 8, 2),
+    (True, (128, 1), 2, 9, 8, 1),  # one split, plain: 64-row tiles still write partials and merge (no direct store)
     (False, (8, 2), 6, 20, 4, 3),
 ]
 
@@ -276,6 +277,18 @@ def test_triton_kernel_plain_and_cascade(case):
         out = torch.full((len(ks), Hq, v4.shape[-1]), 7.0)
         cas._run_gpu(q, k4, v4, bt, sl, 0.3, splits, None, c, out)
         assert_close(out, expect, atol=2e-5, rtol=2e-5, name=f"triton {'cascade' if c else 'plain'}")
+
+
+def test_triton_direct_store_only_from_transposed_tiles():
+    """64-row tiles (128 heads) never store `out` directly (that epilogue spills at sm_90): attend says so."""
+    from dsmath_kernels import mla_decode_triton as tk
+
+    ks, _, kc, _, bt, sl = forked_batch(1, 0, [9], 8, (48,), torch.float32, loners=[9])
+    k4 = kc.unsqueeze(2)
+    q = torch.randn(2, 128, 48)
+    tiles = cas._plain_tiles(2, 128, 1, 64, q.device)
+    with pytest.raises(ValueError, match="out: a pass on 64-row tiles writes fp32 partials"):
+        tk.attend(q, k4, k4[..., :32], bt, sl, 0.3, tiles=tiles, heads_per_tile=64, out=torch.empty(2, 128, 32))
 
 
 def test_triton_bad_block_ids_read_nothing():

@@ -406,7 +406,9 @@ def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out, shared_v: b
     Hkv = k.shape[2]
     ht, _ = tk.tile_shape(Hq, Hkv, "triton")
     nslot = splits * (2 if cascade is not None else 1)
-    direct = nslot == 1
+    # one pass, one split: the kernel writes `out` itself, except from 64-row tiles (V3's 128 heads), whose direct
+    # 16-bit epilogue spills at sm_90 (228 B, the compile sweep): those write fp32 partials and merge
+    direct = nslot == 1 and ht <= tk.MAX_TRANS_ROWS
     po = plse = None
     if not direct:
         po = torch.empty(B, Hq, nslot, v.shape[-1], dtype=torch.float32, device=q.device)

@@ -119,21 +119,7 @@ if triton is not None:
         return row, h0, lo, hi, seq, heads, r_ok
 
     @triton.jit
-    def _q_tile(q_row, off, cols, r_ok, D, live, TRANS: tl.constexpr, UPCAST: tl.constexpr):
-        """Columns [off, off + len(cols)) of the query rows (q_row: [R] row pointers), masked to D: [R, C], or
-        [C, R] when TRANS; `live` (a scalar) also masks (a loop-dependent mask keeps a reload inside its loop)."""
-        if TRANS:
-            x = tl.load(q_row[None, :] + off + cols[:, None], mask=r_ok[None, :] & (off % D + cols[:, None] < D) & live,
-                        other=0.0)
-        else:
-            x = tl.load(q_row[:, None] + off + cols[None, :], mask=r_ok[:, None] & (off % D + cols[None, :] < D) & live,
-                        other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-        return x
-
-    @triton.jit
-    def _attend_kernel(Q, QS, K, V, KS, BT, SL, START, TILES, MEMBERS, Out, PO, PLSE,
+    def _attend_kernel(Q, K, V, KS, BT, SL, START, TILES, MEMBERS, Out, PO, PLSE,
                        sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, ss_b, s_bt, W, NB, Hq, G, scale_log2,
                        num_splits, slot0, nslot, min_chunk,
                        D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, HT: tl.constexpr,
@@ -142,8 +128,7 @@ if triton is not None:
                        BLOCK_DV: tl.constexpr, TRANS: tl.constexpr, SHARED_V: tl.constexpr, FP8: tl.constexpr,
                        TILED: tl.constexpr, MEMBERS_LIST: tl.constexpr, TILE_LEN: tl.constexpr,
                        HAS_START: tl.constexpr, DIRECT: tl.constexpr, PAGE_TILE: tl.constexpr,
-                       UPCAST: tl.constexpr, PREC: tl.constexpr, QSPLIT: tl.constexpr,
-                       QRELOAD: tl.constexpr):
+                       UPCAST: tl.constexpr, PREC: tl.constexpr):
         t = tl.program_id(0)
         split = tl.program_id(1)
         row, h0, lo, hi, seq, heads, r_ok = _tile_rows(t, TILES, MEMBERS, SL, START, Hq, G, HT, BLOCK_R, TILED,
@@ -175,16 +160,7 @@ if triton is not None:
             m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_R], tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-        if QSPLIT > 0:  # fp8 cache: Q holds QSPLIT fp8 parts per row (split_q_fp8), QK^T on fp8 tensor cores
-            # 1 / row scale of the parts, times scale * log2 e
-            row_scale = tl.load(QS + seq.to(tl.int64) * Hq + heads, mask=r_ok, other=1.0) * scale_log2
-            if not QRELOAD:
-                qa0 = _q_tile(q_row, 0, offs_a, r_ok, D, True, TRANS, UPCAST)
-                qa1 = _q_tile(q_row, D, offs_a, r_ok, D, True, TRANS, UPCAST)
-                if HAS_B:
-                    qb0 = _q_tile(q_row, DA, offs_b, r_ok, D, True, TRANS, UPCAST)
-                    qb1 = _q_tile(q_row, D + DA, offs_b, r_ok, D, True, TRANS, UPCAST)
-        elif UPCAST:
+        if UPCAST:
             qa = qa.to(tl.float32)
             if HAS_B:
                 qb = qb.to(tl.float32)
@@ -204,62 +180,32 @@ if triton is not None:
             ka = tl.load(K + base[:, None] + offs_a[None, :], mask=ok[:, None], other=0.0)
             if FP8:
                 ks = tl.load(KS + blk.to(tl.int64) * ss_b + slot, mask=ok, other=0.0)
-            if QSPLIT > 0:
-                ka8 = ka.to(tl.float32) if UPCAST else ka  # QK^T operand: the fp8 tile as loaded
-                if QRELOAD:
-                    live = start < end
-                    qa0 = _q_tile(q_row, 0, offs_a, r_ok, D, live, TRANS, UPCAST)
-                    qa1 = _q_tile(q_row, D, offs_a, r_ok, D, live, TRANS, UPCAST)
-                    if HAS_B:
-                        qb0 = _q_tile(q_row, DA, offs_b, r_ok, D, live, TRANS, UPCAST)
-                        qb1 = _q_tile(q_row, D + DA, offs_b, r_ok, D, live, TRANS, UPCAST)
-            if QSPLIT == 2:
-                ka = ka.to(tl.bfloat16)
-            elif QSPLIT == 3:
-                ka = ka.to(tl.float16)
-            elif FP8:
                 ka = ka.to(Q.dtype.element_ty)
             if UPCAST:
                 ka = ka.to(tl.float32)
             if HAS_B:  # the columns past DA (MLA's 64 rope dims)
                 kb = tl.load(K + base[:, None] + DA + offs_b[None, :], mask=ok[:, None] & b_ok[None, :], other=0.0)
-                if QSPLIT > 0:
-                    kb = kb.to(tl.float32) if UPCAST else kb
-                else:
-                    if FP8:
-                        kb = kb.to(Q.dtype.element_ty)
-                    if UPCAST:
-                        kb = kb.to(tl.float32)
+                if FP8:
+                    kb = kb.to(Q.dtype.element_ty)
+                if UPCAST:
+                    kb = kb.to(tl.float32)
             if SHARED_V:  # MLA: values are the first DV (= DA) columns of the key rows just loaded
                 v = ka
             else:
                 vbase = blk.to(tl.int64) * sv_b + slot * sv_t + kvh * sv_h
                 v = tl.load(V + vbase[:, None] + offs_v[None, :], mask=ok[:, None] & (offs_v[None, :] < DV),
                             other=0.0)
-                if QSPLIT == 2:
-                    v = v.to(tl.bfloat16)
-                elif QSPLIT == 3:
-                    v = v.to(tl.float16)
-                elif FP8:
+                if FP8:
                     v = v.to(Q.dtype.element_ty)
                 if UPCAST:
                     v = v.to(tl.float32)
             if TRANS:
-                if QSPLIT > 0:  # sum over the parts of q, one accumulator
-                    s = tl.dot(ka8, qa0)  # [N, R]
-                    s = tl.dot(ka8, qa1, s)
-                    if HAS_B:
-                        s = tl.dot(kb, qb0, s)
-                        s = tl.dot(kb, qb1, s)
-                    s = s * (ks[:, None] * row_scale[None, :])
-                else:
-                    s = tl.dot(ka, qa, input_precision=PREC)  # [N, R]
-                    if HAS_B:
-                        s += tl.dot(kb, qb, input_precision=PREC)
-                    if FP8:
-                        s = s * ks[:, None]
-                    s = s * scale_log2
-                s = tl.where(ok[:, None], s, float("-inf"))
+                s = tl.dot(ka, qa, input_precision=PREC)  # [N, R]
+                if HAS_B:
+                    s += tl.dot(kb, qb, input_precision=PREC)
+                if FP8:
+                    s = s * ks[:, None]
+                s = tl.where(ok[:, None], s * scale_log2, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
@@ -269,22 +215,12 @@ if triton is not None:
                     p = p * ks[:, None]
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PREC)
             else:
-                if QSPLIT > 0:
-                    kt = tl.trans(ka8)
-                    s = tl.dot(qa0, kt)  # [R, N]
-                    s = tl.dot(qa1, kt, s)
-                    if HAS_B:
-                        s = tl.dot(qb0, tl.trans(kb), s)
-                        s = tl.dot(qb1, tl.trans(kb), s)
-                    s = s * (row_scale[:, None] * ks[None, :])
-                else:
-                    s = tl.dot(qa, tl.trans(ka), input_precision=PREC)  # [R, N]
-                    if HAS_B:
-                        s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
-                    if FP8:
-                        s = s * ks[None, :]
-                    s = s * scale_log2
-                s = tl.where(ok[None, :], s, float("-inf"))
+                s = tl.dot(qa, tl.trans(ka), input_precision=PREC)  # [R, N]
+                if HAS_B:
+                    s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+                if FP8:
+                    s = s * ks[None, :]
+                s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
@@ -379,9 +315,9 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
     MLA); kv_scale [NB, BS] fp32 for fp8 caches. Work: tiles [T, 5] int32 (with members [M] int32 and
     tile_len=True: the shared pass over each tile's [0, length); without members: (b, b, b + 1, first head, 0)
     per-sequence tiles), or none (head tile t % (Hq / HT) of sequence t // (Hq / HT)); per-sequence KV range
-    [start[b] or 0, seq_lens[b]). Writes `out` [B, Hq, Dv] directly when po is None, else partials
-    po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split. shared_v: v_cache is k_cache's first Dv
-    columns (default: detected from the pointers)."""
+    [start[b] or 0, seq_lens[b]). Writes `out` [B, Hq, Dv] directly when po is None (transposed tiles only: a
+    ValueError otherwise), else partials po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split.
+    shared_v: v_cache is k_cache's first Dv columns (default: detected from the pointers)."""
     B, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     HT = heads_per_tile
@@ -390,6 +326,9 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
         return
     cap = _capability(q.device.index or 0) if q.device.type == "cuda" else (9, 0)
     cfg = kernel_config(TILE_ROWS if tiles is not None else HT, Dv, cap)
+    if po is None and not cfg["TRANS"]:
+        raise ValueError("out: a pass on 64-row tiles writes fp32 partials (po, plse) and merges them: its direct "
+                         "16-bit epilogue spills at sm_90 (compile sweep)")
     da, db = _dim_split(D)
     if shared_v is None:  # values = the first Dv columns of the key rows (MLA): take them from the key tile
         shared_v = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
@@ -398,12 +337,8 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
     fp8 = kv_scale is not None
     dummy = seq_lens
     interp = _interpreting()
-    qsplit = _qsplit(q.dtype, fp8)
-    qs = dummy
-    if qsplit:
-        q, qs = split_q_fp8(q, qsplit)  # [B, Hq, parts, D] fp8, [B, Hq] fp32
     _attend_kernel[(T, num_splits)](
-        q, qs, k_cache, v_cache, kv_scale if fp8 else dummy, block_tables, seq_lens,
+        q, k_cache, v_cache, kv_scale if fp8 else dummy, block_tables, seq_lens,
         start if start is not None else dummy, tiles if tiles is not None else dummy,
         members if members is not None else dummy, out if direct else dummy, po if not direct else dummy,
         plse if not direct else dummy,
@@ -416,33 +351,9 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)), TRANS=cfg["TRANS"], SHARED_V=shared_v, FP8=fp8,
         TILED=tiles is not None, MEMBERS_LIST=members is not None, TILE_LEN=tile_len, HAS_START=start is not None,
         DIRECT=direct, PAGE_TILE=k_cache.shape[1] % cfg["BLOCK_N"] == 0, UPCAST=interp,
-        PREC="ieee" if (q.dtype == torch.float32 or interp) else "tf32", QSPLIT=qsplit, QRELOAD=False,
+        PREC="ieee" if (q.dtype == torch.float32 or interp) else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-
-
-def split_q_fp8(q: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, D] (bf16 / fp16) -> (qp [B, Hq, parts, D] float8_e4m3fn, inv [B, Hq] float32) with
-    q = inv * (qp[..., 0, :] + qp[..., 1, :] / 16 (+ qp[..., 2, :] / 256)): each row scaled by a power of two that puts
-    its largest |q| in [128, 256), then cut into fp8 parts of 4 significant bits each — exact for bf16 (2 parts) and
-    fp16 (3 parts) values down to 2^-6 of the scaled range (smaller ones keep an absolute error below 2^-10 of the
-    row's largest |q| * 2^-8). Device ops only (graph safe)."""
-    x = q.float()
-    amax = x.abs().amax(-1)  # [B, Hq]
-    _, e = torch.frexp(amax)  # amax = m 2^e, m in [0.5, 1): floor(log2 amax) = e - 1
-    sh = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), (8 - e).clamp(-126, 127)), torch.ones_like(amax))
-    r = x * sh[..., None]
-    out = []
-    for _ in range(parts):
-        p8 = r.to(torch.float8_e4m3fn)
-        out.append(p8)
-        r = r - p8.float()
-    return torch.stack(out, 2), 1.0 / sh
-
-
-def _qsplit(q_dtype: torch.dtype, fp8: bool) -> int:
-    """fp8 parts of q for an fp8 cache's QK^T (0: convert the KV tile instead): bf16 2, fp16 3 (exact), fp32 0."""
-    return {torch.bfloat16: 2, torch.float16: 3}.get(q_dtype, 0) if fp8 else 0
 
 
 def merge(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -474,7 +385,8 @@ def compile_sm90(name: str, page_size: int = 64, capability: int = 90, num_warps
     """Compile one SPECS entry of _attend_kernel for sm_90 (Triton's bundled ptxas, no GPU) with the
     specialisation a real launch gets (16-divisible pointers and strides, unit last strides), and read the cubin's
     SASS (compile_report_cuda): registers, stack (spills), shared memory, and the main loop's HGMMA (wgmma) /
-    HMMA (mma.sync) / cp.async (LDGSTS) / local-memory instruction counts. Not under the interpreter."""
+    HMMA (mma.sync) / cp.async (LDGSTS) / local-memory instruction counts. Not under the interpreter. num_warps /
+    num_stages and constexpr overrides (BLOCK_N=32, ...) compile other configs than the launcher's."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -486,23 +398,22 @@ def compile_sm90(name: str, page_size: int = 64, capability: int = 90, num_warps
     cfg = kernel_config(rows if mode == "shared" else ht, Dv, divmod(capability, 10))
     da, db = _dim_split(D)
     kv = "*fp8e4nv" if cache == "fp8" else "*bf16"
-    qsplit = overrides.pop("QSPLIT", _qsplit(torch.bfloat16, cache == "fp8"))
-    ptrs = {"Q": "*fp8e4nv" if qsplit else "*bf16", "QS": "*fp32", "K": kv, "V": kv, "KS": "*fp32", "BT": "*i32", "SL": "*i32", "START": "*i32",
+    ptrs = {"Q": "*bf16", "K": kv, "V": kv, "KS": "*fp32", "BT": "*i32", "SL": "*i32", "START": "*i32",
             "TILES": "*i32", "MEMBERS": "*i32", "Out": "*bf16", "PO": "*fp32", "PLSE": "*fp32"}
     consts = {"D": D, "DV": Dv, "BS": page_size, "HT": ht, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_N": cfg["BLOCK_N"],
               "DA": da, "DB": db, "HAS_B": D > da, "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
               "TRANS": cfg["TRANS"], "SHARED_V": Hkv == 1 and Dv == da, "FP8": cache == "fp8",
               "TILED": mode == "shared" or not cfg["TRANS"], "MEMBERS_LIST": mode == "shared",
               "TILE_LEN": mode == "shared", "HAS_START": mode == "suffix", "DIRECT": False,
-              "PAGE_TILE": page_size % cfg["BLOCK_N"] == 0, "UPCAST": False, "PREC": "tf32",
-              "QSPLIT": qsplit, "QRELOAD": False, **overrides}
+              "PAGE_TILE": page_size % cfg["BLOCK_N"] == 0, "UPCAST": False, "PREC": "tf32", **overrides}
     sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32"))
            for n in fn.arg_names}
     div16 = set(ptrs) | {"sq_b", "sq_h", "sk_b", "sk_t", "sk_h", "sv_b", "sv_t", "sv_h", "s_bt", "ss_b"}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", capability, 32),
-                       options={"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]})
+                       options={"num_warps": num_warps or cfg["num_warps"],
+                                "num_stages": num_stages or cfg["num_stages"]})
     (s,) = sass_summary(k.asm["cubin"]).values()
     main = s["main_loop"] or {}
     return {"kernel": name, "page_size": page_size, "trans": cfg["TRANS"], "block_r": cfg["BLOCK_R"],
@@ -522,9 +433,10 @@ def compile_report(page_sizes=(64,)) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- compile sweep plugin
 def drive_compile_sweep(run) -> None:
     """The launches of this module at real shapes, for the Triton compile sweep (dsmath_kernels.compile_report,
-    issue 12; family "tiled_decode", spill budget 0 for _attend_kernel): run(mode, launcher, *args, **kwargs) with meta tensors — MLA V2-Lite (16 heads, transposed tile)
-    and V3 (128 heads, 64-head tiles), plain / suffix / shared-prefix passes, GQA 32 / 8 heads D 128, bf16 and
-    fp16 caches, pages 16 and 64, and the merge. fp8 caches are reported by compile_report() (they spill)."""
+    issue 12; family "tiled_decode", spill budget 0 for _attend_kernel): run(mode, launcher, *args, **kwargs)
+    with meta tensors — MLA V2-Lite (16 heads, transposed tile) and V3 (128 heads, 64-head tiles), plain / suffix /
+    shared-prefix passes, GQA 32 / 8 heads D 128, bf16 and fp16 caches, pages 16 and 64, and the merge. fp8
+    caches are reported by compile_report() (they spill: bench/RESULTS.md, issue 16 follow-up)."""
     i32, f32 = torch.int32, torch.float32
 
     def meta(*shape, dtype=torch.bfloat16):
@@ -547,7 +459,10 @@ def drive_compile_sweep(run) -> None:
                 plain = None if ht <= MAX_TRANS_ROWS else meta(B * triton.cdiv(Hq, ht), 5, dtype=i32)
                 kw = dict(heads_per_tile=ht, shared_v=kind == "mla")
                 tag = f"{kind} H{Hq} page {page}"
-                run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, tiles=plain, out=out, **kw)
+                if plain is None:  # transposed tiles write `out` directly
+                    run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, out=out, **kw)
+                else:  # 64-row tiles: fp32 partials, then the merge
+                    run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, tiles=plain, po=po, plse=plse, **kw)
                 run(f"{tag} suffix", attend, q, k, v, bt, sl, 0.1, tiles=plain, start=start, po=po, plse=plse,
                     slot0=S, num_splits=S, **kw)
                 run(f"{tag} shared", attend, q, k, v, bt, sl, 0.1, tiles=meta(B, 5, dtype=i32), members=members,
