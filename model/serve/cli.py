@@ -11,6 +11,7 @@ uvicorn); the engine itself does not.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -40,9 +41,13 @@ def parse(argv=None) -> argparse.Namespace:
     srv.add_argument("--stream-interval", type=int, default=1,
                      help="send a stream's tokens every this many (the first and last at once); >1 trades "
                           "streaming granularity for less per-token HTTP work")
+    srv.add_argument("--engine-process", default="auto", choices=["auto", "yes", "no"],
+                     help="run the engine in its own process, beside the HTTP server (auto: yes with a GPU or >= 2 "
+                          "CPUs; see build_engine)")
     srv.add_argument("--step-in-thread", default="auto", choices=["auto", "yes", "no"],
-                     help="run the model half of each step in a worker thread so HTTP work overlaps it (auto: "
-                          "on CUDA, where the GPU runs while Python serves; on CPU the GIL serialises both anyway)")
+                     help="--engine-process no only: run the model half of each step in a worker thread so HTTP "
+                          "work overlaps it (auto: on CUDA, where the GPU runs while Python serves; on CPU the GIL "
+                          "serialises both anyway)")
     eng = ap.add_argument_group("engine")
     eng.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     eng.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -66,22 +71,55 @@ def parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_engine(args):
-    from ..engine import LLM, AsyncLLM
+def build_llm(model: str, **kwargs):
+    """The server's LLM (in this process or in the engine process, which calls this)."""
+    from ..engine import LLM
 
-    llm = LLM(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
-              tokenizer=args.tokenizer, num_blocks=args.num_blocks, block_size=args.block_size,
-              gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed,
-              cpu_kv_cache_gib=args.cpu_kv_cache_gib, generation_config=args.generation_config,
-              logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
-              allow_long_max_model_len=args.allow_long_max_model_len)
+    llm = LLM(model, **kwargs)
     if llm.tokenizer is None:
-        raise SystemExit(f"dsmath serve: {args.model} has no tokenizer; pass --tokenizer DIR")
+        raise ValueError(f"{model} has no tokenizer; pass --tokenizer DIR")
+    return llm
+
+
+def use_engine_process(args) -> bool:
+    """--engine-process auto: yes when the device is a GPU or this process may use >= 2 CPUs. Then the HTTP work
+    (parsing, tokenizing, one SSE chunk per token per stream) runs on its own core while the engine steps,
+    instead of taking turns with the step under one GIL: on the tiny CPU model that took 0.28x of LLM.generate's
+    tokens/s to >= 0.9x (bench/RESULTS.md, issue 15). On a GPU the step releases the GIL only while it waits for
+    the device, and its Python part (scheduling, inputs, sampling, bookkeeping) still competes with the HTTP work
+    and with the 5 ms GIL switch interval, so the engine process is the better default there too (vLLM V1's
+    choice). One CPU: nothing to run beside the step, so in process (no pickling, no second interpreter)."""
+    if args.engine_process != "auto":
+        return args.engine_process == "yes"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.device(device).type == "cuda" or cpus >= 2
+
+
+def build_engine(args):
+    from ..engine import AsyncLLM
+
+    kwargs = dict(dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
+                  tokenizer=args.tokenizer, num_blocks=args.num_blocks, block_size=args.block_size,
+                  gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                  enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed,
+                  cpu_kv_cache_gib=args.cpu_kv_cache_gib, generation_config=args.generation_config,
+                  logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
+                  allow_long_max_model_len=args.allow_long_max_model_len)
+    front = dict(max_waiting_requests=args.max_waiting_requests, stream_interval=args.stream_interval)
+    try:
+        if use_engine_process(args):
+            # this process has imported but run nothing yet: on a CPU-only host fork is safe and saves the engine
+            # process a second import of torch & co (engine_core.py: start methods)
+            method = None if torch.cuda.is_available() else "fork"
+            return AsyncLLM.with_engine_process(functools.partial(build_llm, args.model, **kwargs),
+                                                torch_threads=args.threads, start_method=method, **front)
+        llm = build_llm(args.model, **kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"dsmath serve: {e}") from e
     in_thread = llm.device.type == "cuda" if args.step_in_thread == "auto" else args.step_in_thread == "yes"
-    return AsyncLLM(llm, max_waiting_requests=args.max_waiting_requests, step_in_thread=in_thread,
-                    stream_interval=args.stream_interval)
+    return AsyncLLM(llm, step_in_thread=in_thread, **front)
 
 
 def main(argv=None) -> int:
