@@ -13,7 +13,8 @@ what `LLM.generate` spends, plus one pickled message; the HTTP work runs beside 
 
 - Start: `EngineCoreClient(build_llm)` starts the process, which calls `build_llm()` (a picklable callable, e.g.
   `functools.partial(LLM, "ckpt/", dtype=torch.bfloat16)`), then sends back what the front end needs (EngineView:
-  tokenizer, config, limits); a failure to build is raised in the caller with the child's traceback.
+  tokenizer, config, limits); a failure to build is raised in the caller (RuntimeError with the child's error;
+  its traceback is printed by the child and kept in `.remote_traceback`). POSIX only (a Unix socket pair).
   Start method (`start_method=` or $DSMATH_ENGINE_START_METHOD): "spawn" when CUDA is available (the child
   initialises CUDA itself; the parent never must), else "forkserver" where the platform has it: a clean server
   process with the engine modules imported once, forked per engine (fast restarts). "fork" only when the caller
@@ -334,7 +335,7 @@ class EngineCoreClient:
         kind, *rest = msgs[0]
         if kind == "error":
             err = RuntimeError(f"the engine process could not build its LLM: {rest[0]}")
-            err.add_note(f"in the engine process:\n{rest[1]}")
+            err.remote_traceback = rest[1]       # also printed by the engine process to its stderr
             raise err
         return rest[0]
 

@@ -14,6 +14,7 @@ import argparse
 import functools
 import logging
 import os
+import socket
 import sys
 
 import torch
@@ -91,6 +92,8 @@ def use_engine_process(args) -> bool:
     choice). One CPU: nothing to run beside the step, so in process (no pickling, no second interpreter)."""
     if args.engine_process != "auto":
         return args.engine_process == "yes"
+    if not hasattr(socket, "AF_UNIX"):      # the engine process talks over a Unix socket pair (POSIX)
+        return False
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return torch.device(device).type == "cuda" or cpus >= 2
