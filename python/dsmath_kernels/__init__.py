@@ -15,7 +15,16 @@ from dsmath_kernels.attention import (  # noqa: E402
     paged_prefill,
     plan_decode,
 )
+from dsmath_kernels.cascade import (  # noqa: E402
+    SharedPrefix,
+    find_shared_prefixes,
+    mla_cache_write_fp8,
+    quantize_fp8,
+    shared_prefix,
+)
+from dsmath_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
+from dsmath_kernels.hf import PatchReport, patch, patch_class, unpatch, unpatch_class  # noqa: E402
 from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
 from dsmath_kernels.routing import route_topk, route_topk_weights  # noqa: E402
 
@@ -28,6 +37,12 @@ __all__ = [
     # paged attention
     "DecodePlan", "plan_decode", "cache_write", "mla_cache_write", "paged_decode", "mla_decode", "paged_prefill",
     "mla_prefill",
+    # shared-prefix (cascade) decode, fp8 MLA cache
+    "SharedPrefix", "find_shared_prefixes", "shared_prefix", "quantize_fp8", "mla_cache_write_fp8",
     # GRPO
     "group_advantages", "token_logprobs", "grpo_loss",
+    # losses
+    "linear_cross_entropy",
+    # transformers models (dsmath_kernels.hf; transformers is imported only when a patcher is called)
+    "patch", "unpatch", "patch_class", "unpatch_class", "PatchReport",
 ]

@@ -4,6 +4,8 @@ V vocab, B batch, G group size, D head dim."""
 
 from dsmath_kernels.reference.attention import (
     cache_write_ref,
+    cascade_decode_ref,
+    dequantize_fp8,
     mla_cache_write_ref,
     mla_decode_ref,
     mla_prefill_ref,
@@ -18,6 +20,6 @@ __all__ = [
     "route_topk_ref", "route_topk_weights_ref",
     "moe_permute_ref", "grouped_gemm_ref", "moe_experts_ref",
     "cache_write_ref", "mla_cache_write_ref", "paged_decode_ref", "mla_decode_ref", "paged_prefill_ref",
-    "mla_prefill_ref",
+    "mla_prefill_ref", "cascade_decode_ref", "dequantize_fp8",
     "group_advantages_ref", "token_logprobs_ref", "grpo_loss_ref",
 ]
