@@ -7,7 +7,8 @@ seeded), sent by N closed-loop clients (each sends its next request when the las
 same at most N sequences in flight). Both use the same engine options and torch thread count; the clients run
 in this process (asyncio: a light raw HTTP/1.1 client by default, httpx with --client httpx), the server in a
 subprocess (`dsmath serve`, by default with its engine in a child process: --server-args '--engine-process no'
-for the one-process server).
+for the one-process server; that process pinned to CPUs of its own, '--engine-cpus no' to let it float, and then
+the clients run off its CPUs, as remote clients would).
 Reported: output tokens/s, requests/s, time to first token (TTFT) and time per output token after the first
 (TPOT) p50/p99 per request, and server tok/s / in-process tok/s (target >= 0.9 on the tiny CPU model at 32).
 Each path runs --reps times, interleaved; the fastest run counts (and every rep's ratio is listed). On a shared
@@ -118,6 +119,18 @@ class Server:
         except (OSError, ValueError, IndexError):
             return None
         return {"front": front, "core": core}
+
+    def engine_cpus(self) -> set[int] | None:
+        """The CPUs the engine process is pinned to (`--engine-cpus`), None when it may use all of ours."""
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        try:
+            pids = child_pids(self.proc.pid)
+            mine = os.sched_getaffinity(0)
+            cpus = os.sched_getaffinity(pids[0]) if pids else mine
+        except (OSError, ValueError):
+            return None
+        return set(cpus) if cpus < mine else None
 
     def output(self) -> str:
         self.log.flush()
@@ -338,12 +351,20 @@ def main(argv=None) -> dict:
     with Server(model_dir, engine_args(args), log_path=os.path.join(tmp.name, "server.log"),
                 threads=args.threads) as srv:
         asyncio.run(drive(srv.url, name, prompts[:2], args.max_tokens, 2, args.client))      # warm-up
+        # a pinned engine process (dsmath serve --engine-cpus): the clients stay off its CPUs, as remote clients
+        # would be; the in-process runs may use every CPU
+        engine_cpus = srv.engine_cpus()
+        all_cpus = os.sched_getaffinity(0) if engine_cpus else None
         local, runs = [], []
         for _ in range(args.reps):      # interleaved, so that both paths see the same (shared machine's) load
             local.append(run_in_process())
+            if engine_cpus:
+                os.sched_setaffinity(0, all_cpus - engine_cpus)
             c0, k0 = srv.cpu_seconds(), time.process_time()
             results, dt = asyncio.run(drive(srv.url, name, prompts, args.max_tokens, args.concurrency, args.client))
             c1, k1 = srv.cpu_seconds(), time.process_time()
+            if engine_cpus:
+                os.sched_setaffinity(0, all_cpus)
             cpu = None if c0 is None or c1 is None else {k: c1[k] - c0[k] for k in c0}
             runs.append((dt, results, cpu, k1 - k0))
         dt, results, _, _ = min(runs, key=lambda r: r[0])
@@ -376,10 +397,12 @@ def main(argv=None) -> dict:
               "engine_cpu_vs_in_process": served.get("engine_cpu_vs_in_process"), "server_args": args.server_args,
               "median_ttft_ms": statistics.median(ttft) * 1e3, "load_average": [load0, load_average()],
               "paired_ratios": [round(x, 3) for x in paired], "client": args.client,
+              "engine_cpus": sorted(engine_cpus) if engine_cpus else None,
               "cpus": os.cpu_count()}
     print(f"# {result['device']}  {result['model']}  {n} requests x {args.max_tokens} tokens, prompts "
           f"{args.prompt_len} chars, {args.concurrency} concurrent, {args.client} client, load average "
-          f"{result['load_average']}; per-rep wall ratios {result['paired_ratios']}")
+          f"{result['load_average']}; per-rep wall ratios {result['paired_ratios']}; engine process on CPUs "
+          f"{result['engine_cpus'] or 'any'}")
     print_table(result["rows"], [("name", "path", "s"), ("requests", "req", "d"), ("output_tokens", "tokens", "d"),
                                  ("seconds", "s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
                                  ("requests_per_s", "req/s", ".2f"), ("ttft_p50_ms", "TTFT p50 ms", ".1f"),

@@ -295,3 +295,44 @@ def test_engine_process_exits_when_the_front_end_goes():
 def test_engine_process_build_error_reaches_the_caller():
     with pytest.raises(RuntimeError, match="block_size"):
         AsyncLLM.with_engine_process(functools.partial(mock_llm, V, block_size=0), torch_threads=1)
+
+
+def test_split_cpus_and_engine_cpus_option(monkeypatch):
+    """engine_core.split_cpus gives the engine process the last T CPUs and the front end the others; `dsmath serve
+    --engine-cpus` pins CPU engines only (auto), refuses lists it cannot honour, and `no` turns it off."""
+    from model.engine import engine_core
+    from model.serve import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert engine_core.split_cpus(1) == ({5}, {0, 2})
+    assert engine_core.split_cpus(2) == ({2, 5}, {0})
+    assert engine_core.split_cpus(3) is None                     # nothing left for the front end
+    assert engine_core.split_cpus(0) is None
+
+    def spec(*argv):
+        return cli.engine_cpus(cli.parse(["--model", "m", *argv]))
+    assert spec("--device", "cpu", "--threads", "1") == ({5}, {0, 2})                       # auto
+    assert spec("--device", "cpu") is None                      # no --threads: torch would use every CPU
+    assert spec("--device", "cuda", "--threads", "1") is None   # GPU engines are not pinned by auto
+    assert spec("--device", "cpu", "--threads", "1", "--engine-cpus", "no") is None
+    assert spec("--engine-cpus", "2,5") == ({2, 5}, {0})
+    for bad in ("1", "0,2,5", "x"):
+        with pytest.raises(SystemExit, match="--engine-cpus"):
+            spec("--engine-cpus", bad)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is a Linux API")
+def test_engine_process_runs_on_its_cpus():
+    cpu = max(os.sched_getaffinity(0))
+
+    async def main():
+        engine = process_engine(engine_cpus=frozenset({cpu}))
+        await engine.start()
+        try:
+            out = await engine.generate([1, 2], SamplingParams(max_tokens=3, ignore_eos=True))
+            assert len(out.outputs[0].token_ids) == 3
+            assert os.sched_getaffinity(engine.engine_pid) == {cpu}
+        finally:
+            await engine.shutdown()
+
+    run(main())

@@ -100,6 +100,20 @@ def test_health_models_and_metrics(server, client):
     assert m["dsmath_kv_cache_blocks_total"] == 512 and "dsmath_time_to_first_token_seconds_count" in m
 
 
+def test_cpu_engine_process_is_pinned_off_the_front_end(server):
+    """--engine-cpus auto with --threads 1 on a CPU device: the engine process on the last CPU, every thread of the
+    front end on the others (no pinning when there is only one CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_pids = bench.child_pids(server.proc.pid)
+    assert len(engine_pids) == 1
+    front = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{server.proc.pid}/task")}
+    if len(cpus) == 1:
+        assert os.sched_getaffinity(engine_pids[0]) == set(cpus) and front == {frozenset(cpus)}
+    else:
+        assert os.sched_getaffinity(engine_pids[0]) == {cpus[-1]} and front == {frozenset(cpus[:-1])}
+        assert server.engine_cpus() == {cpus[-1]}
+
+
 def test_completions_streamed_equals_non_streamed(server, client):
     kw = dict(model="toy", prompt="3+4=", max_tokens=12, temperature=1.0, seed=7, n=2, logprobs=2)
     full = client.completions.create(**kw)

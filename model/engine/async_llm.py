@@ -136,14 +136,15 @@ class AsyncLLM:
     @classmethod
     def with_engine_process(cls, build_llm, *, torch_threads: int | None = None, start_method: str | None = None,
                             startup_timeout: float = 900.0, max_waiting_requests: int = 256,
-                            stream_interval: int = 1) -> AsyncLLM:
+                            stream_interval: int = 1, engine_cpus: frozenset[int] | None = None) -> AsyncLLM:
         """An AsyncLLM whose LLM is built and stepped in a child process (engine_core.py). `build_llm`: a
         picklable callable returning the LLM, e.g. functools.partial(LLM, "ckpt/", dtype=torch.bfloat16).
         Blocks until the engine process has built it (raises its error if it could not); then `await start()`.
         torch_threads: torch.set_num_threads in the engine process. start_method: multiprocessing's (default:
-        engine_core.default_start_method). `self.llm` is then an EngineView (tokenizer, config, limits)."""
+        engine_core.default_start_method). engine_cpus: pin the engine process to these CPUs (engine_core.split_cpus
+        picks them for `dsmath serve`). `self.llm` is then an EngineView (tokenizer, config, limits)."""
         core = EngineCoreClient(build_llm, torch_threads=torch_threads, start_method=start_method,
-                                startup_timeout=startup_timeout)
+                                startup_timeout=startup_timeout, cpus=engine_cpus)
         try:
             engine = cls(core.view, max_waiting_requests=max_waiting_requests, stream_interval=stream_interval)
         except BaseException:

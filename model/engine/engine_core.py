@@ -25,6 +25,8 @@ what `LLM.generate` spends, plus one pickled message; the HTTP work runs beside 
 - Detokenization: the engine detokenizes a request incrementally only when it has stop strings (needed to stop
   it); otherwise it sends token ids and the final text, and the front end detokenizes streamed text itself
   (engine/detokenizer.py, the same code), as vLLM does — off the engine's critical path.
+- CPU affinity: `cpus=` (`dsmath serve --engine-cpus`) pins the engine process to its own CPUs before torch
+  starts threads; `split_cpus` picks them and `pin_process` moves the front end off them (split_cpus says why).
 - Death: if the engine process dies, the socket closes; the front end fails every request in flight with the
   reason and takes no new ones (the server answers 500 to those in flight, 503 after, and /health fails). If the
   front end dies, the engine process sees the socket close and exits. It ignores SIGINT and SIGTERM (a Ctrl-C or
@@ -219,9 +221,10 @@ def _portable(out):
 
 
 def run_engine_core(sock: socket.socket, build_llm: Callable[[], LLM], torch_threads: int | None,
-                    close_fds: tuple[int, ...] = ()) -> None:
+                    close_fds: tuple[int, ...] = (), cpus: frozenset[int] | None = None) -> None:
     """The engine process's entry point. close_fds: (fork) the parent's ends of engine sockets, inherited here,
-    which would keep them open after the parent died (and hide its death from their engines)."""
+    which would keep them open after the parent died (and hide its death from their engines). cpus: pin this
+    process (before torch starts its threads) to these CPUs."""
     for fd in close_fds:
         try:
             os.close(fd)
@@ -231,6 +234,8 @@ def run_engine_core(sock: socket.socket, build_llm: Callable[[], LLM], torch_thr
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     chan = BlockingChannel(sock)
     try:
+        if cpus:
+            pin_process(cpus)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         llm = build_llm()
@@ -243,10 +248,59 @@ def run_engine_core(sock: socket.socket, build_llm: Callable[[], LLM], torch_thr
         return
     gc.collect()
     gc.freeze()        # the model and start-up objects are never scanned again
+    prof = _profiler()
     try:
         EngineCore(llm, chan).run()
     except (BrokenPipeError, ConnectionResetError):
         pass           # the front end is gone
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(os.environ["DSMATH_ENGINE_PROFILE"])
+            log.warning("engine process profile written to %s (%d steps)", os.environ["DSMATH_ENGINE_PROFILE"],
+                        llm.stats.steps)
+
+
+def _profiler():
+    """$DSMATH_ENGINE_PROFILE=PATH: cProfile the engine loop on a CPU-time clock (time.process_time: what the engine
+    process spends, not what other processes take from it), stats written to PATH when it exits (debugging;
+    `python -m pstats PATH`)."""
+    if not os.environ.get("DSMATH_ENGINE_PROFILE"):
+        return None
+    import cProfile
+
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    return prof
+
+
+# ---- CPU affinity ------------------------------------------------------------------------------------------------
+def split_cpus(engine_threads: int) -> tuple[frozenset[int], frozenset[int]] | None:
+    """(engine CPUs, front-end CPUs): the last `engine_threads` CPUs this process may use for the engine process,
+    the others for the front end; None when there are not more CPUs than that (or no affinity API: not Linux).
+
+    Why (CPU engines): the front end is woken once per engine step and the kernel prefers to run a task woken by a
+    Unix-socket send on the sender's CPU, so unpinned the HTTP work keeps landing on the engine's core, where it
+    takes turns with the step and evicts the engine's code and data from that core's caches."""
+    if not hasattr(os, "sched_getaffinity") or engine_threads < 1:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) <= engine_threads:
+        return None
+    return frozenset(cpus[-engine_threads:]), frozenset(cpus[:-engine_threads])
+
+
+def pin_process(cpus: frozenset[int]) -> None:
+    """Restrict every thread of this process (and the threads it starts later) to `cpus` (Linux)."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:          # a thread that just ended
+            pass
 
 
 # ---- the front end's side --------------------------------------------------------------------------------------
@@ -288,7 +342,8 @@ class EngineCoreClient:
     loop) `on_message(msg)` receives the engine's messages and `on_lost(reason)` its death."""
 
     def __init__(self, build_llm: Callable[[], LLM], *, torch_threads: int | None = None,
-                 start_method: str | None = None, startup_timeout: float = 900.0):
+                 start_method: str | None = None, startup_timeout: float = 900.0,
+                 cpus: frozenset[int] | None = None):
         method = start_method or default_start_method()
         ctx = mp.get_context(method)
         if method == "forkserver":   # import the engine modules once, in the fork server (if it starts now)
@@ -297,7 +352,7 @@ class EngineCoreClient:
         self.sock, self.unframer = parent, Unframer()
         inherited = (parent.fileno(), *(c.sock.fileno() for c in _LIVE if c.sock.fileno() >= 0)) \
             if method == "fork" else ()
-        self.proc = ctx.Process(target=run_engine_core, args=(child, build_llm, torch_threads, inherited),
+        self.proc = ctx.Process(target=run_engine_core, args=(child, build_llm, torch_threads, inherited, cpus),
                                 name="dsmath-engine-core")
         self.proc.start()
         child.close()

@@ -45,6 +45,10 @@ def parse(argv=None) -> argparse.Namespace:
     srv.add_argument("--engine-process", default="auto", choices=["auto", "yes", "no"],
                      help="run the engine in its own process, beside the HTTP server (auto: yes with a GPU or >= 2 "
                           "CPUs; see build_engine)")
+    srv.add_argument("--engine-cpus", default="auto",
+                     help="CPU engines with --engine-process: pin the engine process to its own CPUs and the HTTP "
+                          "front end to the others. auto: on a CPU device with --threads T, when this process may "
+                          "use more than T CPUs (the last T go to the engine); no: never; or a list, e.g. 2,3")
     srv.add_argument("--step-in-thread", default="auto", choices=["auto", "yes", "no"],
                      help="--engine-process no only: run the model half of each step in a worker thread so HTTP "
                           "work overlaps it (auto: on CUDA, where the GPU runs while Python serves; on CPU the GIL "
@@ -99,6 +103,31 @@ def use_engine_process(args) -> bool:
     return torch.device(device).type == "cuda" or cpus >= 2
 
 
+def engine_cpus(args) -> tuple[frozenset[int], frozenset[int]] | None:
+    """(engine CPUs, front-end CPUs) per --engine-cpus, or None (no pinning). auto pins CPU engines only: on a GPU
+    the engine process mostly waits for the device and needs no core of its own (nothing measured there); without
+    --threads torch's threads would use every CPU, so nothing is left to split."""
+    spec = args.engine_cpus.strip().lower()
+    if spec in ("no", "none", "off"):
+        return None
+    if spec != "auto":
+        try:
+            mine = frozenset(int(c) for c in spec.split(","))
+        except ValueError:
+            raise SystemExit(f"dsmath serve: --engine-cpus: expected auto, no or a list like 2,3, got {spec!r}")
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else mine
+        if not mine <= allowed or not allowed - mine:
+            raise SystemExit(f"dsmath serve: --engine-cpus: {sorted(mine)} must be a proper subset of the CPUs this "
+                             f"process may use, {sorted(allowed)}")
+        return mine, frozenset(allowed - mine)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cpu" or not args.threads:
+        return None
+    from ..engine.engine_core import split_cpus
+
+    return split_cpus(args.threads)
+
+
 def build_engine(args):
     from ..engine import AsyncLLM
 
@@ -116,8 +145,17 @@ def build_engine(args):
             # this process has imported but run nothing yet: on a CPU-only host fork is safe and saves the engine
             # process a second import of torch & co (engine_core.py: start methods)
             method = None if torch.cuda.is_available() else "fork"
-            return AsyncLLM.with_engine_process(functools.partial(build_llm, args.model, **kwargs),
-                                                torch_threads=args.threads, start_method=method, **front)
+            cpus = engine_cpus(args)
+            engine = AsyncLLM.with_engine_process(functools.partial(build_llm, args.model, **kwargs),
+                                                  torch_threads=args.threads, start_method=method,
+                                                  engine_cpus=cpus[0] if cpus else None, **front)
+            if cpus:
+                from ..engine.engine_core import pin_process
+
+                pin_process(cpus[1])
+                logging.getLogger("dsmath.serve").info("engine process on CPUs %s, HTTP front end on %s",
+                                                       sorted(cpus[0]), sorted(cpus[1]))
+            return engine
         llm = build_llm(args.model, **kwargs)
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"dsmath serve: {e}") from e
