@@ -114,7 +114,8 @@ def engine_cpus(args) -> tuple[frozenset[int], frozenset[int]] | None:
         try:
             mine = frozenset(int(c) for c in spec.split(","))
         except ValueError:
-            raise SystemExit(f"dsmath serve: --engine-cpus: expected auto, no or a list like 2,3, got {spec!r}")
+            raise SystemExit(f"dsmath serve: --engine-cpus: expected auto, no or a list like 2,3, got "
+                             f"{spec!r}") from None
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else mine
         if not mine <= allowed or not allowed - mine:
             raise SystemExit(f"dsmath serve: --engine-cpus: {sorted(mine)} must be a proper subset of the CPUs this "
