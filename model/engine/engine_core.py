@@ -134,6 +134,7 @@ class EngineView:
         self.device = torch.device(state["device"])
         self.block_manager = _Blocks(state["num_blocks"], state["block_size"])
         self.runner = SimpleNamespace(routing=True if state["records_routing"] else None)
+        self.sleeping: dict[str, int] = {}     # LLM.sleep() is not forwarded to the engine process: always awake
         self._next_id = 0
 
     @staticmethod
