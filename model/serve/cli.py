@@ -93,7 +93,8 @@ def use_engine_process(args) -> bool:
     tokens/s to 0.76x on an idle machine (bench/RESULTS.md, issues 15 and 15b). On a GPU the step releases the
     GIL only while it waits for the device, and its Python part (scheduling, inputs, sampling, bookkeeping) still
     competes with the HTTP work and with the 5 ms GIL switch interval, so the engine process is the better default
-    there too (vLLM V1's choice). One CPU: nothing to run beside the step, so in process (no pickling, no second interpreter)."""
+    there too (vLLM V1's choice). One CPU: nothing to run beside the step, so in process (no pickling, no second
+    interpreter)."""
     if args.engine_process != "auto":
         return args.engine_process == "yes"
     if not hasattr(socket, "AF_UNIX"):      # the engine process talks over a Unix socket pair (POSIX)
