@@ -5,12 +5,17 @@ Workload: R requests (default 2 x N), each a P-character prompt, M new tokens (i
 seeded), sent by N closed-loop clients (each sends its next request when the last one finished) as streaming
 /v1/completions with usage. In process: LLM.generate on the same prompts and params with max_num_seqs = N (the
 same at most N sequences in flight). Both use the same engine options and torch thread count; the clients run
-in this process (httpx, asyncio), the server in a subprocess.
+in this process (asyncio: a light raw HTTP/1.1 client by default, httpx with --client httpx), the server in a
+subprocess (`dsmath serve`, by default with its engine in a child process: --server-args '--engine-process no'
+for the one-process server; that process pinned to CPUs of its own, '--engine-cpus no' to let it float, and then
+the clients run off its CPUs, as remote clients would).
 Reported: output tokens/s, requests/s, time to first token (TTFT) and time per output token after the first
 (TPOT) p50/p99 per request, and server tok/s / in-process tok/s (target >= 0.9 on the tiny CPU model at 32).
-Each path runs --reps times; the fastest run counts. On a shared machine wall time mostly measures the other
-jobs, so the CPU time each path spends for the same tokens is reported too (server process: /proc, in process:
-process_time): in-process CPU / server CPU is the server's efficiency whatever the load.
+Each path runs --reps times, interleaved; the fastest run counts (and every rep's ratio is listed). On a shared
+machine wall time mostly measures the other jobs, so the CPU time each process spends for the same tokens is
+reported too (/proc for the server's processes, process_time for in-process and the clients): in-process CPU /
+engine-process CPU is what the split costs the process that runs the model, in-process CPU / server CPU (front end
++ engine) the server's whole efficiency, whatever the load.
 
 Usage: python bench/serve.py [--model DIR] [--concurrency 32] [--requests 64] [--prompt-len 32] [--max-tokens 64]
                              [--device cpu] [--threads 1] [--json PATH]          (or: dsmath bench serve ...)
@@ -105,19 +110,55 @@ class Server:
         self.log.close()
         return self.proc.returncode
 
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process so far (Linux /proc; None elsewhere)."""
+    def cpu_seconds(self) -> dict[str, float] | None:
+        """User + system CPU seconds so far of the server process ("front") and of its child processes, e.g. the
+        engine-core process ("core"); Linux /proc, None elsewhere."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            front = proc_cpu_seconds(self.proc.pid)
+            core = sum(proc_cpu_seconds(c) for c in child_pids(self.proc.pid))
         except (OSError, ValueError, IndexError):
             return None
+        return {"front": front, "core": core}
+
+    def engine_cpus(self) -> set[int] | None:
+        """The CPUs the engine process is pinned to (`--engine-cpus`), None when it may use all of ours."""
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        try:
+            pids = child_pids(self.proc.pid)
+            mine = os.sched_getaffinity(0)
+            cpus = os.sched_getaffinity(pids[0]) if pids else mine
+        except (OSError, ValueError):
+            return None
+        return set(cpus) if cpus < mine else None
 
     def output(self) -> str:
         self.log.flush()
         with open(self.log_path) as f:
             return f.read()[-5000:]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one live process (Linux /proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc/PID/task/*/children)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -154,20 +195,93 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
             "latency": last - t0}
 
 
-async def drive(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> tuple[list, float]:
-    import httpx
+class RawClient:
+    """The light client (--client raw, the default): one keep-alive HTTP/1.1 connection on asyncio streams that POSTs
+    a JSON body and reads the chunked event stream, timing every event and parsing only the JSON of the usage
+    event. httpx (--client httpx) spends ~100 µs of CPU per streamed event — as much as the server's per-token
+    work — and on a 2-core machine the clients' CPU is taken from the server's; this one spends a few µs."""
 
+    def __init__(self, url: str):
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.host, self.port, self.reader, self.writer = host, int(port), None, None
+
+    async def stream(self, path: str, body: dict) -> tuple[list[float], dict | None]:
+        """(arrival time of every data event but [DONE] and the usage event, the usage dict)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        if not head.startswith("http/1.1 200"):
+            n = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0]) if "content-length:" in head else 0
+            raise RuntimeError(f"{head.splitlines()[0]}: {await self.reader.readexactly(n)}")
+        if "transfer-encoding: chunked" not in head:
+            raise RuntimeError(f"expected a chunked event stream, got headers {head!r}")
+        times, usage, buf = [], None, b""
+        while True:
+            size = int(await self.reader.readuntil(b"\r\n"), 16)
+            chunk = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return times, usage
+            buf += chunk[:-2]
+            *events, buf = buf.split(b"\n\n")
+            now = time.perf_counter()
+            for ev in events:
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                    continue
+                if b'"usage":null' in ev:
+                    times.append(now)
+                else:
+                    usage = json.loads(ev[6:]).get("usage")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def one_raw_request(client: RawClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times, usage = await client.stream("/v1/completions", body)
+    tokens = usage["completion_tokens"]
+    return {"ttft": times[0] - t0, "tpot": (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else None,
+            "tokens": tokens, "latency": times[-1] - t0}
+
+
+async def drive(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int,
+                client: str = "raw") -> tuple[list, float]:
+    """Closed-loop: `concurrency` workers, each sending its next request when the last one finished."""
     todo = list(enumerate(prompts))
     results = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        async def worker():
+    if client == "raw":
+        conns = [RawClient(url) for _ in range(concurrency)]
+
+        async def worker(conn):
             while todo:
                 i, p = todo.pop(0)
-                results.append(await one_request(client, url, model, p, max_tokens, seed=i))
+                results.append(await one_raw_request(conn, model, p, max_tokens, seed=i))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        try:
+            await asyncio.gather(*(worker(c) for c in conns))
+        finally:
+            for c in conns:
+                await c.close()
+        return results, time.perf_counter() - t0
+
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as hc:
+        async def hworker():
+            while todo:
+                i, p = todo.pop(0)
+                results.append(await one_request(hc, url, model, p, max_tokens, seed=i))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(hworker() for _ in range(concurrency)))
         return results, time.perf_counter() - t0
 
 
@@ -183,21 +297,21 @@ def engine_args(args) -> list[str]:
     return out + shlex.split(args.server_args)
 
 
-def in_process(args, model_dir: str, prompts: list[str]) -> dict:
+def in_process(args, model_dir: str, prompts: list[str]):
+    """LLM.generate on the same workload: returns run() -> (seconds, CPU seconds, output tokens) of one pass."""
     llm = LLM(model_dir, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
               max_num_seqs=args.concurrency, block_size=args.block_size, num_blocks=args.num_blocks,
               max_num_batched_tokens=args.max_num_batched_tokens)
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.max_tokens, ignore_eos=True)
               for i in range(len(prompts))]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)                       # warm-up
-    dt = cpu = float("inf")
-    for _ in range(args.reps):                                                  # best of reps
+
+    def run() -> tuple[float, float, int]:
         t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        dt, cpu = min(dt, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
-    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"name": "in-process LLM.generate", "requests": len(prompts), "output_tokens": tokens, "seconds": dt,
-            "tokens_per_s": tokens / dt, "requests_per_s": len(prompts) / dt, "cpu_seconds": cpu}
+        return time.perf_counter() - t0, time.process_time() - c0, sum(len(c.token_ids) for o in outs
+                                                                        for c in o.outputs)
+    return run
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -213,7 +327,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--reps", type=int, default=2, help="runs of each path; the fastest counts")
+    ap.add_argument("--reps", type=int, default=3, help="runs of each path, interleaved; the fastest counts")
+    ap.add_argument("--client", default="raw", choices=["raw", "httpx"],
+                    help="raw: the light asyncio-streams client (RawClient); httpx: httpx's AsyncClient")
     ap.add_argument("--server-args", default="", help="more `dsmath serve` options, e.g. '--step-in-thread no'")
     ap.add_argument("--json", default=None, help="also write the result JSON here")
     return ap.parse_args(argv)
@@ -223,25 +339,41 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load0 = load_average()
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model or toy.save_toy_checkpoint(os.path.join(tmp.name, "toy"))
     if args.num_blocks is None and args.model is None:
         args.num_blocks = -(-args.concurrency * (args.prompt_len + args.max_tokens) // args.block_size) + 8
     n = args.requests or 2 * args.concurrency
     prompts = make_prompts(n, args.prompt_len)
-    base = in_process(args, model_dir, prompts)
+    run_in_process = in_process(args, model_dir, prompts)
     name = os.path.basename(os.path.normpath(model_dir))
     with Server(model_dir, engine_args(args), log_path=os.path.join(tmp.name, "server.log"),
                 threads=args.threads) as srv:
-        asyncio.run(drive(srv.url, name, prompts[:2], args.max_tokens, 2))      # warm-up
-        runs = []
-        for _ in range(args.reps):                                              # best of reps
-            c0 = srv.cpu_seconds()
-            results, dt = asyncio.run(drive(srv.url, name, prompts, args.max_tokens, args.concurrency))
-            c1 = srv.cpu_seconds()
-            runs.append((dt, results, None if c0 is None or c1 is None else c1 - c0))
-        dt, results, cpu = min(runs, key=lambda r: r[0])
-        cpu = min((r[2] for r in runs if r[2] is not None), default=None)
+        asyncio.run(drive(srv.url, name, prompts[:2], args.max_tokens, 2, args.client))      # warm-up
+        # a pinned engine process (dsmath serve --engine-cpus): the clients stay off its CPUs, as remote clients
+        # would be; the in-process runs may use every CPU
+        engine_cpus = srv.engine_cpus()
+        all_cpus = os.sched_getaffinity(0) if engine_cpus else None
+        local, runs = [], []
+        for _ in range(args.reps):      # interleaved, so that both paths see the same (shared machine's) load
+            local.append(run_in_process())
+            if engine_cpus:
+                os.sched_setaffinity(0, all_cpus - engine_cpus)
+            c0, k0 = srv.cpu_seconds(), time.process_time()
+            results, dt = asyncio.run(drive(srv.url, name, prompts, args.max_tokens, args.concurrency, args.client))
+            c1, k1 = srv.cpu_seconds(), time.process_time()
+            if engine_cpus:
+                os.sched_setaffinity(0, all_cpus)
+            cpu = None if c0 is None or c1 is None else {k: c1[k] - c0[k] for k in c0}
+            runs.append((dt, results, cpu, k1 - k0))
+        dt, results, _, _ = min(runs, key=lambda r: r[0])
+        cpus = [r[2] for r in runs if r[2] is not None]
+        client_cpu = min(r[3] for r in runs)
+    best = min(local)
+    base = {"name": "in-process LLM.generate", "requests": n, "output_tokens": best[2], "seconds": best[0],
+            "tokens_per_s": best[2] / best[0], "requests_per_s": n / best[0], "cpu_seconds": min(r[1] for r in local)}
+    paired = [lr[0] / sr[0] for lr, sr in zip(local, runs)]     # per rep: in-process seconds / server seconds
     tokens = sum(r["tokens"] for r in results)
     ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results if r["tpot"] is not None]
     served = {"name": f"server, {args.concurrency} streams", "requests": n, "output_tokens": tokens, "seconds": dt,
@@ -249,22 +381,38 @@ def main(argv=None) -> dict:
               "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
               "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99)}
     served["vs_in_process"] = served["tokens_per_s"] / base["tokens_per_s"]
-    served["cpu_seconds"] = cpu
-    served["cpu_vs_in_process"] = base["cpu_seconds"] / cpu if cpu else None
+    if cpus:   # the least CPU any run took, per process (CPU time varies less with the machine's load than wall)
+        served["cpu_seconds"] = min(c["front"] + c["core"] for c in cpus)
+        served["front_cpu_seconds"] = min(c["front"] for c in cpus)
+        served["core_cpu_seconds"] = min(c["core"] for c in cpus) or None    # None: no engine process
+        served["cpu_vs_in_process"] = base["cpu_seconds"] / served["cpu_seconds"]
+        core = served["core_cpu_seconds"] or served["cpu_seconds"]          # the process that runs the model
+        served["engine_cpu_vs_in_process"] = base["cpu_seconds"] / core
+    served["client_cpu_seconds"] = client_cpu
     result = {"device": device_name(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))),
               "model": args.model or "toy (tiny preset, char tokenizer)", "concurrency": args.concurrency,
               "requests": n, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "threads": args.threads,
               "rows": [base, served], "server_vs_in_process": served["vs_in_process"],
-              "server_cpu_vs_in_process": served["cpu_vs_in_process"], "server_args": args.server_args,
-              "median_ttft_ms": statistics.median(ttft) * 1e3}
+              "server_cpu_vs_in_process": served.get("cpu_vs_in_process"),
+              "engine_cpu_vs_in_process": served.get("engine_cpu_vs_in_process"), "server_args": args.server_args,
+              "median_ttft_ms": statistics.median(ttft) * 1e3, "load_average": [load0, load_average()],
+              "paired_ratios": [round(x, 3) for x in paired], "client": args.client,
+              "engine_cpus": sorted(engine_cpus) if engine_cpus else None,
+              "cpus": os.cpu_count()}
     print(f"# {result['device']}  {result['model']}  {n} requests x {args.max_tokens} tokens, prompts "
-          f"{args.prompt_len} chars, {args.concurrency} concurrent")
+          f"{args.prompt_len} chars, {args.concurrency} concurrent, {args.client} client, load average "
+          f"{result['load_average']}; per-rep wall ratios {result['paired_ratios']}; engine process on CPUs "
+          f"{result['engine_cpus'] or 'any'}")
     print_table(result["rows"], [("name", "path", "s"), ("requests", "req", "d"), ("output_tokens", "tokens", "d"),
                                  ("seconds", "s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
                                  ("requests_per_s", "req/s", ".2f"), ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
                                  ("ttft_p99_ms", "TTFT p99 ms", ".1f"), ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
                                  ("tpot_p99_ms", "TPOT p99 ms", ".2f"), ("vs_in_process", "x in-proc", ".3f"),
-                                 ("cpu_seconds", "CPU s", ".2f"), ("cpu_vs_in_process", "x in-proc CPU", ".3f")])
+                                 ("cpu_seconds", "CPU s", ".2f"), ("core_cpu_seconds", "engine CPU s", ".2f"),
+                                 ("front_cpu_seconds", "front CPU s", ".2f"),
+                                 ("client_cpu_seconds", "client CPU s", ".2f"),
+                                 ("cpu_vs_in_process", "x in-proc CPU", ".3f"),
+                                 ("engine_cpu_vs_in_process", "x in-proc engine CPU", ".3f")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -2,8 +2,10 @@
 port, on a tiny checkpoint with a tokenizer (train.toy.save_toy_checkpoint), driven by the official `openai` client
 (and raw httpx where a client would hide the behaviour): chat and completions, streamed and not, n = 2, logprobs,
 stop strings, a disconnect mid-stream (blocks freed), 64 concurrent streams (each streamed text equals the
-non-streamed text for the same seed), a queue overflow (429), bad requests (400), a wrong API key (401), and a
-graceful SIGTERM. Skipped only where fastapi / uvicorn / openai / httpx are not installed (CI installs them)."""
+non-streamed text for the same seed), a queue overflow (429), bad requests (400), a wrong API key (401), a
+graceful SIGTERM (the engine process exits too), and the engine process's death (500 to the requests in flight,
+503 after, /health fails; no hang). Both servers run the engine in its own process (--engine-process yes, the
+default on >= 2 CPUs). Skipped only where fastapi / uvicorn / openai / httpx are not installed (CI installs them)."""
 
 import asyncio
 import importlib.util
@@ -12,6 +14,7 @@ import re
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -45,7 +48,8 @@ def checkpoint(tmp_path_factory):
 
 def start(checkpoint, tmp_path_factory, *args):
     log = str(tmp_path_factory.mktemp("log") / "server.log")
-    return bench.Server(checkpoint, ["--num-blocks", "512", "--block-size", "16", *args], log_path=log).__enter__()
+    return bench.Server(checkpoint, ["--num-blocks", "512", "--block-size", "16", "--engine-process", "yes", *args],
+                        log_path=log).__enter__()
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,20 @@ def test_health_models_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["toy"]
     m = metrics(server)
     assert m["dsmath_kv_cache_blocks_total"] == 512 and "dsmath_time_to_first_token_seconds_count" in m
+
+
+def test_cpu_engine_process_is_pinned_off_the_front_end(server):
+    """--engine-cpus auto with --threads 1 on a CPU device: the engine process on the last CPU, every thread of the
+    front end on the others (no pinning when there is only one CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_pids = bench.child_pids(server.proc.pid)
+    assert len(engine_pids) == 1
+    front = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{server.proc.pid}/task")}
+    if len(cpus) == 1:
+        assert os.sched_getaffinity(engine_pids[0]) == set(cpus) and front == {frozenset(cpus)}
+    else:
+        assert os.sched_getaffinity(engine_pids[0]) == {cpus[-1]} and front == {frozenset(cpus[:-1])}
+        assert server.engine_cpus() == {cpus[-1]}
 
 
 def test_completions_streamed_equals_non_streamed(server, client):
@@ -233,6 +251,34 @@ def test_openai_client_sees_400_404_and_401(server, client):
     assert httpx.get(f"{server.url}/metrics").status_code == 200                          # open, as /health
 
 
+def test_engine_process_death_gives_500_then_503_and_fails_health(server):
+    """Kill the engine process under a streaming and a non-streaming request: both end with a 500 error (no hang),
+    new requests get 503, /health 503 with the reason; the server itself still answers."""
+    (core,) = bench.child_pids(server.proc.pid)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "toy", "prompt": "1+1=", "max_tokens": 900, "ignore_eos": True}
+    pool = ThreadPoolExecutor(1)
+    with httpx.Client(timeout=30, headers=headers) as h:
+        whole = pool.submit(h.post, f"{server.url}/v1/completions", json=body)
+        with h.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            deadline = time.monotonic() + 20
+            while metrics(server)["dsmath_num_requests_running"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(core, signal.SIGKILL)
+            rest = [ln for ln in lines if ln.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and '"code":500' in rest[-2].replace(" ", "")
+        assert "engine process died" in rest[-2]
+        r = whole.result(timeout=30)
+        assert r.status_code == 500 and "engine process died" in r.json()["error"]["message"]
+        r = h.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 2})
+        assert r.status_code == 503 and "engine process died" in r.json()["error"]["message"]
+    health = httpx.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 503 and "killed by signal 9" in health.json()["reason"]
+    assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200 and server.proc.poll() is None
+
+
 @pytest.fixture(scope="module")
 def small_server(checkpoint, tmp_path_factory):
     """One running sequence and one waiting request at most."""
@@ -263,6 +309,8 @@ def test_queue_overflow_gets_429(small_server):
 
 def test_sigterm_finishes_running_requests_then_exits(small_server):
     srv = small_server
+    engines = bench.child_pids(srv.proc.pid)
+    assert len(engines) == 1
     with httpx.Client(timeout=60) as h, h.stream("POST", f"{srv.url}/v1/completions", json={
             "model": "toy", "prompt": "2+2=", "max_tokens": 60, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}) as r:
@@ -277,3 +325,7 @@ def test_sigterm_finishes_running_requests_then_exits(small_server):
         rest = [ln for ln in lines if ln.startswith("data: ")]
     assert rest[-1] == "data: [DONE]" and '"completion_tokens":60' in rest[-2]   # the running request finished
     assert srv.proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10                         # the engine process is gone too (no orphan)
+    while os.path.exists(f"/proc/{engines[0]}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{engines[0]}")

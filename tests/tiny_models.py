@@ -41,3 +41,24 @@ def word_tokenizer(V: int):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[EOS]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")
+
+
+def mock_llm(vocab_size: int = 64, seed: int = 4, poison_token: int | None = None, **llm_kwargs):
+    """An LLM on engine/mock_model.py with word_tokenizer(vocab_size), picklable by reference (functools.partial),
+    so an engine process can build it (AsyncLLM.with_engine_process). poison_token: a step raises
+    RuntimeError("boom") while a request whose prompt starts with this token is in the engine (failing steps)."""
+    from model.engine import LLM
+    from model.engine.mock_model import MockPagedModel
+
+    llm = LLM(MockPagedModel(vocab_size=vocab_size, eos_token_id=None, seed=seed),
+              tokenizer=word_tokenizer(vocab_size), **llm_kwargs)
+    if poison_token is not None:
+        real = llm.compute_step
+
+        def compute_step():
+            if any(r.prompt_ids[0] == poison_token for r in llm.requests.values()):
+                raise RuntimeError("boom")
+            return real()
+
+        llm.compute_step = compute_step
+    return llm

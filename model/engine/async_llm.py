@@ -1,19 +1,28 @@
 """AsyncLLM: the engine behind an asyncio server — requests are added and streamed concurrently while the model
-steps in one background task, so no request blocks another.
+steps, so no request blocks another. Two modes, one API (add_request / stream / generate / abort / shutdown):
 
-    engine = AsyncLLM(LLM("ckpt/"), max_waiting_requests=256)
+    engine = AsyncLLM(LLM("ckpt/"), max_waiting_requests=256)                  # the model steps in this process
+    engine = AsyncLLM.with_engine_process(functools.partial(LLM, "ckpt/"))     # ... in its own process
     await engine.start()
     out = await engine.generate("1+1=", SamplingParams(max_tokens=8))          # -> RequestOutput
     async for events in engine.stream("1+1=", SamplingParams(max_tokens=8)):   # lists of StreamEvent
         ...
 
-How: `add_request` validates at once (TypeError / RequestError / QueueFullError for the caller to report) and
-queues the request; the loop task applies queued adds and aborts between steps, runs the model half of a step
-(LLM.compute_step: schedule, forward, sample) in a worker thread so the event loop keeps serving, then the
-bookkeeping half (LLM.process_step: detokenize, stops) on the loop, and hands each request its events through
-its own asyncio.Queue. Engine state is only mutated by the loop task (adds and aborts wait for the step's end),
-and the tokenizer is only used on the event loop, never concurrently. A consumer that stops listening (a client
-that disconnects) aborts its request, which frees its KV blocks before the next step.
+In process: `add_request` validates at once (TypeError / RequestError / QueueFullError for the caller to report)
+and queues the request; the loop task applies queued adds and aborts between steps, runs the model half of a step
+(LLM.compute_step: schedule, forward, sample) — in a worker thread with step_in_thread, so the event loop keeps
+serving while a GPU works — then the bookkeeping half (LLM.process_step: detokenize, stops) on the loop, and
+hands each request its events through its own asyncio.Queue. Engine state is only mutated by the loop task (adds
+and aborts wait for the step's end), and the tokenizer is only used on the event loop, never concurrently.
+With an engine process (engine_core.py, vLLM V1's EngineCore split): the LLM lives in a child process that only
+steps; this process validates and tokenizes (the same LLM code, on an EngineView), sends adds and aborts
+batched per event-loop turn, receives one message per step and detokenizes streamed text. The HTTP work then
+runs beside the step on another core instead of taking turns with it under one GIL: the server's default
+wherever there are >= 2 CPUs or a GPU (model/serve/cli.py says why); in-process stays for tests, for one-core
+machines and for users who already hold an LLM object (e.g. a trainer's live model, which cannot move).
+Either way, a consumer that stops listening (a client that disconnects) aborts its request, which frees its KV
+blocks before the next step; an engine process that dies fails the requests in flight (RuntimeError to their
+consumers) and later add_request calls raise EngineDeadError (an EngineClosedError; is_running is False).
 Pure asyncio + torch: the web server (model/serve/) imports this, never the other way round.
 """
 
@@ -26,9 +35,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from .detokenizer import decode_step
+from .engine_core import EngineCoreClient
 from .llm_engine import LLM, Request
 from .outputs import RequestOutput, StreamEvent
 from .sampling_params import SamplingParams
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +50,11 @@ class QueueFullError(RuntimeError):
 
 
 class EngineClosedError(RuntimeError):
-    """The engine is shutting down and takes no new requests (the server answers HTTP 503)."""
+    """The engine is shutting down, not started, or its process died, and takes no new requests (HTTP 503)."""
+
+
+class EngineDeadError(EngineClosedError):
+    """The engine process died: nothing in flight finishes, nothing new is taken (restart the server)."""
 
 
 class Histogram:
@@ -85,12 +101,16 @@ class _Stream:
     done: bool = False
     output: RequestOutput | None = None
     held: list[StreamEvent] = field(default_factory=list)   # events not yet handed over (stream_interval)
+    params: SamplingParams | None = None
+    stream_text: bool = False
+    samples: dict[int, Sequence] = field(default_factory=dict)   # engine process: detokenizer state per sample
 
 
 class AsyncLLM:
     def __init__(self, llm: LLM, *, max_waiting_requests: int = 256, step_in_thread: bool = True,
                  stream_interval: int = 1):
-        """max_waiting_requests: the bound of the waiting queue (beyond it add_request raises QueueFullError).
+        """The model steps in this process (see with_engine_process for the other mode).
+        max_waiting_requests: the bound of the waiting queue (beyond it add_request raises QueueFullError).
         step_in_thread: run LLM.compute_step in a worker thread (the event loop serves while the GPU works).
         stream_interval: hand a request's events to its consumer every this many tokens (the first token and the
         last are never held back); larger values mean fewer wake-ups and writes per token, coarser streaming."""
@@ -109,11 +129,45 @@ class AsyncLLM:
         self._handles: dict[int, _Stream] = {}    # added requests whose consumer has not attached yet
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._core: EngineCoreClient | None = None
+        self._core_stats = (0, 0)                 # engine process: (running requests, free KV blocks)
         self.closing = False
+
+    @classmethod
+    def with_engine_process(cls, build_llm, *, torch_threads: int | None = None, start_method: str | None = None,
+                            startup_timeout: float = 900.0, max_waiting_requests: int = 256,
+                            stream_interval: int = 1, engine_cpus: frozenset[int] | None = None) -> AsyncLLM:
+        """An AsyncLLM whose LLM is built and stepped in a child process (engine_core.py). `build_llm`: a
+        picklable callable returning the LLM, e.g. functools.partial(LLM, "ckpt/", dtype=torch.bfloat16).
+        Blocks until the engine process has built it (raises its error if it could not); then `await start()`.
+        torch_threads: torch.set_num_threads in the engine process. start_method: multiprocessing's (default:
+        engine_core.default_start_method). engine_cpus: pin the engine process to these CPUs (engine_core.split_cpus
+        picks them for `dsmath serve`). `self.llm` is then an EngineView (tokenizer, config, limits)."""
+        core = EngineCoreClient(build_llm, torch_threads=torch_threads, start_method=start_method,
+                                startup_timeout=startup_timeout, cpus=engine_cpus)
+        try:
+            engine = cls(core.view, max_waiting_requests=max_waiting_requests, stream_interval=stream_interval)
+        except BaseException:
+            core.kill()
+            raise
+        engine._core = core
+        engine._core_stats = (0, core.view.block_manager.num_blocks)
+        return engine
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's id (None in process)."""
+        return self._core.proc.pid if self._core is not None else None
 
     # ---- life cycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the engine loop on the running event loop."""
+        """Start the engine loop on the running event loop (engine process: connect to it)."""
+        if self._core is not None:
+            if self._core.transport is None:
+                await self._core.connect(self._on_core_message, self._on_core_lost)
+            if self._core.dead:
+                raise EngineDeadError(self._core.dead)
+            return
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="dsmath-engine-loop")
@@ -122,11 +176,13 @@ class AsyncLLM:
         """Take no new requests; let running ones finish for up to `timeout` seconds, abort the rest, stop."""
         self.closing = True
         deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline:
+        while self._streams and time.monotonic() < deadline and self.is_running:
             await asyncio.sleep(0.01)
         for rid in list(self._streams):
             self._finish_stream(rid, ("error", "the server is shutting down"))
             self._aborts.add(rid)
+        if self._core is not None:
+            await self._core.close()
         if self._task is not None:
             self._wake.set()
             try:
@@ -137,7 +193,14 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
+        if self._core is not None:
+            return self._core.connected
         return self._task is not None and not self._task.done()
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine process died (None while it lives, and in process)."""
+        return self._core.dead if self._core is not None else None
 
     @property
     def num_in_flight(self) -> int:
@@ -146,23 +209,40 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet scheduled (queued adds + sequences waiting in the scheduler)."""
+        """Requests not yet scheduled (queued adds + sequences waiting in the scheduler; engine process: requests
+        in flight without a running sequence at the last step)."""
+        if self._core is not None:
+            return max(0, len(self._streams) - self._core_stats[0])
         return len(self._pending) + len(self.llm.scheduler.waiting)
+
+    def kv_cache_blocks(self) -> tuple[int, int]:
+        """(KV-cache blocks in use, blocks in all); engine process: as of its last message."""
+        if self._core is not None:
+            total = self.llm.block_manager.num_blocks
+            return total - self._core_stats[1], total
+        bm = self.llm.block_manager
+        return bm.num_blocks - bm.num_free, bm.num_blocks
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None, *, stream_text: bool = True) -> int:
         """Validate and queue one request; returns its id. Raises TypeError / RequestError (bad request),
         QueueFullError (too many waiting) or EngineClosedError (shutting down)."""
-        if self.closing or self._task is None:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        if self.closing or not self.is_running:
             raise EngineClosedError("the engine is not running (shutting down or not started)")
         req = self.llm._make_request(prompt, params)
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests waiting); "
                                  "retry later")
-        self._pending.append((req, stream_text))
-        st = _Stream(asyncio.Queue(), time.monotonic(), req.prompt, req.prompt_ids)
+        st = _Stream(asyncio.Queue(), time.monotonic(), req.prompt, req.prompt_ids, params=req.params,
+                     stream_text=stream_text)
         self._streams[req.request_id] = self._handles[req.request_id] = st
-        self._wake.set()
+        if self._core is not None:
+            self._core.send("add", req)
+        else:
+            self._pending.append((req, stream_text))
+            self._wake.set()
         return req.request_id
 
     def abort(self, request_id: int) -> None:
@@ -173,6 +253,10 @@ class AsyncLLM:
             st.done = True
             st.queue.put_nowait(("aborted", None))   # wakes a consumer still waiting
             self.stats.aborted += 1
+            if self._core is not None:
+                if self._core.connected:
+                    self._core.send("abort", request_id)
+                return
             self._pending = [(r, t) for r, t in self._pending if r.request_id != request_id]
             self._aborts.add(request_id)
             self._wake.set()
@@ -254,18 +338,23 @@ class AsyncLLM:
                     self._finish_stream(rid, ("error", f"engine step failed: {type(e).__name__}: {e}"))
                     llm.abort(rid)
                 continue
-            self._dispatch(events)
+            self._dispatch(events, llm.finished)
+            running = {s.request_id for s in llm.scheduler.running}
+            self.stats.num_running = len(running)
+            self.stats.num_waiting = len(self._streams) - len(running & self._streams.keys())
             await asyncio.sleep(0)   # let handlers run between steps
 
-    def _dispatch(self, events: list[StreamEvent]) -> None:
-        now, stats, llm = time.monotonic(), self.stats, self.llm
+    def _dispatch(self, events: list[StreamEvent], finished: dict[int, RequestOutput]) -> None:
+        """Hand a step's events to their requests' consumers; `finished`: RequestOutputs of requests that
+        finished in the step (popped from it)."""
+        now, stats = time.monotonic(), self.stats
         by_request: dict[int, list[StreamEvent]] = defaultdict(list)
         for ev in events:
             by_request[ev.request_id].append(ev)
         for rid, evs in by_request.items():
             st = self._streams.get(rid)
             if st is None:                       # aborted while its step ran
-                llm.finished.pop(rid, None)
+                finished.pop(rid, None)
                 continue
             first = st.first is None
             if first:
@@ -274,7 +363,7 @@ class AsyncLLM:
                 stats.prompt_tokens += len(st.prompt_ids)
             st.num_tokens += len(evs)
             stats.generation_tokens += len(evs)
-            out = llm.finished.pop(rid, None)
+            out = finished.pop(rid, None)
             st.held += evs
             if first or out is not None or len(st.held) >= self.stream_interval:
                 st.queue.put_nowait(("events", st.held))
@@ -287,12 +376,44 @@ class AsyncLLM:
                 if tokens_per_sample > 1:
                     stats.tpot.observe((now - st.first) / (tokens_per_sample - 1))
                 self._finish_stream(rid, ("done", out))
-        running = {s.request_id for s in llm.scheduler.running}
-        stats.num_running = len(running)
-        stats.num_waiting = len(self._streams) - len(running & self._streams.keys())
 
     def _finish_stream(self, rid: int, item: tuple[str, object]) -> None:
         st = self._streams.pop(rid, None)
         if st is not None:
             st.done = True
             st.queue.put_nowait(item)
+
+    # ---- the engine process's messages (engine_core.py) --------------------------------------------------------
+    def _on_core_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "step":
+            _, rows, finished, self._core_stats = msg
+            self._dispatch([self._event(*row) for row in rows], finished)
+        elif kind == "stats":
+            self._core_stats = msg[1]
+        elif kind == "failed":
+            _, rids, message, self._core_stats = msg
+            for rid in rids:
+                self._finish_stream(rid, ("error", message))
+        self.stats.num_running = min(self._core_stats[0], len(self._streams))
+        self.stats.num_waiting = self.num_waiting
+
+    def _event(self, rid: int, index: int, token: int, logprob, text, reason, logprobs, stop_reason) -> StreamEvent:
+        """A StreamEvent from the engine process's row, with its streamed text: the engine detokenizes requests
+        with stop strings (it must, to stop them) and otherwise sends "" until the final event, which holds the
+        whole final text; here the same incremental detokenizer turns tokens into streamed pieces."""
+        st = self._streams.get(rid)
+        if st is not None and st.stream_text and text is not None and not st.params.stop_list:
+            seq = st.samples.get(index)
+            if seq is None:
+                seq = st.samples[index] = Sequence(rid, st.prompt_ids, st.params, index)
+            seq.append(token)
+            decode_step(self.llm.tokenizer, seq)
+            if reason is not None:
+                seq.final_text = text
+            text = LLM._emit_text(seq, reason is not None)
+        return StreamEvent(rid, index, token, logprob, text, reason, logprobs, stop_reason)
+
+    def _on_core_lost(self, reason: str) -> None:
+        for rid in list(self._streams):
+            self._finish_stream(rid, ("error", reason))

@@ -6,7 +6,7 @@
 - serving_chat.py       POST /v1/chat/completions
 - metrics.py            GET /metrics (Prometheus text)
 - api_server.py         the FastAPI app wiring routes to the handlers; uvicorn with graceful shutdown
-- cli.py                `dsmath serve` (argparse -> LLM -> AsyncLLM -> app)
+- cli.py                `dsmath serve` (argparse -> AsyncLLM with the LLM in an engine process -> app)
 
 The handlers talk only to model.engine.AsyncLLM. Importing this package imports no web framework; fastapi and
 uvicorn (the `serve` extra) are imported by api_server.py only.

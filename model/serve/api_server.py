@@ -101,7 +101,10 @@ def build_app(engine: AsyncLLM, *, model_name: str, api_key: str | None = None, 
     @app.get("/health")
     async def health():
         ok = engine.is_running and not engine.closing
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "unavailable"}
+        if engine.dead:
+            body["reason"] = engine.dead
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -11,8 +11,10 @@ uvicorn); the engine itself does not.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import socket
 import sys
 
 import torch
@@ -40,9 +42,17 @@ def parse(argv=None) -> argparse.Namespace:
     srv.add_argument("--stream-interval", type=int, default=1,
                      help="send a stream's tokens every this many (the first and last at once); >1 trades "
                           "streaming granularity for less per-token HTTP work")
+    srv.add_argument("--engine-process", default="auto", choices=["auto", "yes", "no"],
+                     help="run the engine in its own process, beside the HTTP server (auto: yes with a GPU or >= 2 "
+                          "CPUs; see build_engine)")
+    srv.add_argument("--engine-cpus", default="auto",
+                     help="CPU engines with --engine-process: pin the engine process to its own CPUs and the HTTP "
+                          "front end to the others. auto: on a CPU device with --threads T, when this process may "
+                          "use more than T CPUs (the last T go to the engine); no: never; or a list, e.g. 2,3")
     srv.add_argument("--step-in-thread", default="auto", choices=["auto", "yes", "no"],
-                     help="run the model half of each step in a worker thread so HTTP work overlaps it (auto: "
-                          "on CUDA, where the GPU runs while Python serves; on CPU the GIL serialises both anyway)")
+                     help="--engine-process no only: run the model half of each step in a worker thread so HTTP "
+                          "work overlaps it (auto: on CUDA, where the GPU runs while Python serves; on CPU the GIL "
+                          "serialises both anyway)")
     eng = ap.add_argument_group("engine")
     eng.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     eng.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -66,22 +76,93 @@ def parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_engine(args):
-    from ..engine import LLM, AsyncLLM
+def build_llm(model: str, **kwargs):
+    """The server's LLM (in this process or in the engine process, which calls this)."""
+    from ..engine import LLM
 
-    llm = LLM(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
-              tokenizer=args.tokenizer, num_blocks=args.num_blocks, block_size=args.block_size,
-              gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed,
-              cpu_kv_cache_gib=args.cpu_kv_cache_gib, generation_config=args.generation_config,
-              logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
-              allow_long_max_model_len=args.allow_long_max_model_len)
+    llm = LLM(model, **kwargs)
     if llm.tokenizer is None:
-        raise SystemExit(f"dsmath serve: {args.model} has no tokenizer; pass --tokenizer DIR")
+        raise ValueError(f"{model} has no tokenizer; pass --tokenizer DIR")
+    return llm
+
+
+def use_engine_process(args) -> bool:
+    """--engine-process auto: yes when the device is a GPU or this process may use >= 2 CPUs. Then the HTTP work
+    (parsing, tokenizing, one SSE chunk per token per stream) runs on its own core while the engine steps,
+    instead of taking turns with the step under one GIL: on the tiny CPU model that took 0.28x of LLM.generate's
+    tokens/s to 0.76x on an idle machine (bench/RESULTS.md, issues 15 and 15b). On a GPU the step releases the
+    GIL only while it waits for the device, and its Python part (scheduling, inputs, sampling, bookkeeping) still
+    competes with the HTTP work and with the 5 ms GIL switch interval, so the engine process is the better default
+    there too (vLLM V1's choice). One CPU: nothing to run beside the step, so in process (no pickling, no second
+    interpreter)."""
+    if args.engine_process != "auto":
+        return args.engine_process == "yes"
+    if not hasattr(socket, "AF_UNIX"):      # the engine process talks over a Unix socket pair (POSIX)
+        return False
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.device(device).type == "cuda" or cpus >= 2
+
+
+def engine_cpus(args) -> tuple[frozenset[int], frozenset[int]] | None:
+    """(engine CPUs, front-end CPUs) per --engine-cpus, or None (no pinning). auto pins CPU engines only: on a GPU
+    the engine process mostly waits for the device and needs no core of its own (nothing measured there); without
+    --threads torch's threads would use every CPU, so nothing is left to split."""
+    spec = args.engine_cpus.strip().lower()
+    if spec in ("no", "none", "off"):
+        return None
+    if spec != "auto":
+        try:
+            mine = frozenset(int(c) for c in spec.split(","))
+        except ValueError:
+            raise SystemExit(f"dsmath serve: --engine-cpus: expected auto, no or a list like 2,3, got "
+                             f"{spec!r}") from None
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else mine
+        if not mine <= allowed or not allowed - mine:
+            raise SystemExit(f"dsmath serve: --engine-cpus: {sorted(mine)} must be a proper subset of the CPUs this "
+                             f"process may use, {sorted(allowed)}")
+        return mine, frozenset(allowed - mine)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cpu" or not args.threads:
+        return None
+    from ..engine.engine_core import split_cpus
+
+    return split_cpus(args.threads)
+
+
+def build_engine(args):
+    from ..engine import AsyncLLM
+
+    kwargs = dict(dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
+                  tokenizer=args.tokenizer, num_blocks=args.num_blocks, block_size=args.block_size,
+                  gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                  enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed,
+                  cpu_kv_cache_gib=args.cpu_kv_cache_gib, generation_config=args.generation_config,
+                  logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
+                  allow_long_max_model_len=args.allow_long_max_model_len)
+    front = dict(max_waiting_requests=args.max_waiting_requests, stream_interval=args.stream_interval)
+    try:
+        if use_engine_process(args):
+            # this process has imported but run nothing yet: on a CPU-only host fork is safe and saves the engine
+            # process a second import of torch & co (engine_core.py: start methods)
+            method = None if torch.cuda.is_available() else "fork"
+            cpus = engine_cpus(args)
+            engine = AsyncLLM.with_engine_process(functools.partial(build_llm, args.model, **kwargs),
+                                                  torch_threads=args.threads, start_method=method,
+                                                  engine_cpus=cpus[0] if cpus else None, **front)
+            if cpus:
+                from ..engine.engine_core import pin_process
+
+                pin_process(cpus[1])
+                logging.getLogger("dsmath.serve").info("engine process on CPUs %s, HTTP front end on %s",
+                                                       sorted(cpus[0]), sorted(cpus[1]))
+            return engine
+        llm = build_llm(args.model, **kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"dsmath serve: {e}") from e
     in_thread = llm.device.type == "cuda" if args.step_in_thread == "auto" else args.step_in_thread == "yes"
-    return AsyncLLM(llm, max_waiting_requests=args.max_waiting_requests, step_in_thread=in_thread,
-                    stream_interval=args.stream_interval)
+    return AsyncLLM(llm, step_in_thread=in_thread, **front)
 
 
 def main(argv=None) -> int:

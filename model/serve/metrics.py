@@ -24,17 +24,17 @@ def _histogram(name: str, help_: str, h: Histogram, labels: dict) -> list[str]:
 
 
 def render(engine: AsyncLLM, model_name: str) -> str:
-    st, bm, lb = engine.stats, engine.llm.block_manager, {"model_name": model_name}
+    st, lb = engine.stats, {"model_name": model_name}
+    used, total = engine.kv_cache_blocks()
     in_flight = engine.num_in_flight
     running = min(st.num_running, in_flight)
     out = []
     for name, kind, help_, value in [
         ("dsmath_num_requests_running", "gauge", "Requests with sequences scheduled on the engine.", running),
         ("dsmath_num_requests_waiting", "gauge", "Requests accepted and not yet scheduled.", in_flight - running),
-        ("dsmath_kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).",
-         1.0 - bm.num_free / bm.num_blocks),
-        ("dsmath_kv_cache_blocks_used", "gauge", "KV-cache blocks in use.", bm.num_blocks - bm.num_free),
-        ("dsmath_kv_cache_blocks_total", "gauge", "KV-cache blocks.", bm.num_blocks),
+        ("dsmath_kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).", used / total),
+        ("dsmath_kv_cache_blocks_used", "gauge", "KV-cache blocks in use.", used),
+        ("dsmath_kv_cache_blocks_total", "gauge", "KV-cache blocks.", total),
         ("dsmath_prompt_tokens_total", "counter", "Prompt tokens of requests that started.", st.prompt_tokens),
         ("dsmath_generation_tokens_total", "counter", "Generated tokens.", st.generation_tokens),
         ("dsmath_requests_aborted_total", "counter", "Requests aborted (client gone, shutdown).", st.aborted),

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from ..engine import AsyncLLM, EngineClosedError, QueueFullError, RequestOutput, SamplingParams, StreamEvent
+from ..engine.async_llm import EngineDeadError
 from .protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("dsmath.serve")
@@ -92,6 +93,8 @@ class OpenAIServing:
                 self.engine.abort(rid)
             if isinstance(e, QueueFullError):
                 raise APIError(429, str(e)) from None
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, str(e)) from None
             if isinstance(e, EngineClosedError):
                 raise APIError(503, "the server is shutting down") from None
             if isinstance(e, (TypeError, ValueError)):
