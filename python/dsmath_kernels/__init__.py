@@ -1,6 +1,6 @@
 """dsmath_kernels — GPU kernels for DeepSeek-style MoE models and GRPO training, importable into any PyTorch
-project: top-k expert routing, grouped GEMM, paged attention, fused GRPO loss. Each op is a torch custom op
-(`torch.ops.dsmath.*`) with a plain PyTorch reference in `dsmath_kernels.reference`.
+project: top-k expert routing, grouped GEMM (bf16 and FP8 block-scaled), paged attention, fused GRPO loss. Each op
+is a torch custom op (`torch.ops.dsmath.*`) with a plain PyTorch reference in `dsmath_kernels.reference`.
 `python -m dsmath_kernels` reports the build and the backend each op will use."""
 
 __version__ = "0.1.0"
@@ -15,6 +15,15 @@ from dsmath_kernels.attention import (  # noqa: E402
     paged_prefill,
     plan_decode,
 )
+from dsmath_kernels.fp8 import (  # noqa: E402
+    dequantize_fp8_blocks,
+    fp8_gemm,
+    fp8_linear,
+    grouped_gemm_fp8,
+    moe_experts_fp8,
+    quantize_fp8,
+    quantize_fp8_blocks,
+)
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
 from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
 from dsmath_kernels.routing import route_topk  # noqa: E402
@@ -28,6 +37,9 @@ __all__ = [
     # paged attention
     "DecodePlan", "plan_decode", "cache_write", "mla_cache_write", "paged_decode", "mla_decode", "paged_prefill",
     "mla_prefill",
+    # FP8 block-scaled (DeepSeek-V3 checkpoints)
+    "quantize_fp8", "quantize_fp8_blocks", "dequantize_fp8_blocks", "fp8_gemm", "fp8_linear", "grouped_gemm_fp8",
+    "moe_experts_fp8",
     # GRPO
     "group_advantages", "token_logprobs", "grpo_loss",
 ]

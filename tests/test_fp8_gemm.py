@@ -1,0 +1,199 @@
+"""FP8 block-scaled ops vs the reference (reference/fp8.py): the CPU (torch) path and the Triton kernels under the
+interpreter (DSMATH_FP8_GEMM=triton), W8A8 (native fp8 dot and the sm_80 bf16-convert variant) and weight-only,
+dense and grouped (empty experts, one hot expert, tail rows), the fused expert layer (gather + SwiGLU + epilogue
+re-quantisation + routing weight), the quantiser's rounding, and bad input refused by name."""
+
+import pytest
+import torch
+
+import dsmath_kernels as dk
+from dsmath_kernels import fp8_gemm_triton
+from dsmath_kernels.reference.fp8 import (
+    FP8,
+    fp8_gemm_ref,
+    grouped_gemm_fp8_ref,
+    moe_experts_fp8_ref,
+    quantize_blocks_ref,
+    quantize_fp8_ref,
+)
+from dsmath_kernels.testing import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton" and not (torch.cuda.is_available() or fp8_gemm_triton.INTERPRET):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("DSMATH_FP8_GEMM", request.param)
+    return request.param
+
+
+def _weights(*shape):
+    w = torch.randn(*shape) / shape[-1] ** 0.5
+    return quantize_blocks_ref(w)
+
+
+def _bits(t):
+    return t.view(torch.uint8)
+
+
+def test_block_quantisation_round_trip():
+    """Each 128 x 128 block's largest |value| maps to 448; edge blocks are partial; the round trip error is e4m3's
+    (relative <= 2^-4 per element for normal values)."""
+    w = torch.randn(300, 200) * torch.logspace(-3, 3, 300)[:, None]  # blocks of very different magnitude
+    q, s = dk.quantize_fp8_blocks(w)
+    assert q.dtype == FP8 and s.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            blk = q[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)].float()
+            assert blk.abs().max().item() == 448.0
+    back = dk.dequantize_fp8_blocks(q, s)
+    normal = w.abs() >= s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200] * 2**-6
+    rel = ((back - w).abs() / w.abs())[normal]
+    assert rel.max().item() <= 2**-4 * (1 + 1e-5)  # half a unit in the last of 3 mantissa bits (+ fp32 division)
+
+
+def test_quantize_fp8(backend):
+    x = torch.randn(37, 300) * 40
+    x[3] = 0  # an all-zero row: scale eps / 448, zeros
+    x[5, :128] = 1e-3
+    q, s = dk.quantize_fp8(x)
+    qr, sr = quantize_fp8_ref(x)
+    assert torch.equal(s, sr)
+    assert torch.equal(_bits(q), _bits(qr)), "rounding differs from torch's e4m3 round-to-nearest-even"
+    assert q[3].float().abs().sum() == 0
+
+
+@pytest.mark.parametrize("M,N,K", [(0, 128, 128), (1, 256, 128), (37, 200, 300)])
+@pytest.mark.parametrize("w8a8", [True, False])
+def test_dense_gemm(backend, M, N, K, w8a8):
+    a = torch.randn(M, K)
+    w, ws = _weights(N, K)
+    if w8a8:
+        aq, as_ = dk.quantize_fp8(a)
+        y = dk.fp8_gemm(aq, w, ws, a_scale=as_)
+        ref = fp8_gemm_ref(aq, w, ws, as_, out_dtype=torch.float32)
+        assert y.dtype == torch.bfloat16
+        atol, rtol = 1e-2, 1e-2  # bf16 output rounding
+    else:
+        y = dk.fp8_gemm(a, w, ws)
+        ref = fp8_gemm_ref(a, w, ws)
+        atol, rtol = 1e-5, 1e-5
+    assert_close(y.float(), ref.float(), atol=atol, rtol=rtol, name="y")
+
+
+@pytest.mark.skipif(not fp8_gemm_triton.INTERPRET and not torch.cuda.is_available(), reason="needs triton")
+@pytest.mark.parametrize("fp8_dot", [True, False])
+def test_kernel_w8a8_dot_variants(fp8_dot):
+    """Native fp8 dot (sm_89+/wgmma) and the sm_80 variant (both tiles converted to bf16, exact) agree with the
+    reference; bf16 activations in the weight-only variant too."""
+    a = torch.randn(19, 256)
+    w, ws = _weights(160, 256)
+    aq, as_ = quantize_fp8_ref(a)
+    y = fp8_gemm_triton.gemm(aq, w[None], ws[None], a_scale=as_, out_dtype=torch.float32, fp8_dot=fp8_dot)
+    assert_close(y, fp8_gemm_ref(aq, w, ws, as_, out_dtype=torch.float32), atol=1e-4, rtol=1e-5, name="y")
+    y16 = fp8_gemm_triton.gemm(a.bfloat16(), w[None], ws[None], out_dtype=torch.float32)
+    assert_close(y16, fp8_gemm_ref(a.bfloat16(), w, ws, out_dtype=torch.float32), atol=1e-4, rtol=1e-5, name="y")
+
+
+def _offsets(M, E, kind):
+    if kind == "hot":
+        counts = torch.zeros(E, dtype=torch.long)
+        counts[E // 2] = M
+    else:
+        cuts = torch.sort(torch.randint(0, M + 1, (E - 1,))).values
+        counts = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([M])]))
+    if kind == "tail":
+        counts[-1] = max(0, counts[-1] - 3)  # rows past off[E]: zeros
+    off = torch.zeros(E + 1, dtype=torch.int32)
+    off[1:] = torch.cumsum(counts, 0)
+    return off
+
+
+@pytest.mark.parametrize("M", [0, 1, 45])
+@pytest.mark.parametrize("kind", ["random", "hot", "tail"])
+def test_grouped_gemm(backend, M, kind):
+    E, N, K = 4, 160, 256
+    a = torch.randn(M, K)
+    w, ws = _weights(E, N, K)
+    off = _offsets(M, E, kind)
+    aq, as_ = dk.quantize_fp8(a)
+    y = dk.grouped_gemm_fp8(aq, w, ws, off, a_scale=as_)
+    assert_close(y.float(), grouped_gemm_fp8_ref(aq, w, ws, off, as_, out_dtype=torch.float32), atol=1e-2,
+                 rtol=1e-2, name="y")
+    y = dk.grouped_gemm_fp8(a, w, ws, off)
+    assert_close(y, grouped_gemm_fp8_ref(a, w, ws, off), atol=1e-5, rtol=1e-5, name="y")
+
+
+def _moe_data(T, E, H, inter, K, hot=False):
+    x = torch.randn(T, H)
+    g, gs = _weights(E, inter, H)
+    u, us = _weights(E, inter, H)
+    w13, s13 = torch.cat([g, u], 1), torch.cat([gs, us], 1)  # per-projection blocks, as checkpoints hold them
+    w2, s2 = _weights(E, H, inter)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int() if T else torch.zeros(0, K, dtype=torch.int32)
+    if hot:
+        ids[:, 0] = 1
+    weights = torch.rand(T, K)
+    return x, w13, s13, w2, s2, weights, ids
+
+
+@pytest.mark.parametrize("T,inter,hot", [(0, 128, False), (1, 128, False), (23, 160, False), (23, 128, True)])
+@pytest.mark.parametrize("activation", ["fp8", "native"])
+def test_moe_experts_fp8(backend, T, inter, hot, activation):
+    """inter = 160: gate and up each have a partial last block (2 * ceil(160/128) = 4 scale rows, not 3)."""
+    args = _moe_data(T, 6, 256, inter, 2, hot)
+    out = dk.moe_experts_fp8(*args, activation=activation)
+    ref = moe_experts_fp8_ref(*args, quantize_activations=activation == "fp8")
+    # fp8: the Triton epilogue re-quantises from its own fp32 accumulator, whose summation order differs from the
+    # reference's; a value that lands next to an e4m3 rounding boundary can round the other way (one e4m3 step,
+    # 2^-3 relative, of one element of the 160-256 summed) -> a few 1e-3 absolute on outputs of size ~1
+    tol = 2e-2 if activation == "fp8" else 1e-5
+    assert_close(out, ref, atol=tol, rtol=tol, name="out")
+
+
+def test_skipped_slots_contribute_nothing():
+    """experts_forward's -1 slots (expert parallelism: expert on another rank) are not computed."""
+    x, w13, s13, w2, s2, weights, ids = _moe_data(9, 4, 128, 128, 2)
+    masked = ids.clone()
+    masked[:, 1] = -1
+    out = dk.fp8.experts_forward(x, w13, s13, w2, s2, weights, masked, "native")
+    ref = moe_experts_fp8_ref(x, w13, s13, w2, s2, weights[:, :1].contiguous(), ids[:, :1].contiguous(), False)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5, name="out")
+
+
+def test_bad_input_is_refused_by_name():
+    w, ws = _weights(256, 128)
+    a = torch.randn(3, 128)
+    with pytest.raises(ValueError, match="w_scale"):
+        dk.fp8_gemm(a, w, ws[:1])  # a missing block row
+    with pytest.raises(TypeError, match="w:"):
+        dk.fp8_gemm(a, w.float(), ws)
+    with pytest.raises(ValueError, match="a:"):
+        dk.fp8_gemm(torch.randn(3, 64), w, ws)
+    aq, as_ = dk.quantize_fp8(a)
+    with pytest.raises(ValueError, match="a_scale"):
+        dk.fp8_gemm(aq, w, ws, a_scale=as_[:, :0])
+    with pytest.raises(ValueError, match="block"):
+        dk.quantize_fp8_blocks(torch.randn(4, 4), block=64)
+    x, w13, s13, w2, s2, weights, ids = _moe_data(4, 4, 128, 128, 2)
+    with pytest.raises(ValueError, match="s_gate_up"):
+        dk.moe_experts_fp8(x, w13, s13[:, :1], w2, s2, weights, ids)
+    with pytest.raises(ValueError, match="ids"):
+        dk.moe_experts_fp8(x, w13, s13, w2, s2, weights, ids + 4)
+    with pytest.raises(ValueError, match="activation"):
+        dk.moe_experts_fp8(x, w13, s13, w2, s2, weights, ids, activation="int8")
+
+
+def test_fake_impls_trace():
+    """Every FP8 op has a fake implementation: shapes propagate on the meta device."""
+    w, ws = _weights(256, 128)
+    a = torch.randn(5, 128)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fa, fw, fs = mode.from_tensor(a), mode.from_tensor(w), mode.from_tensor(ws)
+        q, s = torch.ops.dsmath.quantize_fp8(fa)
+        assert q.shape == (5, 128) and q.dtype == FP8 and s.shape == (5, 1)
+        assert torch.ops.dsmath.fp8_gemm(q, s, fw, fs).shape == (5, 256)
+        assert torch.ops.dsmath.fp8_gemm(fa, None, fw, fs).dtype == torch.float32
+
