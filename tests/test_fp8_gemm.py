@@ -84,17 +84,19 @@ def test_dense_gemm(backend, M, N, K, w8a8):
 
 
 @pytest.mark.skipif(not fp8_gemm_triton.INTERPRET and not torch.cuda.is_available(), reason="needs triton")
-@pytest.mark.parametrize("fp8_dot", [True, False])
-def test_kernel_w8a8_dot_variants(fp8_dot):
-    """Native fp8 dot (sm_89+/wgmma) and the sm_80 variant (both tiles converted to bf16, exact) agree with the
-    reference; bf16 activations in the weight-only variant too."""
-    a = torch.randn(19, 256)
+@pytest.mark.parametrize("w_bits", [True, False])
+def test_kernel_weight_only_variants(w_bits):
+    """Weight-only with the e4m3 weight converted in registers (sm_89+) or decoded from its bytes (sm_80, where
+    Triton has no e4m3 type): every code, subnormals and both signs included, decodes exactly."""
     w, ws = _weights(160, 256)
-    aq, as_ = quantize_fp8_ref(a)
-    y = fp8_gemm_triton.gemm(aq, w[None], ws[None], a_scale=as_, out_dtype=torch.float32, fp8_dot=fp8_dot)
-    assert_close(y, fp8_gemm_ref(aq, w, ws, as_, out_dtype=torch.float32), atol=1e-4, rtol=1e-5, name="y")
-    y16 = fp8_gemm_triton.gemm(a.bfloat16(), w[None], ws[None], out_dtype=torch.float32)
-    assert_close(y16, fp8_gemm_ref(a.bfloat16(), w, ws, out_dtype=torch.float32), atol=1e-4, rtol=1e-5, name="y")
+    w[0] = torch.arange(256, dtype=torch.uint8).view(FP8)  # all 256 codes (0x7f / 0xff are NaN: zero those)
+    w[0, 127] = w[0, 255] = 0
+    eye = torch.eye(256, dtype=torch.bfloat16)  # y[i, n] = W[n, i]: every decoded weight on its own
+    y = fp8_gemm_triton.gemm(eye, w[None], ws[None], out_dtype=torch.float32, w_bits=w_bits)
+    assert_close(y, fp8_gemm_ref(eye, w, ws, out_dtype=torch.float32), atol=0, rtol=1e-6, name="y")
+    a = torch.randn(19, 256).bfloat16()
+    y = fp8_gemm_triton.gemm(a, w[None], ws[None], out_dtype=torch.float32, w_bits=w_bits)
+    assert_close(y, fp8_gemm_ref(a, w, ws, out_dtype=torch.float32), atol=1e-4, rtol=1e-5, name="y")
 
 
 def _offsets(M, E, kind):

@@ -11,9 +11,9 @@ Modes (tl.constexpr):
   DENSE    — one group over all M rows (the tile index is the whole schedule); else grouped over contiguous
              segments [off[g], off[g+1]) with the persistent schedule of triton_common.segment_schedule (rows
              past off[E] are written as zeros).
-  A_FP8    — A is e4m3 + scales; FP8_DOT: native fp8 MMA (sm_89+, wgmma on sm_90), else both tiles are converted
-             to bf16 (exact) and multiplied there (sm_80). A float A (weight-only) gets the B tile converted to its
-             dtype (exact): the dequantise-then-bf16 path of sm_80.
+  A_FP8    — A is e4m3 + scales: fp8 x fp8 MMA (sm_89+; wgmma on sm_90). Else A is float (weight-only): the B
+             tile is converted exactly to A's dtype in registers — the dequantise-then-bf16 path of sm_80, where
+             Triton has no e4m3 type and the weights arrive as bytes decoded in-kernel (W_BITS).
   GATHER   — A row r is a[rows[r] // topk] (the MoE permutation folded into the A load, scales gathered alike).
   ACT      — W holds gate rows then up rows (up rows start at row N, their scales at block row UPB); the tile
              computes both and keeps silu(g) * u (the SwiGLU epilogue).
@@ -37,6 +37,8 @@ from dsmath_kernels.triton_common import mma, segment_schedule, segment_tile
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8_MAX = 448.0
 EPS = 1e-10
+_FP8_MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads constexpr globals only)
+_EPS = tl.constexpr(EPS)
 
 
 @triton.jit
@@ -54,27 +56,35 @@ def _to_e4m3(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _scaled_mma(a, b, sa, sb, acc, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr, UPCAST: tl.constexpr,
+def _e4m3_decode(bits):
+    """uint8 e4m3fn codes -> fp32 values, exactly (sm_80 has no fp8 type: the weights arrive as bytes). Normal:
+    (-1)^s 2^(e-7) (1 + m/8); subnormal (e = 0): (-1)^s m 2^-9. NaN codes do not occur in quantised weights."""
+    v = bits.to(tl.int32)
+    e = (v >> 3) & 0xF
+    m = v & 0x7
+    normal = ((e + 120) << 23 | m << 20).to(tl.float32, bitcast=True)
+    x = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((v & 0x80) != 0, -x, x)
+
+
+@triton.jit
+def _scaled_mma(a, b, sa, sb, acc, A_FP8: tl.constexpr, W_BITS: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr):
-    """acc + (a @ b) * sa[:, None] * sb[None, :] with a fresh fp32 partial product (sa ignored unless A_FP8)."""
+    """acc + (a @ b) * sa[:, None] * sb[None, :] with a fresh fp32 partial product. A_FP8: e4m3 x e4m3 (wgmma
+    FP8 on sm_90); else weight-only: the e4m3 tile (or its bytes, W_BITS) converted exactly to a's dtype."""
     zero = tl.zeros(acc.shape, dtype=tl.float32)
     if A_FP8:
-        if FP8_DOT:
-            p = tl.dot(a, b, zero)
-        elif UPCAST:
-            p = tl.dot(a.to(tl.float32), b.to(tl.float32), zero, input_precision="ieee")
-        else:
-            p = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), zero)
-        return acc + p * sa[:, None] * sb[None, :]
-    p = mma(a, b.to(a.dtype), zero, UPCAST, IEEE)
-    return acc + p * sb[None, :]
+        return acc + tl.dot(a, b, zero) * sa[:, None] * sb[None, :]
+    if W_BITS:
+        b = _e4m3_decode(b)
+    return acc + mma(a, b.to(a.dtype), zero, UPCAST, IEEE) * sb[None, :]
 
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, y_ptr, ys_ptr, off_ptr, rows_ptr, rw_ptr,
                      M, N, K, E, topk, UPB, mbucket,
                      sam, sak, sasm, sask, sbe, sbn, sbk, sbse, sbsn, sbsk, sym, syn, sysm,
-                     DENSE: tl.constexpr, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr, GATHER: tl.constexpr,
+                     DENSE: tl.constexpr, A_FP8: tl.constexpr, W_BITS: tl.constexpr, GATHER: tl.constexpr,
                      ACT: tl.constexpr, SCALE: tl.constexpr, QUANT_OUT: tl.constexpr, UPCAST: tl.constexpr,
                      IEEE: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # mbucket (rows per group, rounded to a power of two) only keys the autotuning cache.
@@ -120,11 +130,11 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, y_ptr, ys_ptr, off_ptr, rows_
             b_ptrs = b_base + cols[None, :].to(tl.int64) * sbn + ks[:, None] * sbk  # [BK, BN]
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             sb = tl.load(s_base + kb * sbsk, mask=mask_n, other=0.0)  # [BN]
-            acc = _scaled_mma(a, b, sa, sb, acc, A_FP8, FP8_DOT, UPCAST, IEEE)
+            acc = _scaled_mma(a, b, sa, sb, acc, A_FP8, W_BITS, UPCAST, IEEE)
             if ACT:  # up rows sit N rows below the gate rows, their scales UPB block rows below
                 bu = tl.load(b_ptrs + N * sbn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 sbu = tl.load(s_base + UPB * sbsn + kb * sbsk, mask=mask_n, other=0.0)
-                acc_u = _scaled_mma(a, bu, sa, sbu, acc_u, A_FP8, FP8_DOT, UPCAST, IEEE)
+                acc_u = _scaled_mma(a, bu, sa, sbu, acc_u, A_FP8, W_BITS, UPCAST, IEEE)
         if ACT:
             acc = acc * tl.sigmoid(acc) * acc_u
         if SCALE:
@@ -133,8 +143,8 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, y_ptr, ys_ptr, off_ptr, rows_
         r64 = rows[:, None].to(tl.int64)
         if QUANT_OUT:  # one 128-column group per tile (BN = 128): amax per row -> e4m3 + scale
             amax = tl.max(tl.where(mask_mn, tl.abs(acc), 0.0), axis=1)  # [BM]
-            s = tl.maximum(amax, EPS) / FP8_MAX
-            q = _to_e4m3(tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX), UPCAST)
+            s = tl.maximum(amax, _EPS) / _FP8_MAX
+            q = _to_e4m3(tl.clamp(acc / s[:, None], -_FP8_MAX, _FP8_MAX), UPCAST)
             tl.store(y_ptr + r64 * sym + cols[None, :] * syn, q, mask=mask_mn)
             tl.store(ys_ptr + rows.to(tl.int64) * sysm + n_tile, s, mask=mask_m)
         else:
@@ -151,24 +161,31 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sqm, ssm, EXACT: tl.constexpr,
     r64 = rows.to(tl.int64)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + r64[:, None] * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX  # [BM]
-    q = _to_e4m3(tl.clamp(x / s[:, None], -FP8_MAX, FP8_MAX), EXACT)
+    s = tl.maximum(tl.max(tl.abs(x), axis=1), _EPS) / _FP8_MAX  # [BM]
+    q = _to_e4m3(tl.clamp(x / s[:, None], -_FP8_MAX, _FP8_MAX), EXACT)
     tl.store(q_ptr + r64[:, None] * sqm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + r64 * ssm + gi, s, mask=rows < M)
 
 
 # ---------------------------------------------------------------- configs
 
-def _cfg(bm, bn, warps, stages, bk=128):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-
-
-# BK = 128: one scale block per k-step (DeepGEMM's granularity). Two configs per rows-per-group bucket.
-_CONFIGS = [
-    _cfg(16, 64, 4, 4), _cfg(16, 128, 4, 4),  # decode: weight-bandwidth bound
-    _cfg(64, 128, 4, 4), _cfg(64, 64, 4, 4),  # small prefill (one warpgroup wgmma 64 x N)
-    _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 4),  # prefill
-]
+# (BM, BN, warps, stages, BK) per (A type, epilogue, rows-per-group bucket); two per bucket, so a new shape compiles
+# and times at most two. W8A8: BK = 128, one scale block per k-step (DeepGEMM's granularity); BM 16 runs mma.sync
+# (decode, weight-bandwidth bound), BM 64 / 128 wgmma on e4m3. The SwiGLU epilogue keeps four fp32 tiles live (gate,
+# up and their partial products): at BM = 128 it spills (708 bytes on sm_90), so it runs BM = 64 over 8 warps.
+# Weight-only (bf16 A, e4m3 B converted in registers): BK = 64 — the conversion's registers spill at BK = 128 on
+# sm_80. Every entry compiles without spills (hopper_compile_report).
+_TABLES = {
+    ("w8a8", False): {16: [(16, 64, 4, 4, 128), (16, 128, 4, 4, 128)], 64: [(64, 128, 4, 4, 128), (64, 64, 4, 4, 128)],
+                      128: [(128, 128, 8, 3, 128), (128, 128, 8, 4, 128)]},
+    ("w8a8", True): {16: [(16, 128, 4, 4, 128), (16, 64, 4, 4, 128)], 64: [(64, 128, 8, 3, 128), (64, 128, 8, 4, 128)],
+                     128: [(64, 128, 8, 3, 128), (64, 128, 8, 4, 128)]},
+    ("w8a16", False): {16: [(16, 64, 4, 4, 64), (16, 128, 4, 4, 64)], 64: [(64, 64, 4, 3, 64), (64, 128, 8, 3, 64)],
+                       128: [(128, 64, 8, 3, 64), (64, 128, 8, 3, 64)]},
+    ("w8a16", True): {16: [(16, 64, 4, 4, 64)], 64: [(64, 128, 8, 3, 64)], 128: [(64, 128, 8, 3, 64)]},
+}
+_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bm, bn, w, st, bk in sorted({c for t in _TABLES.values() for v in t.values() for c in v})]
 _INTERP = {"BM": 32, "BN": 64, "BK": 128}  # few, large tiles: the interpreter pays per op, not per element
 
 
@@ -176,12 +193,20 @@ def _bucket(rows: int, groups: int) -> int:
     return min(1 << max(int(rows / max(groups, 1)), 1).bit_length(), 4096)
 
 
+def configs_for(mbucket: int, a_fp8: bool, act: bool, quant_out: bool) -> list[tuple[int, int, int, int, int]]:
+    """(BM, BN, warps, stages, BK) a launch may pick, by A type, epilogue (QUANT_OUT needs BN = 128) and rows per
+    group."""
+    table = _TABLES[("w8a8" if a_fp8 else "w8a16", act)]
+    cands = table[16 if mbucket <= 16 else 64 if mbucket <= 64 else 128]
+    return [c for c in cands if not quant_out or c[1] == 128]
+
+
 def _prune(configs, named_args, **kwargs):
-    b = named_args["mbucket"] if "mbucket" in named_args else kwargs.get("mbucket", 64)
-    bms = (16,) if b <= 16 else (64,) if b <= 64 else (128,)
-    quant = kwargs.get("QUANT_OUT", named_args.get("QUANT_OUT", False))
-    out = [c for c in configs if c.kwargs["BM"] in bms and (not quant or c.kwargs["BN"] == 128)]
-    return out or [c for c in configs if c.kwargs["BN"] == 128][:1]
+    def flag(k):
+        return kwargs.get(k, named_args.get(k, False))
+
+    keep = set(configs_for(named_args["mbucket"], flag("A_FP8"), flag("ACT"), flag("QUANT_OUT")))
+    return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages, c.kwargs["BK"]) in keep]
 
 
 _tuned = triton.autotune(_CONFIGS, key=["N", "K", "E", "mbucket", "DENSE", "A_FP8", "GATHER", "ACT", "QUANT_OUT"],
@@ -202,12 +227,13 @@ def _num_programs(device: torch.device) -> int:
 # ---------------------------------------------------------------- launchers
 
 def gemm(a, w, w_scale, offsets=None, *, a_scale=None, rows=None, topk=1, gather=True, act=False, up_blocks=0,
-         route_w=None, quant_out=False, out_dtype=torch.bfloat16, fp8_dot=None):
+         route_w=None, quant_out=False, out_dtype=torch.bfloat16, w_bits=None):
     """y [R, N] for a [M, K] (e4m3 with a_scale [M, ceil(K/128)], or float: weight-only), w [E, N(*2), K] e4m3
     with w_scale [E, *, ceil(K/128)] (any strides). offsets None: dense (E = 1, all M rows); else [E+1] segments.
     rows [R] int32 pair indices (-1 = padding): with gather, A row r = a[rows[r] // topk]; route_w [P] fp32 scales
     row r by route_w[rows[r]]. act: SwiGLU epilogue (w has 2N rows; the up rows' scales start at block row
-    up_blocks). quant_out: returns (q [R, N] e4m3, s [R, ceil(N/128)] fp32) instead of y."""
+    up_blocks). quant_out: returns (q [R, N] e4m3, s [R, ceil(N/128)] fp32) instead of y. w_bits: pass the weight
+    as bytes decoded in-kernel (default: where the device has no fp8 type, i.e. before sm_89)."""
     E, NW, K = w.shape
     N = NW // 2 if act else NW
     R = rows.shape[0] if rows is not None and gather else a.shape[0]
@@ -225,7 +251,13 @@ def gemm(a, w, w_scale, offsets=None, *, a_scale=None, rows=None, topk=1, gather
         if quant_out:
             ys.fill_(EPS / FP8_MAX)
         return out
-    fp8_dot = fp8_dot_supported(dev) if fp8_dot is None else fp8_dot
+    native = fp8_dot_supported(dev)
+    if (a_fp8 or quant_out) and not native:
+        raise ValueError("activation: FP8 activations need FP8 MMA (sm_89 or newer); use the weight-only path "
+                         f"(activation='native') on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}")
+    w_bits = (not native) if w_bits is None else w_bits
+    if w_bits:
+        w = w.view(torch.uint8)
     upcast = INTERPRET  # fp32 dots (the interpreter's bf16 dot is broken) and exact e4m3 rounding
     ieee = a.dtype == torch.float32 or upcast
     dummy = w_scale
@@ -235,7 +267,7 @@ def gemm(a, w, w_scale, offsets=None, *, a_scale=None, rows=None, topk=1, gather
                w.stride(0), w.stride(1), w.stride(2), w_scale.stride(0), w_scale.stride(1), w_scale.stride(2),
                y.stride(0), y.stride(1), ys.stride(0) if quant_out else 0)
     dense = offsets is None
-    flags = {"DENSE": dense, "A_FP8": a_fp8, "FP8_DOT": fp8_dot, "GATHER": rows is not None and gather, "ACT": act,
+    flags = {"DENSE": dense, "A_FP8": a_fp8, "W_BITS": w_bits, "GATHER": rows is not None and gather, "ACT": act,
              "SCALE": route_w is not None, "QUANT_OUT": quant_out, "UPCAST": upcast, "IEEE": ieee,
              "EP": triton.next_power_of_2(E + 1)}
     sizes = (R, N, K, E, topk, up_blocks, _bucket(R, E))
@@ -269,53 +301,81 @@ def quantize(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Ten
 
 # ---------------------------------------------------------------- compile check (no GPU needed)
 
-def hopper_compile_report() -> dict:
-    """Compile the FP8 kernels for sm_90 as a launch specialises them (unit strides constexpr, 16-divisible sizes
-    and pointers) and report per config: wgmma instructions (and whether they take e4m3 operands), registers,
-    spills, shared memory. Needs ptxas (bundled with triton), not a GPU; not under the interpreter."""
+def _ptxas(arch: int) -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _compile(fn, ptrs, ints, consts, div16, warps, stages, arch=90) -> dict:
+    """Compile one specialisation for sm_<arch> and read its resources: wgmma / mma.sync counts (and e4m3 operands)
+    from the PTX, registers and spills from ptxas -v, shared memory from triton."""
     import re
+    import subprocess
+    import tempfile
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def build(fn, ptrs, ints, consts, div16, warps, stages):
-        types = {**dict(ptrs), **{n: "i32" for n in ints}, **{k: "constexpr" for k in consts}}
-        sig = {n: types[n] for n in fn.arg_names}
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-        ptx = k.asm["ptx"]
-        wg = re.findall(r"wgmma\.mma_async\S*", ptx)
-        return {"wgmma": len(wg), "wgmma_e4m3": sum("e4m3" in x for x in wg), "mma_sync": ptx.count("mma.sync"),
-                "registers": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared,
-                "warps": warps, "stages": stages}
+    types = {**dict(ptrs), **{n: "i32" for n in ints}, **{k: "constexpr" for k in consts}}
+    sig = {n: types[n] for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = k.asm["ptx"]
+    wg = re.findall(r"wgmma\.mma_async\S*", ptx)
+    mma = re.findall(r"mma\.sync\S*", ptx)
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        log = subprocess.run([_ptxas(arch), f"-arch=sm_{arch}a" if arch == 90 else f"-arch=sm_{arch}", "-v", f.name,
+                              "-o", os.devnull], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return {"wgmma": len(wg), "wgmma_e4m3": sum("e4m3" in x for x in wg), "mma_sync": len(mma),
+            "mma_sync_e4m3": sum("e4m3" in x for x in mma), "registers": int(regs.group(1)) if regs else None,
+            "spill_bytes": int(spill.group(1)) if spill else None, "shared": k.metadata.shared, "warps": warps,
+            "stages": stages}
 
+
+def hopper_compile_report() -> dict:
+    """Compile every FP8 kernel configuration a launch can pick (configs_for, all row buckets) as a launch
+    specialises it (unit k strides constexpr, 16-divisible sizes and pointers): W8A8 for sm_90 (expect wgmma on
+    e4m3 operands from BM = 64 up), the weight-only variant for sm_90 (activation="native") and sm_80 (its
+    target: bf16 mma.sync, weights as bytes), the quantiser.
+    Needs ptxas (bundled with triton), not a GPU; not under the interpreter. -> {name: resources}."""
     f8 = "*fp8e4nv"
-    ptrs = [("a_ptr", f8), ("as_ptr", "*fp32"), ("b_ptr", f8), ("bs_ptr", "*fp32"), ("y_ptr", "*bf16"),
-            ("ys_ptr", "*fp32"), ("off_ptr", "*i32"), ("rows_ptr", "*i32"), ("rw_ptr", "*fp32")]
-    ints = ["M", "N", "K", "E", "topk", "UPB", "mbucket", "sam", "sasm", "sask", "sbe", "sbn", "sbse", "sbsn", "sbsk", "sym",
-            "sysm"]
-    div = [n for n, _ in ptrs] + ["N", "K", "sam", "sbe", "sbn", "sym"]
-    base = {"sak": 1, "sbk": 1, "syn": 1, "FP8_DOT": True, "UPCAST": False, "IEEE": False, "BK": 128}
+    ints = ["M", "N", "K", "E", "topk", "UPB", "mbucket", "sam", "sasm", "sask", "sbe", "sbn", "sbse", "sbsn", "sbsk",
+            "sym", "sysm"]
+    base = {"sak": 1, "sbk": 1, "syn": 1, "W_BITS": False, "UPCAST": False, "IEEE": False, "GATHER": False,
+            "ACT": False, "SCALE": False, "QUANT_OUT": False, "EP": 512}
+    modes = {  # name: (flags, a dtype, y dtype, arch)
+        "dense_w8a8": ({"DENSE": True, "A_FP8": True}, f8, "*bf16", 90),
+        "moe_gate_up_swiglu_quant_w8a8": ({"DENSE": False, "A_FP8": True, "GATHER": True, "ACT": True,
+                                           "QUANT_OUT": True}, f8, f8, 90),
+        "moe_down_routed_w8a8": ({"DENSE": False, "A_FP8": True, "SCALE": True}, f8, "*bf16", 90),
+        "dense_w8a16_sm90": ({"DENSE": True, "A_FP8": False}, "*bf16", "*bf16", 90),
+        "dense_w8a16_sm80": ({"DENSE": True, "A_FP8": False, "W_BITS": True}, "*bf16", "*bf16", 80),
+        "moe_gate_up_swiglu_w8a16_sm80": ({"DENSE": False, "A_FP8": False, "W_BITS": True, "GATHER": True,
+                                           "ACT": True}, "*bf16", "*bf16", 80),
+        "moe_down_routed_w8a16_sm80": ({"DENSE": False, "A_FP8": False, "W_BITS": True, "SCALE": True}, "*bf16",
+                                       "*bf16", 80),
+    }
     out = {}
-    for name, warps, stages, bm, bn, extra in (
-        ("dense_w8a8_128x128", 8, 3, 128, 128, {"DENSE": True}),
-        ("dense_w8a8_64x128", 4, 4, 64, 128, {"DENSE": True}),
-        ("dense_w8a8_16x128", 4, 4, 16, 128, {"DENSE": True}),
-        ("grouped_gate_up_swiglu_quant_128x128", 8, 3, 128, 128,
-         {"DENSE": False, "GATHER": True, "ACT": True, "QUANT_OUT": True}),
-        ("grouped_down_routed_128x128", 8, 3, 128, 128, {"DENSE": False, "SCALE": True}),
-        ("grouped_down_routed_64x128", 4, 4, 64, 128, {"DENSE": False, "SCALE": True}),
-    ):
-        c = {"A_FP8": True, "GATHER": False, "ACT": False, "SCALE": False, "QUANT_OUT": False, **base, **extra,
-             "EP": 512, "BM": bm, "BN": bn}
-        p = [(n, f8) if (n == "y_ptr" and c["QUANT_OUT"]) else (n, t) for n, t in ptrs]
-        out[name] = build(_fp8_gemm_kernel, p, ints, c, div, warps, stages)
-    wo = {"A_FP8": False, "GATHER": False, "ACT": False, "SCALE": False, "QUANT_OUT": False, "DENSE": True,
-          **base, "FP8_DOT": False, "EP": 2, "BM": 64, "BN": 128}
-    out["dense_w8a16_64x128"] = build(_fp8_gemm_kernel, [(n, "*bf16") if n == "a_ptr" else (n, t) for n, t in ptrs],
-                                      ints, wo, div, 4, 4)
-    out["quantize_1x128"] = build(_quant_kernel, [("x_ptr", "*bf16"), ("q_ptr", f8), ("s_ptr", "*fp32")],
-                                  ["M", "K", "sxm", "sqm", "ssm"], {"EXACT": False, "BM": 32, "G": 128},
-                                  ["x_ptr", "q_ptr", "s_ptr", "K", "sxm", "sqm"], 4, 1)
+    for mode, (flags, a_ty, y_ty, arch) in modes.items():
+        ptrs = [("a_ptr", a_ty), ("as_ptr", "*fp32"), ("b_ptr", "*u8" if flags.get("W_BITS") else f8), ("bs_ptr", "*fp32"), ("y_ptr", y_ty),
+                ("ys_ptr", "*fp32"), ("off_ptr", "*i32"), ("rows_ptr", "*i32"), ("rw_ptr", "*fp32")]
+        div = [n for n, _ in ptrs] + ["N", "K", "sam", "sbe", "sbn", "sym"]
+        cfgs = sorted({c for b in (16, 64, 128) for c in configs_for(b, flags["A_FP8"], flags.get("ACT", False),
+                                                                   flags.get("QUANT_OUT", False))})
+        for bm, bn, warps, stages, bk in cfgs:
+            consts = {**base, **flags, "BM": bm, "BN": bn, "BK": bk}
+            out[f"{mode}_{bm}x{bn}_w{warps}s{stages}"] = _compile(_fp8_gemm_kernel, ptrs, ints, consts, div, warps,
+                                                                 stages, arch)
+    out["quantize_1x128"] = _compile(_quant_kernel, [("x_ptr", "*bf16"), ("q_ptr", f8), ("s_ptr", "*fp32")],
+                                     ["M", "K", "sxm", "sqm", "ssm"], {"EXACT": False, "BM": 32, "G": 128},
+                                     ["x_ptr", "q_ptr", "s_ptr", "K", "sxm", "sqm"], 4, 1)
     return out
