@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers.attention import GQAAttention, MLAttention
+from .layers.fp8 import FP8Experts, FP8Linear, fp8_param_ids, keep_float
 from .layers.moe import MLP, MoE
 from .layers.rmsnorm import RMSNorm
 from .layers.rope import Rotary
@@ -40,7 +41,7 @@ class DecoderLayer(nn.Module):
         if cfg.moe_layers[idx]:
             self.mlp = MoE(cfg)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -95,6 +96,8 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.quant is not None and cfg.quant.modules_to_not_convert:
+            keep_float(self, cfg.quant.modules_to_not_convert)
         self.gradient_checkpointing = False
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -127,7 +130,13 @@ class MoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (FP8Linear, FP8Experts)):
+                m.init_weights(std)  # quantised N(0, std)
+        frozen = fp8_param_ids(self)
         for name, p in self.named_parameters():
+            if id(p) in frozen:
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif p.ndim == 1:
@@ -143,8 +152,10 @@ class MoEForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def cast(self, dtype: torch.dtype):
-        """Cast to dtype; DeepSeek routers (gate.weight, e_score_correction_bias) stay float32 as in transformers."""
-        self.to(dtype)
+        """Cast to dtype; DeepSeek routers (gate.weight, e_score_correction_bias) stay float32 as in transformers,
+        FP8 weights and their fp32 block scales keep their dtypes."""
+        keep = fp8_param_ids(self)
+        self._apply(lambda t: t if id(t) in keep or not t.is_floating_point() else t.to(dtype))
         self.tie_weights()
         if self.config.router_fp32:
             for name, mod in self.named_modules():

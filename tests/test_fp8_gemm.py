@@ -10,6 +10,7 @@ import dsmath_kernels as dk
 from dsmath_kernels import fp8_gemm_triton
 from dsmath_kernels.reference.fp8 import (
     FP8,
+    dequantize_blocks_ref,
     fp8_gemm_ref,
     grouped_gemm_fp8_ref,
     moe_experts_fp8_ref,
@@ -97,6 +98,21 @@ def test_kernel_weight_only_variants(w_bits):
     a = torch.randn(19, 256).bfloat16()
     y = fp8_gemm_triton.gemm(a, w[None], ws[None], out_dtype=torch.float32, w_bits=w_bits)
     assert_close(y, fp8_gemm_ref(a, w, ws, out_dtype=torch.float32), atol=1e-4, rtol=1e-5, name="y")
+
+
+def test_w8a8_error_bound(backend):
+    """The rigorous per-GEMM bound of FP8 activations: each activation rounds to e4m3 with error <= 2^-4 |a|
+    (normal range) or <= 2^-10 scale (subnormal range), so |y8 - y| <= err(a) @ |W|.T (+ fp32 rounding)."""
+    a = torch.randn(21, 256) * torch.logspace(-2, 2, 256)  # channels of very different magnitude
+    w, ws = _weights(96, 256)
+    q, s = dk.quantize_fp8(a)
+    y8 = dk.fp8_gemm(q, w, ws, a_scale=s, out_dtype=torch.float32)
+    W = dequantize_blocks_ref(w, ws)
+    y = a @ W.T
+    err = torch.maximum(a.abs() * 2**-4, s.repeat_interleave(128, 1) * 2**-10)
+    bound = err @ W.abs().T
+    assert ((y8 - y).abs() <= bound * (1 + 1e-4) + 1e-5).all()
+    assert ((y8 - y).abs() > bound * 0.01).any()  # and the bound is not vacuous
 
 
 def _offsets(M, E, kind):
@@ -196,6 +212,6 @@ def test_fake_impls_trace():
         fa, fw, fs = mode.from_tensor(a), mode.from_tensor(w), mode.from_tensor(ws)
         q, s = torch.ops.dsmath.quantize_fp8(fa)
         assert q.shape == (5, 128) and q.dtype == FP8 and s.shape == (5, 1)
-        assert torch.ops.dsmath.fp8_gemm(q, s, fw, fs).shape == (5, 256)
-        assert torch.ops.dsmath.fp8_gemm(fa, None, fw, fs).dtype == torch.float32
+        assert torch.ops.dsmath.fp8_gemm(q, s, fw, fs, torch.bfloat16).shape == (5, 256)
+        assert torch.ops.dsmath.fp8_gemm(fa, None, fw, fs, torch.float32).dtype == torch.float32
 

@@ -152,31 +152,35 @@ def _dequant_act(a, a_scale):
 
 
 @torch.library.custom_op("dsmath::fp8_gemm", mutates_args=())
-def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
-                 w_scale: torch.Tensor) -> torch.Tensor:
+def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
     if _backend(a.device) == "triton":
         from dsmath_kernels import fp8_gemm_triton
 
-        return fp8_gemm_triton.gemm(a, w[None], w_scale[None], a_scale=a_scale, out_dtype=_out_dtype(a))
+        return fp8_gemm_triton.gemm(a, w[None], w_scale[None], a_scale=a_scale, out_dtype=out_dtype)
     y = _dequant_act(a, a_scale) @ dequantize_blocks_ref(w, w_scale).T  # [M, N] fp32
-    return y.to(_out_dtype(a))
+    return y.to(out_dtype)
 
 
 @_fp8_gemm_op.register_fake
-def _(a, a_scale, w, w_scale):
-    return a.new_empty(a.shape[0], w.shape[0], dtype=_out_dtype(a))
+def _(a, a_scale, w, w_scale, out_dtype):
+    return a.new_empty(a.shape[0], w.shape[0], dtype=out_dtype)
 
 
-def fp8_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *,
-             a_scale: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y [M, N] = A @ W.T with W = w * w_scale per 128 x 128 block (w [N, K] e4m3, w_scale [ceil(N/128),
-    ceil(K/128)] fp32) and A = a (float [M, K]: weight-only, output in a's dtype) or a * a_scale (e4m3 [M, K] with
-    a_scale [M, ceil(K/128)] from quantize_fp8: W8A8, output bf16). fp32 accumulation."""
+    ceil(K/128)] fp32) and A = a (float [M, K]: weight-only) or a * a_scale (e4m3 [M, K] with a_scale
+    [M, ceil(K/128)] from quantize_fp8: W8A8). fp32 accumulation; output out_dtype (default: a's dtype, bf16 for
+    an e4m3 a)."""
     check_tensor("w", w, ndim=2, dtypes=(FP8,))
     _check_weight("w", "w_scale", w, w_scale, 2)
     _check_act(a, a_scale, w.shape[1])
     check_tensor("a", a, device=w.device)
-    return _fp8_gemm_op(a, a_scale, w, w_scale)
+    out_dtype = out_dtype or _out_dtype(a)
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: {out_dtype} not supported (float32, float16, bfloat16)")
+    return _fp8_gemm_op(a, a_scale, w, w_scale, out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -189,7 +193,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     x2 = x.reshape(-1, x.shape[-1])
     if resolve_activation(activation, x.device) == "fp8":
         q, s = quantize_fp8(x2)
-        y = fp8_gemm(q, w, w_scale, a_scale=s).to(x.dtype)
+        y = fp8_gemm(q, w, w_scale, a_scale=s, out_dtype=x.dtype)
     else:
         y = fp8_gemm(x2, w, w_scale)
     if bias is not None:
