@@ -55,10 +55,15 @@ class _Targets:
 
     def __init__(self, model):
         self.cfg = model.config
+        self.rebind(model)
+        self.marks = {k: (getattr(t, "_tp", None), getattr(t, "_ep", None)) for k, t in self.state.items()}
+        self.sharded = any(tp or ep for tp, ep in self.marks.values())
+
+    def rebind(self, model) -> None:
+        """Point at the model's current tensors (materialising replaces the meta parameters; the marks stay)."""
         self.state = model.state_dict(keep_vars=True)
         if self.cfg.tie_word_embeddings:
             self.state.pop("lm_head.weight", None)
-        self.sharded = any(hasattr(t, "_tp") or hasattr(t, "_ep") for t in self.state.values())
 
     def required(self) -> list[str]:
         """Every checkpoint name a complete per-expert checkpoint has (all experts, whichever rank holds them)."""
@@ -94,13 +99,13 @@ class _Targets:
             t = self.state.get(key)
             if t is None or e >= self.cfg.num_experts:
                 return None
-            first, count = getattr(t, "_ep", (0, t.shape[0]))
+            first, count = self.marks[key][1] or (0, t.shape[0])
             local = e - first
             data = t.data[min(max(local, 0), t.shape[0] - 1)]  # same shape for every expert (shape check)
             if w != "down_proj":
                 half = data.shape[0] // 2
                 data = data[:half] if w == "gate_proj" else data[half:]
-            return data, 0 <= local < count, *self._slice(t, data), [name]
+            return data, 0 <= local < count, *self._slice(self.marks[key][0], data), [name]
         t = self.state.get(name)
         if t is None:
             return None
@@ -111,13 +116,12 @@ class _Targets:
             p = name.rsplit(".", 1)[0]
             parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
             return t.data, True, None, tuple(t.shape), [f"{p}.{e}.{w}.weight" for e in range(t.shape[0]) for w in parts]
-        return t.data, True, *self._slice(t, t.data), [name]
+        return t.data, True, *self._slice(self.marks[name][0], t.data), [name]
 
     @staticmethod
-    def _slice(t, data):
-        """Tensor-parallel part: rank r of `world` holds slice r of the checkpoint tensor along `dim`.
-        -> (checkpoint slices or None, the checkpoint tensor's shape)."""
-        tp = getattr(t, "_tp", None)
+    def _slice(tp, data):
+        """Tensor-parallel part: rank r of `world` holds slice r of the checkpoint tensor along `dim`
+        (tp = (dim, rank, world) or None). -> (checkpoint slices or None, the checkpoint tensor's shape)."""
         if tp is None:
             return None, tuple(data.shape)
         dim, rank, world = tp
@@ -202,7 +206,7 @@ def load_pretrained(cls, path: str, dtype=None, device=None, shard=None):
     _check_headers(targets, headers, path)  # before any weight is read (or memory allocated)
     model.to_empty(device=device)
     model.tie_weights()
-    targets = _Targets(model)
+    targets.rebind(model)
     by_file: dict[str, list[str]] = {}
     for name, (file, _, _) in headers.items():
         by_file.setdefault(file, []).append(name)

@@ -120,9 +120,14 @@ class MoEForCausalLM(nn.Module):
         return cls.from_config(preset(name), dtype=dtype, device=device)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, device=None):
+    def from_pretrained(cls, path: str, dtype=None, device=None, parallel=None):
+        """parallel: a model.parallel.ParallelConfig to load only this rank's part (tensor / expert parallel)."""
         from .loader import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        shard = None
+        if parallel is not None:
+            from .parallel import parallelize
+            shard = lambda m: parallelize(m, parallel)
+        return load_pretrained(cls, path, dtype=dtype, device=device, shard=shard)
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
         from .loader import save_pretrained

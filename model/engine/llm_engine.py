@@ -8,6 +8,10 @@ A request with n samples is prefilled once and forked into n sequences sharing i
 `model` is a checkpoint directory (loaded with MoEForCausalLM.from_pretrained, tokenizer with AutoTokenizer
 when the directory has one) or a model object used in place — e.g. the GRPO trainer's live MoEForCausalLM,
 no copy. Anything with the engine contract (notes/MODEL_ENGINE_CONTRACT.md) works, e.g. mock_model.py.
+`tensor_parallel_size=N` (with `enable_expert_parallel=True` for the experts) runs SPMD under
+`torchrun --nproc-per-node N`: every rank builds the same LLM and calls the same methods with the same inputs, loads
+only its slices of the checkpoint (model/parallel.py) and returns the same outputs (rank 0's sampled tokens are
+broadcast each step).
 """
 
 import os
@@ -52,7 +56,12 @@ class LLM:
                  num_blocks: int | None = None, block_size: int = 64, gpu_memory_fraction: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
-                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False):
+                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False):
+        self.parallel = None  # tensor / expert parallel (model/parallel.py): SPMD under torchrun
+        if tensor_parallel_size > 1:
+            model, device = _parallel_model(model, dtype, device, tensor_parallel_size, enable_expert_parallel)
+            self.parallel = model.parallel
         self.model, path = _load_model(model, dtype, device)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.device = torch.device(self.model.device)
@@ -62,6 +71,9 @@ class LLM:
         if num_blocks is None:
             num_blocks = self._auto_num_blocks(block_size, gpu_memory_fraction, max_num_batched_tokens,
                                                max_num_seqs, cpu_kv_cache_gib)
+            if self.parallel is not None:  # one scheduler per rank, all identical: the smallest cache everywhere
+                from ..parallel import min_over_ranks
+                num_blocks = min_over_ranks(num_blocks, self.device, self.parallel)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
@@ -151,7 +163,10 @@ class LLM:
             return []
         rows_t = to_device(rows, torch.int64, logits.device)
         tokens, logprobs = self.sampler(logits[rows_t], [s.params for s in seqs], [s.generator for s in seqs])
-        values = torch.stack((tokens.double(), logprobs.double())).tolist()  # the step's one host sync
+        values = torch.stack((tokens.double(), logprobs.double()))
+        if self.parallel is not None:  # SPMD: every rank appends rank 0's tokens, so the schedules never diverge
+            torch.distributed.broadcast(values, src=0, group=self.parallel.group)
+        values = values.tolist()  # the step's one host sync
         return [self._append(s, int(t), lp) for s, t, lp in zip(seqs, *values)]
 
     def _advance(self, batch: Batch) -> tuple[list[int], list[Sequence]]:
@@ -317,6 +332,23 @@ def _profile_forward(model, T: int, block_size: int) -> int:
     del cache
     torch.cuda.empty_cache()
     return peak
+
+
+def _parallel_model(model, dtype, device, tp: int, ep: bool):
+    """Join the process group and load this rank's part of the checkpoint (model/parallel.py)."""
+    from ..parallel import ParallelConfig, init_distributed
+
+    rank, device = init_distributed(tp, device)
+    pc = ParallelConfig(world=tp, rank=rank, expert_parallel=ep)
+    if isinstance(model, (str, os.PathLike)):
+        from ..modeling import MoEForCausalLM
+
+        return MoEForCausalLM.from_pretrained(str(model), dtype=dtype, device=device, parallel=pc), device
+    have = getattr(model, "parallel", None)
+    if have is None or (have.world, have.rank, have.expert_parallel) != (tp, rank, ep):
+        raise ValueError(f"model: tensor_parallel_size={tp} needs a checkpoint path (each rank loads its slices) or "
+                         "a model built with model.parallel.parallelize for this rank")
+    return model, device
 
 
 def _load_model(model, dtype, device):

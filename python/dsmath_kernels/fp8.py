@@ -244,17 +244,23 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, ex
 
 # ---------------------------------------------------------------- routed-expert layer
 
-def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activation: str) -> torch.Tensor:
+def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activation: str, x_scale=None,
+                    out_dtype=None) -> torch.Tensor:
     """The routed-expert layer without checks (callers validated): FP8 experts when s_gate_up is given, else the
     float experts of dsmath_kernels.moe. ids [T, K] may hold -1 = "skip this slot" (expert parallelism: the
-    expert lives on another rank); those slots go to a virtual last group that is never computed."""
+    expert lives on another rank); those slots go to a virtual last group that is never computed. x may arrive
+    already quantised (e4m3 with x_scale [T, ceil(H/128)], e.g. dispatched across ranks in FP8); out_dtype is then
+    the output's dtype (else x's)."""
     E, I2, _ = w_gate_up.shape
     T, K = ids.shape
+    out_dtype = out_dtype or x.dtype
     skip = ids < 0
     ids = torch.where(skip, E, ids).to(torch.int32)  # virtual group E: its rows are past off[E], written as zeros
     order, offsets, inverse = _permute_impl(ids, E + 1, 1)
     offsets = offsets[: E + 1]
     act = resolve_activation(activation, x.device) if s_gate_up is not None else "native"
+    if x_scale is not None and act != "fp8":
+        x, x_scale = dequantize_fp8_ref(x, x_scale).to(out_dtype), None
     if s_gate_up is None:  # float experts (dsmath_kernels.moe's fused path)
         from dsmath_kernels import moe
 
@@ -272,18 +278,19 @@ def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activ
 
         rw = weights.reshape(-1).float()
         if act == "fp8":
-            xq, xs = quantize_fp8(x)  # once per token, before the gather
+            xq, xs = (x, x_scale) if x_scale is not None else quantize_fp8(x)  # once per token, before the gather
             aq, as_ = ft.gemm(xq, w_gate_up, s_gate_up, offsets, a_scale=xs, rows=order, topk=K, act=True,
                               up_blocks=nb, quant_out=True)  # SiLU(g) * u re-quantised in the epilogue
             y = ft.gemm(aq, w_down, s_down, offsets, a_scale=as_, rows=order, gather=False, route_w=rw,
-                        out_dtype=x.dtype)
+                        out_dtype=out_dtype)
         else:
             a = ft.gemm(x, w_gate_up, s_gate_up, offsets, rows=order, topk=K, act=True, up_blocks=nb,
                         out_dtype=x.dtype)
-            y = ft.gemm(a, w_down, s_down, offsets, rows=order, gather=False, route_w=rw, out_dtype=x.dtype)
+            y = ft.gemm(a, w_down, s_down, offsets, rows=order, gather=False, route_w=rw, out_dtype=out_dtype)
         return _combine(y, None, inverse)
-    return _combine(_experts_torch(x, w_gate_up, s_gate_up, w_down, s_down, order, offsets, K, act == "fp8"),
-                    weights, inverse)
+    xf = dequantize_fp8_ref(x, x_scale) if x_scale is not None else x
+    y = _experts_torch(xf, w_gate_up, s_gate_up, w_down, s_down, order, offsets, K, act == "fp8")
+    return _combine(y.to(out_dtype), weights, inverse)
 
 
 def _experts_torch(x, w_gate_up, s_gate_up, w_down, s_down, order, offsets, topk: int, quant: bool):
