@@ -22,6 +22,10 @@ Layout (N ranks; docs/deepseek_v3_8xh200.md has the numbers for V3 on 8 x H200):
   buffers. `dispatch="all_gather"` is the fixed-shape variant for CUDA-graph capture (no host sync): routing ids
   and weights are all-gathered, each rank computes its experts' pairs over all tokens (the others are skipped,
   not computed), and an all-reduce sums the partial outputs; "auto" takes it while a CUDA graph is captured.
+- enable_dp_attention (the layout docs/deepseek_v3_8xh200.md recommends for V3 at long context): attention, dense
+  MLPs, shared experts and the head replicated; each rank serves its own sequences with its own KV cache
+  (dp_generate: prompt i on rank i % N, lockstep steps, idle ranks join the MoE exchanges with no tokens); the MoE
+  all-to-all carries each rank's own tokens. Decode runs eagerly (no CUDA graphs) in this layout.
 - MoE without expert parallelism: every expert's intermediate dimension split (column / row), shared experts
   likewise, one all-reduce.
 FP8 weights split on 128 x 128 block boundaries only (their scales split with them); `check_parallel` refuses any
@@ -57,6 +61,7 @@ class ParallelConfig:
     world: int                 # tensor_parallel_size (= world size of the group)
     rank: int
     expert_parallel: bool      # enable_expert_parallel
+    dp_attention: bool = False  # enable_dp_attention: attention data-parallel (each rank its own sequences)
     # MoE token exchange: "all_to_all" (exact sizes), "all_gather" (fixed shapes), "auto" (all_gather while a CUDA
     # graph is captured); default from the environment variable DSMATH_MOE_DISPATCH, else "auto"
     dispatch: str = field(default_factory=lambda: os.environ.get("DSMATH_MOE_DISPATCH", "auto"))
@@ -87,12 +92,21 @@ def init_distributed(tensor_parallel_size: int, device=None) -> tuple[int, torch
 
 # ---------------------------------------------------------------- checks (before any weight)
 
-def check_parallel(cfg: ModelConfig, world: int, expert_parallel: bool) -> None:
+def check_parallel(cfg: ModelConfig, world: int, expert_parallel: bool, dp_attention: bool = False) -> None:
     """Every split must be even, and FP8 weights must split on 128 x 128 block boundaries: a ValueError naming the
     config field and the numbers otherwise."""
     if world < 1:
         raise ValueError(f"tensor_parallel_size: must be >= 1, got {world}")
+    if dp_attention and not expert_parallel:
+        raise ValueError("enable_dp_attention: needs enable_expert_parallel=True (the ranks exchange tokens only "
+                         "in the MoE layers)")
     if world == 1:
+        return
+    if dp_attention:  # everything but the routed experts is replicated
+        if any(cfg.moe_layers):
+            if cfg.num_experts % world:
+                raise ValueError(f"n_routed_experts: {cfg.num_experts} experts do not split across {world} ranks "
+                                 "(tensor_parallel_size must divide it)")
         return
     fp8 = cfg.quant is not None
 
@@ -159,6 +173,12 @@ def _all_to_all(t: torch.Tensor, recv: list[int], send: list[int], pc: ParallelC
     else:
         dist.all_to_all_single(out, t.contiguous(), recv, send, group=pc.group)
     return out
+
+
+def any_rank(flag: bool, device, pc: ParallelConfig) -> bool:
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pc.group)
+    return bool(t.item())
 
 
 # ---------------------------------------------------------------- sharded modules
@@ -288,33 +308,48 @@ def _dispatch_all_to_all(moe: MoE, pc: ParallelConfig, xs: torch.Tensor, weights
 
 
 def _moe_ep_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tensor:
-    """x [..., H] replicated on every rank -> [..., H] replicated."""
+    """x [..., H] -> [..., H]: the hidden states are replicated on every rank (heads-split attention: each rank
+    takes its slice of the tokens) or, with data-parallel attention, this rank's own tokens (possibly none)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # [T, H]
     T, W = x.shape[0], pc.world
     mode = pc.dispatch
     if mode == "auto":
         mode = "all_gather" if x.is_cuda and torch.cuda.is_current_stream_capturing() else "all_to_all"
-    c = -(-T // W)  # tokens per rank (the last ranks may have fewer, or none)
-    if mode == "all_gather":  # fixed shapes: no host sync, CUDA-graph safe
-        xp = F.pad(x, (0, 0, 0, W * c - T))  # [W c, H]
-        weights, ids = moe.gate(xp[pc.rank * c:(pc.rank + 1) * c])  # this rank's slice, routed once
-        weights, ids = _all_gather(weights, pc), _all_gather(ids, pc)  # [W c, K]
-        n_local = moe.experts.gate_up_proj.shape[0]
-        local = ids.long() - pc.rank * n_local
-        mine = torch.where((local >= 0) & (local < n_local), local, -1)  # other ranks' pairs: skipped
-        out = _all_reduce(_run_experts(moe.experts, xp, weights, mine), pc)[:T]
-        if moe.shared_experts is not None:
-            out = out + moe.shared_experts(x)
-        return out.view(shape)
-    lo, hi = min(pc.rank * c, T), min((pc.rank + 1) * c, T)
-    xs = x[lo:hi]  # [Ts, H]
+    if mode == "all_gather" and not pc.dp_attention:  # fixed shapes: no host sync, CUDA-graph safe
+        return _moe_ep_all_gather(moe, pc, x).view(shape)
+    if pc.dp_attention:
+        xs = x
+    else:
+        c = -(-T // W)  # tokens per rank (the last ranks may have fewer, or none)
+        xs = x[min(pc.rank * c, T):min((pc.rank + 1) * c, T)]  # [Ts, H]
     weights, ids = moe.gate(xs)  # [Ts, K]: routing computed once per token
     out = _dispatch_all_to_all(moe, pc, xs, weights, ids)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(xs)
+    if pc.dp_attention:
+        return out.view(shape)
     out = F.pad(out, (0, 0, 0, c - out.shape[0]))  # [c, H]
     return _all_gather(out, pc)[:T].view(shape)
+
+
+def _moe_ep_all_gather(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tensor:
+    """Fixed-shape exchange (x replicated, heads-split attention): rank r routes its slice of the tokens, the
+    routing is all-gathered, every rank computes its experts' pairs over all tokens (the other pairs are skipped,
+    not computed) and an all-reduce sums the partial outputs."""
+    T, W = x.shape[0], pc.world
+    n_local = moe.experts.gate_up_proj.shape[0]
+    c = -(-T // W)
+    xa = F.pad(x, (0, 0, 0, W * c - T))  # [W c, H]
+    weights, ids = moe.gate(xa[pc.rank * c:(pc.rank + 1) * c])  # this rank's slice, routed once
+    weights, ids = _all_gather(weights, pc), _all_gather(ids, pc)  # routing of every token
+    local = ids.long() - pc.rank * n_local
+    mine = torch.where((local >= 0) & (local < n_local), local, -1)  # other ranks' pairs: skipped, not computed
+    y = _run_experts(moe.experts, xa, weights, mine)  # [W c, H]: this rank's experts' share of every token
+    out = _all_reduce(y, pc)[:T]
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out
 
 
 def _moe_tp_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tensor:
@@ -349,14 +384,15 @@ def parallelize(model: nn.Module, pc: ParallelConfig) -> nn.Module:
     """Rewrite the single-device model (on the meta device, before loading) for rank pc.rank of pc.world:
     apply_tp (attention, dense MLPs, LM head), apply_ep (MoE layers). Returns the model (model.parallel = pc)."""
     cfg = model.config
-    check_parallel(cfg, pc.world, pc.expert_parallel)
+    check_parallel(cfg, pc.world, pc.expert_parallel, pc.dp_attention)
     if pc.dispatch not in DISPATCH:
         raise ValueError(f"dispatch: expected one of {list(DISPATCH)}, got {pc.dispatch!r}")
     if pc.world > 1:
         if any(p.device.type != "meta" for p in model.parameters()):
             raise ValueError("model: parallelize a model on the meta device, before its weights are loaded")
         with torch.device("meta"):
-            apply_tp(model, pc)
+            if not pc.dp_attention:  # data-parallel attention: attention, dense MLPs and the head replicated
+                apply_tp(model, pc)
             apply_ep(model, pc)
     model.parallel = pc
     return model
@@ -383,3 +419,41 @@ def apply_ep(model: nn.Module, pc: ParallelConfig) -> None:
     for layer in model.model.layers:
         if isinstance(layer.mlp, MoE):
             _parallel_moe(layer.mlp, model.config, pc)
+
+
+# ---------------------------------------------------------------- data-parallel attention (engine side)
+
+def idle_forward(model: nn.Module, pc: ParallelConfig) -> None:
+    """A rank with no sequence this step still takes part in every MoE layer's exchange (with no tokens): the
+    only collectives of a data-parallel-attention forward."""
+    H = model.config.hidden_size
+    x = torch.empty(0, H, dtype=model.dtype, device=model.device)
+    with torch.inference_mode():
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp(x)
+
+
+def dp_generate(llm, prompts, params) -> list:
+    """LLM.generate with data-parallel attention: prompt i is served by rank i % N (its own scheduler, KV cache and
+    sampling); every rank steps in lockstep — a real forward when it has work, idle_forward otherwise — until no
+    rank has work, then all outputs are gathered, so every rank returns every RequestOutput, in order."""
+    from .engine.llm_engine import _as_prompt_list
+
+    pc = llm.parallel
+    prompts = _as_prompt_list(prompts)
+    plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
+    reqs = [llm._make_request(p, sp) for p, sp in zip(prompts, plist)]  # every rank validates every prompt
+    mine = {i: llm._enqueue(r) for i, r in enumerate(reqs) if i % pc.world == pc.rank}
+    while any_rank(llm.has_unfinished(), llm.device, pc):
+        if llm.has_unfinished():
+            llm.step()
+        else:
+            idle_forward(llm.model, pc)
+    local = [(i, llm.finished.pop(rid)) for i, rid in mine.items()]
+    gathered = [None] * pc.world
+    dist.all_gather_object(gathered, local, group=pc.group)
+    by_index = dict(pair for part in gathered for pair in part)
+    return [by_index[i] for i in range(len(prompts))]

@@ -19,18 +19,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-tokens", type=int, default=6)
-    ap.add_argument("scenarios", nargs="+", help="name=ckpt_dir:ep(0/1):dispatch:prompts[:act]")
+    ap.add_argument("scenarios", nargs="+", help="name=ckpt_dir:ep(0/1):dispatch:prompts:act:dp_attention(0/1)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])
     results = {}
     for spec in a.scenarios:
         name, rest = spec.split("=", 1)
-        ckpt, ep, dispatch, prompts, *act = rest.split(":")
+        ckpt, ep, dispatch, prompts, act, dp = rest.split(":")
         os.environ["DSMATH_MOE_DISPATCH"] = dispatch
-        os.environ["DSMATH_FP8_ACT"] = act[0] if act else "native"
-        llm = LLM(ckpt, tensor_parallel_size=world, enable_expert_parallel=ep == "1", num_blocks=32, block_size=8,
-                  device="cpu")
+        os.environ["DSMATH_FP8_ACT"] = act
+        llm = LLM(ckpt, tensor_parallel_size=world, enable_expert_parallel=ep == "1", enable_dp_attention=dp == "1",
+                  num_blocks=32, block_size=8, device="cpu")
         outs = llm.generate(PROMPTS[prompts], SamplingParams(max_tokens=a.max_tokens, temperature=0.0),
                             use_tqdm=False)
         nbytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())

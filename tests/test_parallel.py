@@ -1,9 +1,10 @@
 """Tensor and expert parallelism on CPU: `torchrun --nproc-per-node 2` and `4` with gloo, greedy generation of a
 tiny DeepSeek-V3 model (fp32, and FP8 weight-only and W8A8) with `LLM(path, tensor_parallel_size=N,
 enable_expert_parallel=...)` gives the same tokens as one process: experts exchanged with variable-size
-all-to-all, with the fixed-shape all-gather dispatch (the CUDA-graph path), and with experts split by channel
-instead; uneven loads (every token routed to rank 0's experts) and empty ranks (one sequence: at decode the other
-ranks have no token); each rank holds only its slices. Bad world sizes are refused by name before any weight."""
+all-to-all, with the fixed-shape all-gather dispatch (the CUDA-graph path), with experts split by channel instead,
+and with data-parallel attention (3 prompts over N ranks: with 4, one rank has none and only joins the MoE
+exchanges); uneven loads (every token routed to rank 0's experts) and empty ranks (one sequence: at decode the
+other ranks have no token); each rank holds only its slices. Bad world sizes are refused by name before any weight."""
 
 import json
 import os
@@ -62,20 +63,23 @@ def torchrun(n: int, scenarios: list[str], out: str) -> dict:
 @pytest.mark.parametrize("n", [2, 4])
 def test_generation_matches_one_process(ckpts, n, tmp_path, monkeypatch):
     c = ckpts
-    scen = {  # name: (checkpoint, expert parallel, dispatch, prompts, activations)
-        "ep_a2a": ("fp32", 1, "all_to_all", "many", "native"),
-        "ep_gather": ("fp32", 1, "all_gather", "many", "native"),
-        "moe_tp": ("fp32", 0, "auto", "many", "native"),
-        "skewed_one": ("skewed", 1, "all_to_all", "one", "native"),
-        "fp8_ep": ("fp8", 1, "all_to_all", "many", "native"),
-        "fp8_w8a8": ("fp8", 1, "all_to_all", "many", "fp8"),
+    scen = {  # name: (checkpoint, expert parallel, dispatch, prompts, activations, data-parallel attention)
+        "ep_a2a": ("fp32", 1, "all_to_all", "many", "native", 0),
+        "ep_gather": ("fp32", 1, "all_gather", "many", "native", 0),
+        "moe_tp": ("fp32", 0, "auto", "many", "native", 0),
+        "skewed_one": ("skewed", 1, "all_to_all", "one", "native", 0),
+        "dp_attn": ("fp32", 1, "all_to_all", "many", "native", 1),
+        "dp_attn_skewed": ("skewed", 1, "all_to_all", "many", "native", 1),
+        "fp8_ep": ("fp8", 1, "all_to_all", "many", "native", 0),
+        "fp8_w8a8": ("fp8", 1, "all_to_all", "many", "fp8", 0),
+        "fp8_dp_w8a8": ("fp8", 1, "all_to_all", "many", "fp8", 1),
     }
     if n == 4:  # keep the 4-rank run short (2 idle cores): the layouts most likely to break with more ranks
-        scen = {k: v for k, v in scen.items() if k in ("ep_a2a", "skewed_one", "fp8_ep")}
-    got = torchrun(n, [f"{k}={c[v[0]]}:{v[1]}:{v[2]}:{v[3]}:{v[4]}" for k, v in scen.items()],
+        scen = {k: v for k, v in scen.items() if k in ("ep_a2a", "skewed_one", "dp_attn", "fp8_ep")}
+    got = torchrun(n, [f"{k}={c[v[0]]}:" + ":".join(map(str, v[1:])) for k, v in scen.items()],
                    str(tmp_path / "out.json"))
     refs = {}
-    for name, (ck, _ep, _d, prompts, act) in scen.items():
+    for name, (ck, _ep, _d, prompts, act, _dp) in scen.items():
         key = (ck, prompts, act)
         if key not in refs:
             refs[key] = single_process(c[ck], prompts, monkeypatch, act)

@@ -11,9 +11,11 @@ no copy. Anything with the engine contract (notes/MODEL_ENGINE_CONTRACT.md) work
 `tensor_parallel_size=N` (with `enable_expert_parallel=True` for the experts) runs SPMD under
 `torchrun --nproc-per-node N`: every rank builds the same LLM and calls the same methods with the same inputs, loads
 only its slices of the checkpoint (model/parallel.py) and returns the same outputs (rank 0's sampled tokens are
-broadcast each step).
+broadcast each step). `enable_dp_attention=True` (SGLang's name) makes attention data-parallel instead of
+heads-split: each rank serves its share of the prompts with its own KV cache (generate only).
 """
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence
 
+log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -57,11 +60,16 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
                  cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False):
+                 enable_expert_parallel: bool = False, enable_dp_attention: bool = False):
         self.parallel = None  # tensor / expert parallel (model/parallel.py): SPMD under torchrun
         if tensor_parallel_size > 1:
-            model, device = _parallel_model(model, dtype, device, tensor_parallel_size, enable_expert_parallel)
+            model, device = _parallel_model(model, dtype, device, tensor_parallel_size, enable_expert_parallel,
+                                            enable_dp_attention)
             self.parallel = model.parallel
+            if enable_dp_attention and not enforce_eager and torch.device(device).type == "cuda":
+                log.warning("enable_dp_attention: decode runs without CUDA graphs (the ranks' batch sizes differ "
+                            "from step to step; padding every rank to the largest is not implemented)")
+                enforce_eager = True
         self.model, path = _load_model(model, dtype, device)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.device = torch.device(self.model.device)
@@ -71,7 +79,7 @@ class LLM:
         if num_blocks is None:
             num_blocks = self._auto_num_blocks(block_size, gpu_memory_fraction, max_num_batched_tokens,
                                                max_num_seqs, cpu_kv_cache_gib)
-            if self.parallel is not None:  # one scheduler per rank, all identical: the smallest cache everywhere
+            if self.parallel is not None and not self.parallel.dp_attention:  # identical schedulers: same cache
                 from ..parallel import min_over_ranks
                 num_blocks = min_over_ranks(num_blocks, self.device, self.parallel)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -164,7 +172,7 @@ class LLM:
         rows_t = to_device(rows, torch.int64, logits.device)
         tokens, logprobs = self.sampler(logits[rows_t], [s.params for s in seqs], [s.generator for s in seqs])
         values = torch.stack((tokens.double(), logprobs.double()))
-        if self.parallel is not None:  # SPMD: every rank appends rank 0's tokens, so the schedules never diverge
+        if self.parallel is not None and not self.parallel.dp_attention:  # SPMD: every rank appends rank 0's tokens
             torch.distributed.broadcast(values, src=0, group=self.parallel.group)
         values = values.tolist()  # the step's one host sync
         return [self._append(s, int(t), lp) for s, t, lp in zip(seqs, *values)]
@@ -258,6 +266,9 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); one RequestOutput per prompt, in order."""
+        if self.parallel is not None and self.parallel.dp_attention:
+            from ..parallel import dp_generate
+            return dp_generate(self, prompts, params)
         ids = self._add_all(prompts, params)
         bar = _progress(len(ids), use_tqdm)
         pending = set(ids)
@@ -272,6 +283,8 @@ class LLM:
     def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
         """Yield a StreamEvent for every new token of every sample, as the steps produce them. With a tokenizer
         each event carries the text it completed (stop strings cut)."""
+        if self.parallel is not None and self.parallel.dp_attention:
+            raise NotImplementedError("stream: not available with enable_dp_attention (use generate)")
         ids = set(self._add_all(prompts, params))
         self._stream_text = True
         try:
@@ -334,18 +347,19 @@ def _profile_forward(model, T: int, block_size: int) -> int:
     return peak
 
 
-def _parallel_model(model, dtype, device, tp: int, ep: bool):
+def _parallel_model(model, dtype, device, tp: int, ep: bool, dp_attention: bool):
     """Join the process group and load this rank's part of the checkpoint (model/parallel.py)."""
     from ..parallel import ParallelConfig, init_distributed
 
     rank, device = init_distributed(tp, device)
-    pc = ParallelConfig(world=tp, rank=rank, expert_parallel=ep)
+    pc = ParallelConfig(world=tp, rank=rank, expert_parallel=ep, dp_attention=dp_attention)
     if isinstance(model, (str, os.PathLike)):
         from ..modeling import MoEForCausalLM
 
         return MoEForCausalLM.from_pretrained(str(model), dtype=dtype, device=device, parallel=pc), device
     have = getattr(model, "parallel", None)
-    if have is None or (have.world, have.rank, have.expert_parallel) != (tp, rank, ep):
+    if have is None or (have.world, have.rank, have.expert_parallel, have.dp_attention) != (tp, rank, ep,
+                                                                                          dp_attention):
         raise ValueError(f"model: tensor_parallel_size={tp} needs a checkpoint path (each rank loads its slices) or "
                          "a model built with model.parallel.parallelize for this rank")
     return model, device
