@@ -32,6 +32,7 @@ step bench_route_topk 15 python bench/bench_route_topk.py
 step bench_attention 35 python bench/bench_attention.py
 step bench_moe 35 python bench/bench_moe.py --tokens 1,128,8192 --backward-max-t 8192
 step bench_grpo_loss 30 python bench/bench_grpo_loss.py --tokens 8192
+step bench_fp8 25 python bench/bench_fp8.py --tokens 1,64,4096 --reps 5
 step bench_model 60 python bench/bench_model.py --tokens 4096 --layers 2 --reps 1
 echo "total ${SECONDS}s" >> "$SUMMARY"
 cat "$SUMMARY"

@@ -68,9 +68,10 @@ class _Targets:
     def required(self) -> list[str]:
         """Every checkpoint name a complete per-expert checkpoint has (all experts, whichever rank holds them)."""
         names = []
-        for k, t in self.state.items():
-            if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) or \
-                    k.endswith(("mlp.experts.gate_up_proj_scale_inv", "mlp.experts.down_proj_scale_inv")):
+        fused = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.experts.gate_up_proj_scale_inv",
+                 "mlp.experts.down_proj_scale_inv")
+        for k in self.state:
+            if k.endswith(fused):
                 p, _, w = k.rpartition(".")
                 kind = "weight_scale_inv" if w.endswith("_scale_inv") else "weight"
                 parts = ("gate_proj", "up_proj") if w.startswith("gate_up") else ("down_proj",)

@@ -148,7 +148,8 @@ def plan(cfg: ModelConfig, world: int, expert_parallel: bool, context: int, kv_d
                 n_coll = n_moe * 5 + 1
             t_comm = vol / nv + n_coll * lat
             step = max(t_hbm, t_attn_flops) + t_comm
-            layouts[name] = {"fits": B * context <= cap, "hbm_gb": hbm / 1e9, "kv_read_gb": kv_read / 1e9, "t_hbm_ms": t_hbm * 1e3,
+            layouts[name] = {"fits": B * context <= cap, "hbm_gb": hbm / 1e9, "kv_read_gb": kv_read / 1e9,
+                             "t_hbm_ms": t_hbm * 1e3,
                              "t_attn_flops_ms": t_attn_flops * 1e3, "comm_mb": vol / 1e6, "t_comm_ms": t_comm * 1e3,
                              "step_ms": step * 1e3, "tokens_per_s": B / step}
         rows.append({"batch": B, **layouts})

@@ -19,8 +19,6 @@ import os
 import re
 import shutil
 
-import torch
-
 from .loader import read_headers, write_shards
 
 _QUANTISED = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")

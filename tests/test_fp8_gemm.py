@@ -215,3 +215,38 @@ def test_fake_impls_trace():
         assert torch.ops.dsmath.fp8_gemm(q, s, fw, fs, torch.bfloat16).shape == (5, 256)
         assert torch.ops.dsmath.fp8_gemm(fa, None, fw, fs, torch.float32).dtype == torch.float32
 
+
+
+# ---------------------------------------------------------------- GPU (sm_89+ for W8A8; any CUDA for weight-only)
+
+def _cuda_fp8():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 300])
+def test_gpu_dense_gemm_v3_shapes(M):
+    """W8A8 at DeepSeek-V3 shapes (K = 7168, o_proj / q_a_proj-like N) vs the fp32 reference; bf16 output."""
+    if not _cuda_fp8():
+        pytest.skip("W8A8 needs sm_89+")
+    a = torch.randn(M, 7168, device="cuda", dtype=torch.bfloat16)
+    w, ws = quantize_blocks_ref(torch.randn(1536, 7168, device="cuda") / 7168**0.5)
+    q, s = dk.quantize_fp8(a)
+    assert_close(dk.fp8_gemm(q, w, ws, a_scale=s).float(), fp8_gemm_ref(q, w, ws, s, out_dtype=torch.float32),
+                 atol=2e-2, rtol=2e-2, name="y")
+    y16 = fp8_gemm_triton.gemm(a, w[None], ws[None], out_dtype=torch.float32, w_bits=True)  # the sm_80 path
+    assert_close(y16, fp8_gemm_ref(a, w, ws, out_dtype=torch.float32), atol=1e-3, rtol=1e-3, name="y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 256])
+@pytest.mark.parametrize("activation", ["fp8", "native"])
+def test_gpu_moe_experts_fp8(T, activation):
+    if activation == "fp8" and not _cuda_fp8():
+        pytest.skip("W8A8 needs sm_89+")
+    torch.manual_seed(0)
+    x, w13, s13, w2, s2, weights, ids = (t.cuda() for t in _moe_data(T, 16, 2048, 512, 8))
+    x = x.bfloat16()
+    out = dk.moe_experts_fp8(x, w13, s13, w2, s2, weights, ids, activation=activation)
+    ref = moe_experts_fp8_ref(x.float(), w13, s13, w2, s2, weights, ids, activation == "fp8")
+    assert_close(out.float(), ref, atol=3e-2, rtol=3e-2, name="out", max_global_rel=2e-2)

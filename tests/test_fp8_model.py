@@ -3,7 +3,8 @@
 are (float8_e4m3fn parameters, no float copy), and its logits equal those of the same model with the weights
 dequantised: weights-only (the CPU / sm_80 path) within 1e-5 relative; with FP8 activations (W8A8, sm_90's
 semantics) within 1e-5 of the dequantised model whose GEMM inputs are rounded to e4m3 (the spec), and ~0.2 relative
-L2 from the unquantised one (the accuracy cost, bench/RESULTS.md). Bad input is refused by name before any weight is read."""
+L2 from the unquantised one (the accuracy cost, bench/RESULTS.md). Bad input is refused by name before any weight
+is read."""
 
 import json
 import os

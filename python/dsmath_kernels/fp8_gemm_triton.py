@@ -366,7 +366,8 @@ def hopper_compile_report() -> dict:
     }
     out = {}
     for mode, (flags, a_ty, y_ty, arch) in modes.items():
-        ptrs = [("a_ptr", a_ty), ("as_ptr", "*fp32"), ("b_ptr", "*u8" if flags.get("W_BITS") else f8), ("bs_ptr", "*fp32"), ("y_ptr", y_ty),
+        b_ty = "*u8" if flags.get("W_BITS") else f8
+        ptrs = [("a_ptr", a_ty), ("as_ptr", "*fp32"), ("b_ptr", b_ty), ("bs_ptr", "*fp32"), ("y_ptr", y_ty),
                 ("ys_ptr", "*fp32"), ("off_ptr", "*i32"), ("rows_ptr", "*i32"), ("rw_ptr", "*fp32")]
         div = [n for n, _ in ptrs] + ["N", "K", "sam", "sbe", "sbn", "sym"]
         cfgs = sorted({c for b in (16, 64, 128) for c in configs_for(b, flags["A_FP8"], flags.get("ACT", False),
