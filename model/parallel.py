@@ -15,8 +15,8 @@ Layout (N ranks; docs/deepseek_v3_8xh200.md has the numbers for V3 on 8 x H200):
 - MoE with enable_expert_parallel: routed experts split E/N per rank (rank r holds experts [r E/N, (r+1) E/N)).
   The hidden states are replicated after attention; rank r takes the r-th contiguous slice of the tokens, routes it
   (routing computed once per token), sends each (token, expert) pair to the rank holding the expert with an
-  all-to-all of variable sizes (FP8 rows + scales when the experts run W8A8: half the bytes), the experts apply the
-  routing weight, results come back with the reverse all-to-all and are summed per token in slot order
+  all-to-all of variable sizes (one exchange carrying the row, its local expert id and routing weight as bytes; FP8
+  rows + scales when the experts run W8A8: half the bytes), the experts apply the routing weight, results come back with the reverse all-to-all and are summed per token in slot order
   (deterministic); the shared experts (replicated) run on the same slice; an all-gather restores the replicated
   hidden states. Ranks with no tokens (decode with fewer tokens than ranks) or no pairs take part with empty
   buffers. `dispatch="all_gather"` is the fixed-shape variant for CUDA-graph capture (no host sync): routing ids
@@ -280,6 +280,20 @@ def _run_experts(ex: nn.Module, x, weights, ids, x_scale=None, out_dtype=None) -
     return dk.fp8.experts_forward(x, w13, s13, w2, s2, weights, ids, "auto", x_scale=x_scale, out_dtype=out_dtype)
 
 
+def _pack(cols: list[torch.Tensor]) -> torch.Tensor:
+    """Row-wise concatenation of [P, n_i] tensors of any dtypes as bytes [P, sum n_i * size_i] (one exchange)."""
+    return torch.cat([t.contiguous().view(torch.uint8) for t in cols], dim=1)
+
+
+def _unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, at = [], 0
+    for t in like:
+        n = t.shape[1] * t.element_size()
+        out.append(packed[:, at:at + n].contiguous().view(t.dtype))
+        at += n
+    return out
+
+
 def _dispatch_all_to_all(moe: MoE, pc: ParallelConfig, xs: torch.Tensor, weights, ids) -> torch.Tensor:
     """Routed-expert output [Ts, H] of this rank's tokens xs [Ts, H] (routing weights / ids [Ts, K]), the pairs
     computed on the ranks holding their experts. One host sync (the exchange sizes)."""
@@ -293,14 +307,14 @@ def _dispatch_all_to_all(moe: MoE, pc: ParallelConfig, xs: torch.Tensor, weights
     counts = torch.stack([send_counts, recv_counts]).tolist()  # the host sync
     send, recv = counts
     tok = torch.div(order, K, rounding_mode="floor")
-    if _fp8_dispatch(moe.experts, xs):
-        q, s = dk.quantize_fp8(xs)  # once per token, before the exchange
-        rx, rs = _all_to_all(q[tok], recv, send, pc), _all_to_all(s[tok], recv, send, pc)
-    else:
-        rx, rs = _all_to_all(xs[tok], recv, send, pc), None
-    rid = _all_to_all((ids.reshape(-1)[order] % n_local).to(torch.int32), recv, send, pc)  # local expert ids
-    rw = _all_to_all(weights.reshape(-1)[order].float(), recv, send, pc)
-    y = _run_experts(moe.experts, rx, rw[:, None], rid[:, None], x_scale=rs, out_dtype=xs.dtype)  # [R, H] weighted
+    fp8 = _fp8_dispatch(moe.experts, xs)
+    rows = list(dk.quantize_fp8(xs)) if fp8 else [xs]  # FP8: quantised once per token, before the exchange
+    rows = [t[tok] for t in rows] + [(ids.reshape(-1)[order] % n_local).to(torch.int32)[:, None],  # local expert
+                                     weights.reshape(-1)[order].float()[:, None]]  # routing weight
+    recv_rows = _unpack(_all_to_all(_pack(rows), recv, send, pc), rows)  # one exchange for all of a pair's data
+    rx, rs = (recv_rows[0], recv_rows[1]) if fp8 else (recv_rows[0], None)
+    rid, rw = recv_rows[-2], recv_rows[-1]
+    y = _run_experts(moe.experts, rx, rw, rid, x_scale=rs, out_dtype=xs.dtype)  # [R, H] weighted
     back = _all_to_all(y, send, recv, pc)  # [P, H] in `order`
     pairs = torch.empty_like(back)
     pairs[order] = back

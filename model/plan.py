@@ -142,10 +142,10 @@ def plan(cfg: ModelConfig, world: int, expert_parallel: bool, context: int, kv_d
             a2a = n_moe * pairs * H * (act_elem + 2)
             if name == "tp_attention":
                 vol = L * 2 * (W - 1) / W * B * H * 2 + a2a + n_moe * (W - 1) / W * B * H * 2
-                n_coll = L + n_moe * 6 + 1  # all-reduce; counts + x + ids + weights + back + all-gather; lm head
+                n_coll = L + n_moe * 4 + 1  # all-reduce; sizes, pairs out, results back, all-gather; LM head
             else:
                 vol = a2a
-                n_coll = n_moe * 5 + 1
+                n_coll = n_moe * 3 + 1  # sizes, pairs out, results back; the any-rank-busy flag
             t_comm = vol / nv + n_coll * lat
             step = max(t_hbm, t_attn_flops) + t_comm
             layouts[name] = {"fits": B * context <= cap, "hbm_gb": hbm / 1e9, "kv_read_gb": kv_read / 1e9,
