@@ -1,11 +1,26 @@
-"""Tests for train/data.py: the four real JSONL layouts, a user's own JSONL, prompts, and the resumable sampler."""
+"""Tests for train/data.py: the four real JSONL layouts, a user's own JSONL, prompts (one BOS with a DeepSeek-style
+tokenizer, none with a Qwen-style one, every style, the few-shot exemplar sets), and the resumable sampler."""
 
 import json
 import os
 
 import pytest
+from tiny_tokenizers import DS_BOS, deepseek_style_tokenizer, qwen_style_tokenizer
 
-from train.data import INSTRUCTION, Problem, ProblemSampler, build_prompt, gsm8k_final, load_problems
+from train.data import (
+    INSTRUCTION,
+    PROMPT_STYLES,
+    Problem,
+    ProblemSampler,
+    fewshot_set,
+    gsm8k_final,
+    load_problems,
+    prompt_ids,
+    prompt_text,
+    resolve_style,
+    style_stop,
+)
+from train.rewards import extract_answer
 from train.toy import char_tokenizer
 
 
@@ -18,6 +33,7 @@ def test_math500(shared_data):
     assert len(ps) == 500
     assert ps[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)" and ps[0].id == "test/precalculus/807.json"
     assert ps[0].meta == {"subject": "Precalculus", "level": 2}
+    assert [p.index for p in ps[:3]] == [0, 1, 2]  # the line number: evaluation seeds derive from it
     assert {p.meta["level"] for p in ps} == {1, 2, 3, 4, 5}
 
 
@@ -49,12 +65,72 @@ def test_custom_jsonl(tmp_path):
         load_problems(str(f), "mnist")
 
 
-def test_prompts():
-    plain = build_prompt("What is 1+1?")
-    assert "What is 1+1?" in plain and INSTRUCTION in plain and plain.endswith("Solution:")
-    assert build_prompt("q", char_tokenizer()) == build_prompt("q")  # no chat template -> plain
-    chat = build_prompt("What is 1+1?", char_tokenizer(chat_template=True), system="Be brief.")
-    assert chat == f"<system>Be brief.\n<user>What is 1+1?\n{INSTRUCTION}\n<assistant>"
+def _ids(out):
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def test_deepseek_style_tokenizer_one_bos_in_every_style():
+    tok = deepseek_style_tokenizer()
+    bos = tok.bos_token_id
+    msgs = [{"role": "user", "content": f"What is 1+1?\n{INSTRUCTION}"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.startswith(DS_BOS) and tok.encode(text).count(bos) == 2  # the bug: template BOS + tokenizer BOS
+    for style in PROMPT_STYLES:
+        ids = prompt_ids("What is 1+1?", tok, style)
+        assert ids.count(bos) == 1 and ids[0] == bos, style
+    # the chat path is apply_chat_template(tokenize=True)'s
+    assert prompt_ids("What is 1+1?", tok, "chat") == _ids(
+        tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True))
+
+
+def test_qwen_style_tokenizer_no_bos_and_the_styles():
+    tok = qwen_style_tokenizer()
+    text = lambda style, **kw: tok.decode(prompt_ids("What is 1+1?", tok, style, **kw))  # noqa: E731
+    assert text("chat") == (f"<|im_start|>user\nWhat is 1+1?\n{INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert text("chat", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert text("qwen-math") == (f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n"
+                                 "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    assert text("deepseek-r1") == text("chat")  # no system prompt, the instruction in the user turn
+    assert text("chat", chat_template_kwargs={"enable_thinking": False}).endswith("<think>\n\n</think>\n\n")
+    assert text("plain") == f"Problem: What is 1+1?\n{INSTRUCTION}\nSolution:"
+    assert resolve_style("auto", tok) == "chat" and resolve_style("auto", char_tokenizer()) == "plain"
+
+
+def test_prompt_errors_name_the_argument():
+    tok = qwen_style_tokenizer()
+    for style in ("qwen-math", "deepseek-r1", "few-shot", "raw"):
+        with pytest.raises(ValueError, match="system"):
+            prompt_ids("q", tok, style, system="Be brief.")
+    with pytest.raises(ValueError, match="style.*chat template"):
+        prompt_ids("q", char_tokenizer(), "chat")  # a base model's tokenizer: no silent fallback to plain
+    with pytest.raises(ValueError, match="style: unknown"):
+        prompt_ids("q", tok, "alpaca")
+    with pytest.raises(ValueError, match="chat_template_kwargs"):
+        prompt_ids("q", tok, "plain", chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(TypeError, match="problem"):
+        prompt_ids(None, tok, "chat")
+    with pytest.raises(ValueError, match="fewshot"):
+        fewshot_set("mmlu")
+
+
+def test_text_styles_and_the_toy_prompt_unchanged():
+    tok = char_tokenizer()
+    assert prompt_ids("3+4=", tok, "raw") == tok.encode("3+4=")  # the toy task's prompt ids, as before
+    assert prompt_text("q", "plain", system="Be brief.") == f"Be brief.\n\nProblem: q\n{INSTRUCTION}\nSolution:"
+    assert style_stop("chat") == [] and style_stop("few-shot", "gsm8k-cot") == ["Q:"]
+
+
+@pytest.mark.parametrize("name, shots, query", [("minerva-math", 4, "Problem:\nWhat is 1+1?\n\nSolution:"),
+                                                ("gsm8k-cot", 8, "Q: What is 1+1?\nA:")])
+def test_fewshot_sets(name, shots, query):
+    fs = fewshot_set(name)
+    assert len(fs["exemplars"]) == shots and ("Lewkowycz" in fs["source"] or "Wei et al" in fs["source"])
+    text = prompt_text("What is 1+1?", "few-shot", fewshot=name)
+    assert text.endswith(fs["separator"] + query)
+    for ex in fs["exemplars"]:  # each worked solution states its own answer the way the grader reads it
+        assert extract_answer(fs["format"].format(**ex)) == ex["answer"], ex["problem"][:40]
+    tok = deepseek_style_tokenizer()
+    assert prompt_ids("What is 1+1?", tok, "few-shot", fewshot=name).count(tok.bos_token_id) == 1
 
 
 def test_sampler_deterministic_epochs_and_resume():

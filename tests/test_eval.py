@@ -1,5 +1,7 @@
-"""Tests for train/eval.py: the pure metrics (unbiased pass@k, majority vote with answer equivalence, summary) and
-an end-to-end run of `python -m train.eval` on a tiny checkpoint with a tokenizer."""
+"""Tests for train/eval.py: the pure metrics (unbiased pass@k, majority vote with answer equivalence, summary), the
+per-problem seeds, and end-to-end runs of `python -m train.eval` on a tiny checkpoint: pass@1/pass@4/maj@4 in the
+JSON, the same numbers when run twice, the same per-problem samples whatever --limit puts in the run, one BOS in
+the prompt a DeepSeek-style tokenizer receives, per-sample records."""
 
 import itertools
 import json
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from train.data import Problem
-from train.eval import grade, ks_for, majority_vote, pass_at_k, summarize
+from train.eval import grade, ks_for, majority_vote, pass_at_k, problem_seed, summarize
 from train.rewards import VerifyPool
 
 
@@ -61,16 +63,51 @@ def test_summarize_and_grade(pool):
     comps = [["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{2}", "no"], ["\\boxed{6}", "\\boxed{6}", "\\boxed{7}", "#### 7"]]
     records = grade(problems, comps, pool)
     assert records[0]["rewards"] == [1.0, 1.0, 0.0, 0.0] and records[1]["rewards"] == [0.0, 0.0, 1.0, 1.0]
+    assert records[0]["reasons"] == ["correct", "correct", "wrong", "no answer"]
+    assert records[0]["answers"] == ["0.5", "1/2", "2", None] and records[0]["gold_parsed"] is True
     assert records[0]["voted_correct"] == 1.0
     assert records[1]["voted"] == "6" and records[1]["voted_correct"] == 0.0  # tie 2-2 -> first seen ("6")
     m = summarize(records, 4)
-    assert m["num_problems"] == 2 and m["accuracy"] == pytest.approx(0.5)
+    assert m["num_problems"] == 2 and m["accuracy"] == pytest.approx(0.5) and m["pass@1"] == m["accuracy"]
     assert m["maj@4"] == pytest.approx(0.5)
-    assert m["pass@k"]["1"] == pytest.approx(0.5)
-    assert m["pass@k"]["4"] == pytest.approx(1.0)
+    assert m["pass@2"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 2, 2)) / 2)
+    assert m["pass@4"] == pytest.approx(1.0)
+    assert m["reasons"] == {"correct": 4, "wrong": 3, "no answer": 1} and m["unparsed_gold"] == 0
     assert m["per_subject"]["Algebra"] == {"accuracy": 0.5, "num_problems": 1}
     assert m["per_level"]["1"]["num_problems"] == 2
     assert summarize([], 1)["accuracy"] == 0.0
+
+
+def test_unparsed_gold_is_counted(pool):
+    records = grade([Problem("p", "\\frac{", "a"), Problem("q", "3", "b")], [["#### \\frac {"], ["#### 3"]], pool)
+    assert [r["rewards"] for r in records] == [[1.0], [1.0]]
+    assert summarize(records, 1)["unparsed_gold"] == 1
+
+
+def test_generate_seeds_each_problem_from_its_line():
+    """The engine request of each problem carries the seed of (seed, line index), not one shared seed."""
+    from types import SimpleNamespace
+
+    from train.eval import generate
+
+    seen = []
+
+    class FakeLLM:
+        def generate(self, prompts, params):
+            seen.extend(params)
+            return [SimpleNamespace(outputs=[SimpleNamespace(text="x")] * p.n) for p in params]
+
+    problems = [Problem("a", "1", index=7), Problem("b", "2", index=3), Problem("c", "3")]
+    out = generate(FakeLLM(), [[1], [2], [3]], problems, n=2, temperature=0.6, max_tokens=4, seed=5, stop=["Q:"])
+    assert out == [["x", "x"]] * 3
+    assert [p.seed for p in seen] == [problem_seed(5, 7), problem_seed(5, 3), problem_seed(5, 2)]
+    assert all(p.stop_list == ["Q:"] and p.n == 2 for p in seen)
+
+
+def test_problem_seeds_differ_per_problem_and_are_stable():
+    seeds = [problem_seed(0, i) for i in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert problem_seed(0, 7) == problem_seed(0, 7) != problem_seed(1, 7)
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +124,95 @@ def tiny_checkpoint(tmp_path_factory):
     return d
 
 
-def test_eval_cli_end_to_end(shared_data, tiny_checkpoint, tmp_path):
-    from train.eval import main
+@pytest.fixture(scope="module")
+def deepseek_tokenizer_dir(tmp_path_factory):
+    from tiny_tokenizers import deepseek_style_tokenizer
 
-    out = str(tmp_path / "m.json")
+    d = str(tmp_path_factory.mktemp("ds_tok"))
+    deepseek_style_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def one_thread_here():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is far faster on a shared machine
-    try:
-        _run_eval(main, tiny_checkpoint, shared_data, out)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def _run_eval(main, tiny_checkpoint, shared_data, out):
-    m = main(["--model", tiny_checkpoint, "--data", os.path.join(shared_data, "math500", "test.jsonl"),
-              "--dataset", "math500", "--limit", "3", "--n", "2", "--temperature", "1.0", "--max-tokens", "6",
-              "--json", out])
-    saved = json.load(open(out))
-    assert saved["num_problems"] == 3 and 0.0 <= saved["accuracy"] <= 1.0
-    assert set(saved["pass@k"]) == {"1", "2"} and "maj@2" in saved and "per_subject" in saved
-    assert len(saved["problems"]) == 3 and len(saved["problems"][0]["rewards"]) == 2
-    assert m["accuracy"] == saved["accuracy"]
-    m = main(["--model", tiny_checkpoint, "--data", os.path.join(shared_data, "gsm8k", "test.jsonl"),
-              "--dataset", "gsm8k", "--limit", "2", "--max-tokens", "4"])
-    assert m["num_problems"] == 2 and m["n"] == 1 and m["temperature"] == 0.0
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_cli_n4_reproducible_and_independent_of_limit(shared_data, tiny_checkpoint, tmp_path, one_thread_here):
+    from train.eval import main
+
+    data = os.path.join(shared_data, "math500", "test.jsonl")
+
+    def run(limit, tag):
+        out, rec = str(tmp_path / f"{tag}.json"), str(tmp_path / f"{tag}.jsonl")
+        m = main(["--model", tiny_checkpoint, "--data", data, "--dataset", "math500", "--limit", str(limit),
+                  "--n", "4", "--temperature", "1.0", "--max-tokens", "6", "--json", out, "--records", rec])
+        return m, json.load(open(out)), _records(rec)
+
+    m, saved, recs = run(3, "a")
+    for key in ("pass@1", "pass@2", "pass@4", "maj@4", "accuracy", "unparsed_gold"):
+        assert key in saved, key
+    assert saved["pass@1"] == saved["accuracy"] == m["accuracy"] and saved["num_problems"] == 3
+    assert "per_subject" in saved and len(saved["problems"]) == 3 and len(saved["problems"][0]["rewards"]) == 4
+    assert len(recs) == 12 and set(recs[0]) == {"problem_id", "sample", "prompt_sha256", "completion", "answer",
+                                                "reward", "reason"}
+    assert [r["sample"] for r in recs[:4]] == [0, 1, 2, 3]
+    assert all(r["reason"] == "no answer" for r in recs if r["answer"] is None)
+    assert len({r["completion"] for r in recs}) > 6  # samples differ (per-problem, per-sample streams)
+
+    m2, saved2, recs2 = run(3, "b")  # the same run again: the same numbers, the same samples
+    drop = ("generate_s", "grade_s")
+    assert {k: v for k, v in saved.items() if k not in drop} == {k: v for k, v in saved2.items() if k not in drop}
+    assert recs2 == recs
+
+    _, saved5, recs5 = run(5, "c")  # more problems in the batch: the first three draw exactly what they drew
+    assert recs5[:12] == recs and saved5["problems"][:3] == saved["problems"]
+
+
+def test_eval_deepseek_tokenizer_one_bos_and_styles(shared_data, tiny_checkpoint, deepseek_tokenizer_dir, tmp_path,
+                                                     capsys, one_thread_here):
+    from tiny_tokenizers import DS_BOS
+    from transformers import AutoTokenizer
+
+    from train.data import load_problems, prompt_ids
+    from train.eval import main, prompt_sha256
+
+    data = os.path.join(shared_data, "math500", "test.jsonl")
+    rec = str(tmp_path / "r.jsonl")
+    m = main(["--model", tiny_checkpoint, "--tokenizer", deepseek_tokenizer_dir, "--data", data, "--dataset",
+              "math500", "--limit", "2", "--prompt-style", "deepseek-r1", "--max-tokens", "4", "--show-prompt",
+              "--records", rec])
+    shown = capsys.readouterr().out
+    assert shown.count(DS_BOS) == 1 and "prompt style: deepseek-r1" in shown
+    assert m["temperature"] == 0.6 and m["top_p"] == 0.95  # the style's sampling defaults
+    tok = AutoTokenizer.from_pretrained(deepseek_tokenizer_dir)  # what the engine loaded
+    p = load_problems(data, "math500", limit=1)[0]
+    ids = prompt_ids(p.problem, tok, "deepseek-r1")
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert _records(rec)[0]["prompt_sha256"] == prompt_sha256(ids)  # the records name the prompt actually sent
+
+
+def test_eval_gsm8k_greedy_and_few_shot(shared_data, tiny_checkpoint, capsys, one_thread_here):
+    from train.eval import main
+
+    data = os.path.join(shared_data, "gsm8k", "test.jsonl")
+    m = main(["--model", tiny_checkpoint, "--data", data, "--dataset", "gsm8k", "--limit", "2", "--max-tokens", "4"])
+    assert m["num_problems"] == 2 and m["n"] == 1 and m["temperature"] == 0.0 and "pass@1" in m
+    m = main(["--model", tiny_checkpoint, "--data", data, "--dataset", "gsm8k", "--limit", "1", "--max-tokens", "4",
+              "--prompt-style", "few-shot", "--show-prompt"])
+    shown = capsys.readouterr().out
+    assert m["fewshot"] == "gsm8k-cot" and shown.count("Q: ") == 9 and "The answer is 6." in shown
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_checkpoint, "--data", data, "--dataset", "gsm8k", "--limit", "1", "--prompt-style",
+              "qwen-math", "--system", "Be brief."])
+    assert "--system: the qwen-math style takes no system prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_checkpoint, "--data", data, "--dataset", "gsm8k", "--chat-template-kwargs", "[1]"])

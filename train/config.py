@@ -15,6 +15,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from .data import FEWSHOT_SETS, PROMPT_STYLES
+
 
 @dataclass
 class GRPOConfig:
@@ -25,8 +27,11 @@ class GRPOConfig:
     dataset: str = "custom"          # math500 | aime24 | amc23 | gsm8k | custom (field layout)
     problem_key: str = "problem"
     answer_key: str = "answer"
-    prompt: str = "auto"             # auto (chat template if any, else plain) | plain | raw (the problem text as is)
-    system: str | None = None
+    prompt: str = "auto"             # auto | chat | qwen-math | deepseek-r1 | few-shot | plain | raw (train/data.py)
+    system: str | None = None        # system prompt (chat and plain styles)
+    chat_template_kwargs: str | None = None  # JSON object for apply_chat_template, e.g. {"enable_thinking": false}
+    fewshot: str | None = None       # few-shot exemplars: minerva-math | gsm8k-cot (default: by dataset)
+    max_prompt_length: int = 1024    # problems whose prompt has more tokens are skipped (counted and logged at start)
     # ---- sampling (DeepSeekMath: 64 samples per question, 1024 tokens)
     steps: int = 1000
     problems_per_step: int = 16      # P, across all ranks
@@ -85,7 +90,9 @@ class GRPOConfig:
             (self.loss_type in ("grpo", "dapo", "dr_grpo"), f"loss_type: grpo|dapo|dr_grpo, got {self.loss_type!r}"),
             (self.normalize in ("std", "none"), f"normalize: std|none, got {self.normalize!r}"),
             (self.schedule in ("constant", "cosine"), f"schedule: constant|cosine, got {self.schedule!r}"),
-            (self.prompt in ("auto", "plain", "raw"), f"prompt: auto|plain|raw, got {self.prompt!r}"),
+            (self.prompt in PROMPT_STYLES, f"prompt: {'|'.join(PROMPT_STYLES)}, got {self.prompt!r}"),
+            (self.fewshot in (None, *FEWSHOT_SETS), f"fewshot: {'|'.join(FEWSHOT_SETS)}, got {self.fewshot!r}"),
+            (self.max_prompt_length >= 1, f"max_prompt_length: must be >= 1, got {self.max_prompt_length}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype: float32|bfloat16, got {self.dtype!r}"),
             (self.group_size >= 1 and self.problems_per_step >= 1, "group_size and problems_per_step must be >= 1"),
             (self.mu >= 1 and self.minibatches >= 1 and self.micro_batch >= 1, "mu, minibatches, micro_batch >= 1"),
@@ -94,6 +101,20 @@ class GRPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.template_kwargs()
+
+    def template_kwargs(self) -> dict | None:
+        """chat_template_kwargs parsed (a JSON object), or None."""
+        if self.chat_template_kwargs is None:
+            return None
+        try:
+            d = json.loads(self.chat_template_kwargs) if isinstance(self.chat_template_kwargs, str) \
+                else self.chat_template_kwargs
+        except json.JSONDecodeError as e:
+            raise ValueError(f"chat_template_kwargs: not JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"chat_template_kwargs: expected a JSON object, got {self.chat_template_kwargs!r}")
+        return d
 
 
 PRESETS: dict[str, dict] = {

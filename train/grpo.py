@@ -56,7 +56,7 @@ from torch import nn
 
 from ._pkg import model_module
 from .config import GRPOConfig, parse_config
-from .data import ProblemSampler, build_prompt, load_problems
+from .data import ProblemSampler, fewshot_for, load_problems, prompt_ids
 from .rewards import VerifyPool, format_reward, length_penalty, math_rewards
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,10 +162,32 @@ def load_data(cfg: GRPOConfig):
     return load_problems(cfg.data, cfg.dataset, cfg.problem_key, cfg.answer_key)
 
 
-def prompt_text(problem: str, tokenizer, cfg: GRPOConfig) -> str:
-    if cfg.prompt == "raw":
-        return problem
-    return build_prompt(problem, tokenizer if cfg.prompt == "auto" else None, cfg.system)
+def prompt_of(problem: str, tokenizer, cfg: GRPOConfig) -> list[int]:
+    """The prompt token ids of a problem: train.data.prompt_ids, the function train.eval uses, in cfg's style."""
+    return prompt_ids(problem, tokenizer, cfg.prompt, cfg.system, cfg.template_kwargs(),
+                      fewshot=cfg.fewshot or fewshot_for(cfg.dataset))
+
+
+def fit_prompts(problems: list, tokenizer, cfg: GRPOConfig) -> list:
+    """The problems whose prompt fits in cfg.max_prompt_length tokens; the others are skipped, and how many is
+    logged (rank 0) and written to OUT/prompts.json. Only when none fits is it an error (nothing to train on)."""
+    lengths = [len(prompt_of(p.problem, tokenizer, cfg)) for p in problems]
+    kept = [p for p, n in zip(problems, lengths) if n <= cfg.max_prompt_length]
+    skipped = len(problems) - len(kept)
+    if rank_world()[0] == 0:
+        info = {"problems": len(problems), "skipped_long_prompts": skipped, "max_prompt_length": cfg.max_prompt_length,
+                "longest_prompt": max(lengths, default=0), "prompt_style": cfg.prompt}
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "prompts.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        if skipped:
+            print(f"grpo: skipped {skipped} of {len(problems)} problems whose prompt is longer than "
+                  f"max_prompt_length={cfg.max_prompt_length} tokens (longest: {info['longest_prompt']})",
+                  file=sys.stderr)
+    if not kept:
+        raise ValueError(f"max_prompt_length: every prompt is longer than {cfg.max_prompt_length} tokens "
+                         f"(shortest: {min(lengths)})")
+    return kept
 
 
 def lr_factor(step: int, cfg: GRPOConfig) -> float:
@@ -400,7 +422,7 @@ def build(cfg: GRPOConfig):
     ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
     lm = load_lm(cfg, ckpt)
     tokenizer = load_tokenizer(cfg, ckpt or (cfg.model if os.path.isdir(cfg.model) else None))
-    problems = load_data(cfg)
+    problems = fit_prompts(load_data(cfg), tokenizer, cfg)
     if ckpt is None and cfg.warmstart_steps:
         from .toy import warm_start
 
@@ -442,7 +464,7 @@ def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg
     batch = sampler.next(P)  # the same global batch on every rank
     share = P // world
     mine = batch[rank * share : (rank + 1) * share]
-    prompts = [tokenizer.encode(prompt_text(p.problem, tokenizer, cfg)) for p in mine]
+    prompts = [prompt_of(p.problem, tokenizer, cfg) for p in mine]
     dev = policy.lm.device
 
     t0 = time.time()
