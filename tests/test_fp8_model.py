@@ -197,3 +197,16 @@ def test_quantize_splits_fused_experts(ckpts, tmp_path):
         assert sorted(f.keys()) == sorted(g.keys())
         for k in f.keys():  # noqa: SIM118
             assert torch.equal(f.get_tensor(k).float(), g.get_tensor(k).float()), k
+
+
+def test_fp8_model_saves_and_reloads(ckpts, tmp_path):
+    """save_pretrained of an FP8 model writes the DeepSeek layout back (per-expert weights and scales)."""
+    m = MoEForCausalLM.from_pretrained(ckpts[1])
+    m.save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(ckpts[1], "model.safetensors"), "pt") as g:
+        assert sorted(f.keys()) == sorted(g.keys())
+        for k in ("model.layers.2.mlp.experts.7.up_proj.weight_scale_inv",
+                  "model.layers.2.mlp.experts.7.up_proj.weight"):
+            assert torch.equal(f.get_tensor(k).view(torch.uint8), g.get_tensor(k).view(torch.uint8)), k
+    assert json.load(open(tmp_path / "config.json"))["quantization_config"]["weight_block_size"] == [128, 128]

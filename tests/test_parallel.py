@@ -1,6 +1,6 @@
 """Tensor and expert parallelism on CPU: `torchrun --nproc-per-node 2` and `4` with gloo, greedy generation of a
-tiny DeepSeek-V3 model (fp32, and FP8 weight-only and W8A8) with `LLM(path, tensor_parallel_size=N,
-enable_expert_parallel=...)` gives the same tokens as one process: experts exchanged with variable-size
+tiny DeepSeek-V3 model (fp32, and FP8 weight-only and W8A8; and a tiny Qwen3-MoE, GQA) with
+`LLM(path, tensor_parallel_size=N, enable_expert_parallel=...)` gives the same tokens as one process: experts exchanged with variable-size
 all-to-all, with the fixed-shape all-gather dispatch (the CUDA-graph path), with experts split by channel instead,
 and with data-parallel attention (3 prompts over N ranks: with 4, one rank has none and only joins the MoE
 exchanges); uneven loads (every token routed to rank 0's experts) and empty ranks (one sequence: at decode the
@@ -42,7 +42,8 @@ def ckpts(tmp_path_factory):
     skewed.save_pretrained(str(d / "skewed"))
     make_model("tiny-v3", **FP8_SHAPES).save_pretrained(str(d / "wide"))
     quantize_checkpoint(str(d / "wide"), str(d / "fp8"))
-    return {k: str(d / k) for k in ("fp32", "skewed", "wide", "fp8")}
+    make_model("tiny-qwen3").save_pretrained(str(d / "qwen3"))
+    return {k: str(d / k) for k in ("fp32", "skewed", "wide", "fp8", "qwen3")}
 
 
 def single_process(ckpt: str, prompts: str, monkeypatch, act: str = "native", max_tokens: int = 6):
@@ -73,6 +74,7 @@ def test_generation_matches_one_process(ckpts, n, tmp_path, monkeypatch):
         "fp8_ep": ("fp8", 1, "all_to_all", "many", "native", 0),
         "fp8_w8a8": ("fp8", 1, "all_to_all", "many", "fp8", 0),
         "fp8_dp_w8a8": ("fp8", 1, "all_to_all", "many", "fp8", 1),
+        "qwen3_gqa": ("qwen3", 1, "all_to_all", "many", "native", 0),  # KV heads split: each rank caches its own
     }
     if n == 4:  # keep the 4-rank run short (2 idle cores): the layouts most likely to break with more ranks
         scen = {k: v for k, v in scen.items() if k in ("ep_a2a", "skewed_one", "dp_attn", "fp8_ep")}
