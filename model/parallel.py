@@ -16,8 +16,8 @@ Layout (N ranks; docs/deepseek_v3_8xh200.md has the numbers for V3 on 8 x H200):
   The hidden states are replicated after attention; rank r takes the r-th contiguous slice of the tokens, routes it
   (routing computed once per token), sends each (token, expert) pair to the rank holding the expert with an
   all-to-all of variable sizes (one exchange carrying the row, its local expert id and routing weight as bytes; FP8
-  rows + scales when the experts run W8A8: half the bytes), the experts apply the routing weight, results come back with the reverse all-to-all and are summed per token in slot order
-  (deterministic); the shared experts (replicated) run on the same slice; an all-gather restores the replicated
+  rows + scales when the experts run W8A8: half the bytes), the experts apply the routing weight, results come
+  back with the reverse all-to-all and are summed per token in slot order (deterministic); the shared experts (replicated) run on the same slice; an all-gather restores the replicated
   hidden states. Ranks with no tokens (decode with fewer tokens than ranks) or no pairs take part with empty
   buffers. `dispatch="all_gather"` is the fixed-shape variant for CUDA-graph capture (no host sync): routing ids
   and weights are all-gathered, each rank computes its experts' pairs over all tokens (the others are skipped,
