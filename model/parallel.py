@@ -12,16 +12,17 @@ Layout (N ranks; docs/deepseek_v3_8xh200.md has the numbers for V3 on 8 x H200):
   GQA: q by heads, k / v by KV heads, o row-parallel; each rank caches only its KV heads.
 - Dense MLP layers: gate / up column-parallel, down row-parallel + all-reduce.
 - LM head: vocabulary-parallel + all-gather of the logits. Embeddings replicated.
-- MoE with enable_expert_parallel: routed experts split E/N per rank (rank r holds experts [r E/N, (r+1) E/N)).
-  The hidden states are replicated after attention; rank r takes the r-th contiguous slice of the tokens, routes it
-  (routing computed once per token), sends each (token, expert) pair to the rank holding the expert with an
-  all-to-all of variable sizes (one exchange carrying the row, its local expert id and routing weight as bytes; FP8
-  rows + scales when the experts run W8A8: half the bytes), the experts apply the routing weight, results come
-  back with the reverse all-to-all and are summed per token in slot order (deterministic); the shared experts (replicated) run on the same slice; an all-gather restores the replicated
-  hidden states. Ranks with no tokens (decode with fewer tokens than ranks) or no pairs take part with empty
-  buffers. `dispatch="all_gather"` is the fixed-shape variant for CUDA-graph capture (no host sync): routing ids
-  and weights are all-gathered, each rank computes its experts' pairs over all tokens (the others are skipped,
-  not computed), and an all-reduce sums the partial outputs; "auto" takes it while a CUDA graph is captured.
+- MoE with enable_expert_parallel: routed experts split E/N per rank (rank r holds experts [r E/N, (r+1) E/N)). The
+  hidden states are replicated after attention; rank r takes the r-th contiguous slice of the tokens, routes it (routing
+  computed once per token), sends each (token, expert) pair to the rank holding the expert with an all-to-all of
+  variable sizes (one exchange carrying the row, its local expert id and routing weight as bytes; FP8 rows + scales when
+  the experts run W8A8: half the bytes), the experts apply the routing weight, results come back with the reverse
+  all-to-all and are summed per token in slot order (deterministic); the shared experts (replicated) run on the same
+  slice; an all-gather restores the replicated hidden states. Ranks with no tokens (decode with fewer tokens than ranks)
+  or no pairs take part with empty buffers. `dispatch="all_gather"` is the fixed-shape variant for CUDA-graph capture
+  (no host sync): routing ids and weights are all-gathered, each rank computes its experts' pairs over all tokens (the
+  others are skipped, not computed), and an all-reduce sums the partial outputs; "auto" takes it while a CUDA graph is
+  captured.
 - enable_dp_attention (the layout docs/deepseek_v3_8xh200.md recommends for V3 at long context): attention, dense
   MLPs, shared experts and the head replicated; each rank serves its own sequences with its own KV cache
   (dp_generate: prompt i on rank i % N, lockstep steps, idle ranks join the MoE exchanges with no tokens); the MoE

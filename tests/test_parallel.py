@@ -1,10 +1,10 @@
-"""Tensor and expert parallelism on CPU: `torchrun --nproc-per-node 2` and `4` with gloo, greedy generation of a
-tiny DeepSeek-V3 model (fp32, and FP8 weight-only and W8A8; and a tiny Qwen3-MoE, GQA) with
-`LLM(path, tensor_parallel_size=N, enable_expert_parallel=...)` gives the same tokens as one process: experts
-exchanged with variable-size all-to-all, with the fixed-shape all-gather dispatch (the CUDA-graph path), with experts split by channel instead,
-and with data-parallel attention (3 prompts over N ranks: with 4, one rank has none and only joins the MoE
-exchanges); uneven loads (every token routed to rank 0's experts) and empty ranks (one sequence: at decode the
-other ranks have no token); each rank holds only its slices. Bad world sizes are refused by name before any weight."""
+"""Tensor and expert parallelism on CPU: `torchrun --nproc-per-node 2` and `4` with gloo, greedy generation of a tiny
+DeepSeek-V3 model (fp32, and FP8 weight-only and W8A8; and a tiny Qwen3-MoE, GQA) with `LLM(path,
+tensor_parallel_size=N, enable_expert_parallel=...)` gives the same tokens as one process: experts exchanged with
+variable-size all-to-all, with the fixed-shape all-gather dispatch (the CUDA-graph path), with experts split by channel
+instead, and with data-parallel attention (3 prompts over N ranks: with 4, one rank has none and only joins the MoE
+exchanges); uneven loads (every token routed to rank 0's experts) and empty ranks (one sequence: at decode the other
+ranks have no token); each rank holds only its slices. Bad world sizes are refused by name before any weight."""
 
 import json
 import os
