@@ -168,6 +168,14 @@ def _check_headers(targets: _Targets, headers: dict, path: str) -> None:
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint at {path}: {', '.join(missing[:8])}")
 
 
+def by_file(headers: dict) -> dict[str, list[str]]:
+    """read_headers' names grouped by shard file (each file opened once)."""
+    out: dict[str, list[str]] = {}
+    for name, (file, _, _) in headers.items():
+        out.setdefault(file, []).append(name)
+    return out
+
+
 def read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
     """name -> (shard file, shape, safetensors dtype) of every tensor, from the headers only (no data read)."""
     from safetensors import safe_open
@@ -208,10 +216,7 @@ def load_pretrained(cls, path: str, dtype=None, device=None, shard=None):
     model.to_empty(device=device)
     model.tie_weights()
     targets.rebind(model)
-    by_file: dict[str, list[str]] = {}
-    for name, (file, _, _) in headers.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
+    for file, names in by_file(headers).items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
                 d = targets.dest(name)

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 
-from .loader import read_headers, write_shards
+from .loader import by_file, read_headers, write_shards
 
 _QUANTISED = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -33,11 +33,7 @@ def _tensors(src: str):
 
     import dsmath_kernels as dk
 
-    headers = read_headers(src)
-    by_file: dict[str, list[str]] = {}
-    for name, (file, _, _) in headers.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
+    for file, names in by_file(read_headers(src)).items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
                 t = f.get_tensor(name)

@@ -22,9 +22,16 @@ import os
 
 import torch
 
-from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_int, check_shape, check_tensor
+from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_shape, check_tensor
 from dsmath_kernels._registry import register_backend
-from dsmath_kernels.moe import INDEX_DTYPES, _check_ids, _check_offsets, _combine, _permute_impl, _segments
+from dsmath_kernels.moe import (
+    _check_offsets,
+    _check_routing,
+    _combine,
+    _gemm_backend,
+    _permute_impl,
+    _segments,
+)
 from dsmath_kernels.reference.fp8 import (
     BLOCK,
     FP8,
@@ -37,19 +44,8 @@ from dsmath_kernels.reference.fp8 import (
 ACTIVATIONS = ("auto", "fp8", "native")
 
 
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _backend(device: torch.device) -> str:
-    forced = os.environ.get("DSMATH_FP8_GEMM", "")
-    if forced in ("torch", "triton"):
-        return forced if forced == "torch" or _triton_ok() else "torch"
-    return "triton" if device.type == "cuda" and _triton_ok() else "torch"
+    return _gemm_backend(device, "DSMATH_FP8_GEMM")
 
 
 def _fp8_dot(device: torch.device) -> bool:
@@ -344,12 +340,6 @@ def moe_experts_fp8(x: torch.Tensor, w_gate_up: torch.Tensor, s_gate_up: torch.T
     check_tensor("w_down", w_down, ndim=3, dtypes=(FP8,), device=x.device)
     check_shape("w_down", w_down, [E, H, I2 // 2])
     _check_weight("w_down", "s_down", w_down, s_down, 3)
-    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
-    if ids.shape[0] != T:
-        raise ValueError(f"ids: expected shape [{T}, K] (one row per token of x), got {list(ids.shape)}")
-    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=x.device)
-    check_shape("weights", weights, list(ids.shape))
-    _check_ids(ids, E)
-    check_int("top_k", ids.shape[1], lo=1)
+    _check_routing(x, weights, ids, E)
     return _moe_experts_fp8_op(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids.to(torch.int32),
                                check_choice("activation", activation, ACTIVATIONS))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsmath_kernels.triton_common import mma, segment_schedule, segment_tile
+from dsmath_kernels.triton_common import gathered_rows, mma, segment_schedule, segment_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8_MAX = 448.0
@@ -102,14 +102,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, y_ptr, ys_ptr, off_ptr, rows_
             g, start, end, m_tile, n_tile = segment_tile(t, ar, lo, hi, num_ms, tiles, cum)
         rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
         mask_m = rows < end
-        if GATHER or SCALE:
-            pair = tl.load(rows_ptr + rows, mask=mask_m, other=-1)  # pair f = t * topk + j, -1 = padding
-        if GATHER:
-            a_ok = mask_m & (pair >= 0)
-            src = (tl.maximum(pair, 0) // topk).to(tl.int64)
-        else:
-            a_ok = mask_m
-            src = rows.to(tl.int64)
+        pair, a_ok, src = gathered_rows(rows_ptr, rows, mask_m, topk, GATHER, GATHER or SCALE)
         cols = n_tile * BN + tl.arange(0, BN)  # [BN]
         mask_n = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsmath_kernels.triton_common import mma, segment_schedule, segment_tile
+from dsmath_kernels.triton_common import gathered_rows, mma, segment_schedule, segment_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -46,14 +46,7 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, h_ptr, a_ptr
         g, start, end, m_tile, n_tile = segment_tile(t, ar, lo, hi, num_m, tiles, cum)
         rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
         mask_m = rows < end
-        if GATHER or SCALE:
-            pair = tl.load(rows_ptr + rows, mask=mask_m, other=-1)  # pair index f = t * topk + j, -1 = padding
-        if GATHER:
-            a_ok = mask_m & (pair >= 0)
-            src = (tl.maximum(pair, 0) // topk).to(tl.int64)  # token row of x
-        else:
-            a_ok = mask_m
-            src = rows.to(tl.int64)
+        pair, a_ok, src = gathered_rows(rows_ptr, rows, mask_m, topk, GATHER, GATHER or SCALE)
         cols = n_tile * BN + tl.arange(0, BN)  # [BN]
         mask_n = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)

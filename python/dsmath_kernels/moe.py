@@ -66,8 +66,9 @@ def _triton_ok() -> bool:
     return True
 
 
-def _gemm_backend(device: torch.device) -> str:
-    forced = os.environ.get("DSMATH_GROUPED_GEMM", "")
+def _gemm_backend(device: torch.device, env: str = "DSMATH_GROUPED_GEMM") -> str:
+    """"triton" on CUDA, "torch" elsewhere; the environment variable `env` = torch|triton forces one."""
+    forced = os.environ.get(env, "")
     if forced in ("torch", "triton"):
         return forced if forced == "torch" or _triton_ok() else "torch"
     return "triton" if device.type == "cuda" and _triton_ok() else "torch"
@@ -422,6 +423,12 @@ def _check_experts(x, w_gate_up, w_down, weights, ids) -> None:
                          f"{list(w_gate_up.shape)}")
     check_tensor("w_down", w_down, ndim=3, dtypes=(x.dtype,), device=x.device)
     check_shape("w_down", w_down, [E, H, I2 // 2])
+    _check_routing(x, weights, ids, E)
+
+
+def _check_routing(x, weights, ids, E: int) -> None:
+    """ids [T, K] int32/int64 in [0, E) and weights [T, K] float32, one row per token of x, on x's device."""
+    T = x.shape[0]
     check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
     if ids.shape[0] != T:
         raise ValueError(f"ids: expected shape [{T}, K] (one row per token of x), got {list(ids.shape)}")

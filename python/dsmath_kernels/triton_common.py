@@ -19,6 +19,19 @@ def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def gathered_rows(rows_ptr, rows, mask_m, topk, GATHER: tl.constexpr, LOAD_PAIRS: tl.constexpr):
+    """The A rows of an MoE GEMM tile: rows [BM] of the permuted layout -> (pair [BM] (pair index f = t * topk + j,
+    -1 = padding; loaded when LOAD_PAIRS), a_ok [BM] (row holds data), src [BM] int64 (row of A to read)).
+    GATHER: A row r is x[pair // topk] (the permutation folded into the load); else A row r is row r."""
+    pair = rows * 0 - 1
+    if LOAD_PAIRS:
+        pair = tl.load(rows_ptr + rows, mask=mask_m, other=-1)
+    if GATHER:
+        return pair, mask_m & (pair >= 0), (tl.maximum(pair, 0) // topk).to(tl.int64)
+    return pair, mask_m, rows.to(tl.int64)
+
+
+@triton.jit
 def segment_schedule(off_ptr, M, E, N, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Tiles of a grouped GEMM over contiguous row segments: group g < E is [off[g], off[g+1]) clamped to [0, M],
     group E the rows past off[E] (a zero-filled tail). Returns per-group vectors over ar = 0..EP-1
