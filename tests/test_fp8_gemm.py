@@ -204,6 +204,26 @@ def test_bad_input_is_refused_by_name():
         dk.moe_experts_fp8(x, w13, s13, w2, s2, weights, ids, activation="int8")
 
 
+def test_custom_op_opcheck(monkeypatch):
+    """torch.library.opcheck on every FP8 op (fake impl vs real, autograd registration, AOT dispatch) on the CPU
+    path. Its schema test is left out: it compares e4m3 tensors with arithmetic torch does not have for e4m3 on
+    CPU."""
+    monkeypatch.setenv("DSMATH_FP8_GEMM", "torch")
+    checks = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    w, ws = _weights(256, 128)
+    a = torch.randn(5, 128)
+    q, s = dk.quantize_fp8(a)
+    off = torch.tensor([0, 2, 5], dtype=torch.int32)
+    g, gs = _weights(2, 256, 128)
+    x, w13, s13, w2, s2, weights, ids = _moe_data(4, 4, 128, 128, 2)
+    for op, args in ((torch.ops.dsmath.quantize_fp8.default, (a,)),
+                     (torch.ops.dsmath.fp8_gemm.default, (q, s, w, ws, torch.bfloat16)),
+                     (torch.ops.dsmath.fp8_gemm.default, (a, None, w, ws, torch.float32)),
+                     (torch.ops.dsmath.grouped_gemm_fp8.default, (a, None, g, gs, off)),
+                     (torch.ops.dsmath.moe_experts_fp8.default, (x, w13, s13, w2, s2, weights, ids, "native"))):
+        torch.library.opcheck(op, args, test_utils=checks)
+
+
 def test_fake_impls_trace():
     """Every FP8 op has a fake implementation: shapes propagate on the meta device."""
     w, ws = _weights(256, 128)
