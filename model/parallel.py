@@ -21,8 +21,9 @@ Layout (N ranks; docs/deepseek_v3_8xh200.md has the numbers for V3 on 8 x H200):
   slice; an all-gather restores the replicated hidden states. Ranks with no tokens (decode with fewer tokens than ranks)
   or no pairs take part with empty buffers. `dispatch="all_gather"` is the fixed-shape variant for CUDA-graph capture
   (no host sync): routing ids and weights are all-gathered, each rank computes its experts' pairs over all tokens (the
-  others are skipped, not computed), and an all-reduce sums the partial outputs; "auto" takes it while a CUDA graph is
-  captured.
+  others are skipped, not computed), and an all-reduce sums the partial outputs; "auto" takes it for steps of up to
+  STATIC_MAX_TOKENS tokens (decode: no host sync, and the warm-up before a CUDA-graph capture takes the path the
+  capture records) and while a graph is captured, the all-to-all above.
 - enable_dp_attention (the layout docs/deepseek_v3_8xh200.md recommends for V3 at long context): attention, dense
   MLPs, shared experts and the head replicated; each rank serves its own sequences with its own KV cache
   (dp_generate: prompt i on rank i % N, lockstep steps, idle ranks join the MoE exchanges with no tokens); the MoE
@@ -55,6 +56,7 @@ from .layers.moe import MLP, Experts, MoE
 
 BLOCK = 128
 DISPATCH = ("auto", "all_to_all", "all_gather")
+STATIC_MAX_TOKENS = 1024  # "auto": the fixed-shape exchange up to this many tokens per step (decode), all-to-all above
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ class ParallelConfig:
     rank: int
     expert_parallel: bool      # enable_expert_parallel
     dp_attention: bool = False  # enable_dp_attention: attention data-parallel (each rank its own sequences)
-    # MoE token exchange: "all_to_all" (exact sizes), "all_gather" (fixed shapes), "auto" (all_gather while a CUDA
-    # graph is captured); default from the environment variable DSMATH_MOE_DISPATCH, else "auto"
+    # MoE token exchange: "all_to_all" (exact sizes), "all_gather" (fixed shapes), "auto" (all_gather for decode-sized
+    # steps and under CUDA-graph capture); default from the environment variable DSMATH_MOE_DISPATCH, else "auto"
     dispatch: str = field(default_factory=lambda: os.environ.get("DSMATH_MOE_DISPATCH", "auto"))
     group: object = None       # process group (None: the default group)
 
@@ -329,8 +331,10 @@ def _moe_ep_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tens
     x = x.reshape(-1, shape[-1])  # [T, H]
     T, W = x.shape[0], pc.world
     mode = pc.dispatch
-    if mode == "auto":
-        mode = "all_gather" if x.is_cuda and torch.cuda.is_current_stream_capturing() else "all_to_all"
+    if mode == "auto":  # decode-sized steps (and anything being captured) take the host-sync-free exchange, so the
+        # warm-up before a CUDA-graph capture autotunes the kernels the capture will use
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        mode = "all_gather" if capturing or T <= STATIC_MAX_TOKENS else "all_to_all"
     if mode == "all_gather" and not pc.dp_attention:  # fixed shapes: no host sync, CUDA-graph safe
         return _moe_ep_all_gather(moe, pc, x).view(shape)
     if pc.dp_attention:

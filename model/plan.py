@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 from .config import ModelConfig, load_config
+from .parallel import STATIC_MAX_TOKENS
 
 GIB = 2**30
 
@@ -135,17 +136,21 @@ def plan(cfg: ModelConfig, world: int, expert_parallel: bool, context: int, kv_d
             hbm = attn_w + moe_read + common + kv_read
             t_hbm = hbm / bw
             t_attn_flops = L * kv_seq_rank * attn_flops_token(context, heads) / flops
-            # collectives per layer: TP attention all-reduce [B, H] (ring: 2 (W-1)/W), MoE dispatch (FP8 rows) and
-            # combine (bf16) of the rank's B/W tokens x K pairs, all-gather of the slices; DP attention has no
-            # attention all-reduce nor slice all-gather, but the same all-to-all
-            pairs = (B / W) * K * (W - 1) / W
-            a2a = n_moe * pairs * H * (act_elem + 2)
-            if name == "tp_attention":
-                vol = L * 2 * (W - 1) / W * B * H * 2 + a2a + n_moe * (W - 1) / W * B * H * 2
-                n_coll = L + n_moe * 4 + 1  # all-reduce; sizes, pairs out, results back, all-gather; LM head
+            # collectives (model/parallel.py), ring all-reduce of [B, H] bf16 = 2 (W-1)/W B H 2 bytes:
+            # heads split: an all-reduce after every attention; the MoE exchange is, with expert parallelism, the
+            # fixed-shape one up to STATIC_MAX_TOKENS tokens (routing all-gathered, one all-reduce of the partial
+            # outputs) and the all-to-all above (sizes, FP8 rows out, bf16 results back, all-gather of the slices);
+            # without, one all-reduce. Data-parallel attention: the all-to-all of the rank's own tokens only.
+            ar = 2 * (W - 1) / W * B * H * 2
+            a2a = n_moe * (math.ceil(B / W) if name == "dp_attention" else B / W) * K * (W - 1) / W * H * (act_elem + 2)
+            if name == "dp_attention":
+                vol, n_coll = a2a, n_moe * 3 + 1  # sizes, pairs out, results back; the any-rank-busy flag
+            elif not expert_parallel:
+                vol, n_coll = (L + n_moe) * ar, L + n_moe + 1
+            elif B <= STATIC_MAX_TOKENS:
+                vol, n_coll = (L + n_moe) * ar + n_moe * 2 * B * K * 4, L + 3 * n_moe + 1
             else:
-                vol = a2a
-                n_coll = n_moe * 3 + 1  # sizes, pairs out, results back; the any-rank-busy flag
+                vol, n_coll = L * ar + a2a + n_moe * (W - 1) / W * B * H * 2, L + 4 * n_moe + 1
             t_comm = vol / nv + n_coll * lat
             step = max(t_hbm, t_attn_flops) + t_comm
             layouts[name] = {"fits": B * context <= cap, "hbm_gb": hbm / 1e9, "kv_read_gb": kv_read / 1e9,
@@ -222,7 +227,7 @@ def main(argv=None) -> None:
         ap.add_argument("--" + f.replace("_", "-"), type=float, default=v)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = ap.parse_args(argv)
-    from .parallel import check_parallel
+    from .parallel import check_parallel  # noqa: PLC0415
 
     cfg = _load(a.model)
     check_parallel(cfg, a.tp, a.ep)
