@@ -1,5 +1,6 @@
-// CUDA kernel for route_topk: one warp per token row, scores in shared memory, selection by repeated warp argmax
+// CUDA kernels for route_topk: one warp per token row, scores in shared memory, selection by repeated warp argmax
 // with the comparator and group math of dsmath/routing.h. One launch, no host sync, CUDA-graph safe.
+// route_weights_kernel (routing replay): the same scores, then the weights of caller-given ids.
 #include <cuda_runtime.h>
 
 #include "dsmath/launchers.h"
@@ -43,21 +44,10 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__global__ void __launch_bounds__(kWarps * 32)
-    route_topk_kernel(const void* __restrict__ logits, int dtype, int64_t stride_t, const float* __restrict__ bias,
-                      routing::Params p, float* __restrict__ weights, int32_t* __restrict__ ids) {
-  __shared__ float s_scores[kWarps][routing::kMaxExperts];
-  __shared__ float s_choice[kWarps][routing::kMaxExperts];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (t >= p.T) return;  // whole warp exits together
-  const int E = p.E;
-  float* scores = s_scores[warp];
-  float* choice = s_choice[warp];
-  const int64_t row = t * stride_t;
-
-  // 1. scores in fp32
-  float x[kPerLane];
+// Scores of row `row` into lane registers x[j] (expert lane + 32 j; 0 / -inf beyond E): softmax or sigmoid in
+// fp32, the same steps and warp reductions for route_topk and route_topk_weights, so both see the same bits.
+__device__ __forceinline__ void warp_scores(const void* __restrict__ logits, int64_t row, int dtype, int E,
+                                            int scoring, int lane, float (&x)[kPerLane]) {
   float m = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
@@ -65,7 +55,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     x[j] = e < E ? load_as_float(logits, row + e, dtype) : -INFINITY;
     m = fmaxf(m, x[j]);
   }
-  if (p.scoring == routing::kSoftmax) {
+  if (scoring == routing::kSoftmax) {
     m = warp_max(m);
     float s = 0.f;
 #pragma unroll
@@ -81,6 +71,23 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) x[j] = routing::sigmoidf(x[j]);
   }
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+    route_topk_kernel(const void* __restrict__ logits, int dtype, int64_t stride_t, const float* __restrict__ bias,
+                      routing::Params p, float* __restrict__ weights, int32_t* __restrict__ ids) {
+  __shared__ float s_scores[kWarps][routing::kMaxExperts];
+  __shared__ float s_choice[kWarps][routing::kMaxExperts];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= p.T) return;  // whole warp exits together
+  const int E = p.E;
+  float* scores = s_scores[warp];
+  float* choice = s_choice[warp];
+
+  // 1. scores in fp32
+  float x[kPerLane];
+  warp_scores(logits, t * stride_t, dtype, E, p.scoring, lane, x);
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     int e = lane + 32 * j;
@@ -134,17 +141,52 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// Replay: one warp per row computes the scores as route_topk_kernel does, lane 0 gathers the given ids' scores and
+// renormalizes / scales them with routing::weights_for_ids (the CPU kernel's function).
+__global__ void __launch_bounds__(kWarps * 32)
+    route_weights_kernel(const void* __restrict__ logits, int dtype, int64_t stride_t,
+                         const int32_t* __restrict__ ids, routing::Params p, float* __restrict__ weights) {
+  __shared__ float s_scores[kWarps][routing::kMaxExperts];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= p.T) return;  // whole warp exits together
+  float* scores = s_scores[warp];
+  float x[kPerLane];
+  warp_scores(logits, t * stride_t, dtype, p.E, p.scoring, lane, x);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    int e = lane + 32 * j;
+    if (e < p.E) scores[e] = x[j];
+  }
+  __syncwarp();
+  if (lane == 0) {
+    int id[routing::kMaxTopK];
+    float w[routing::kMaxTopK];
+    for (int k = 0; k < p.K; ++k) id[k] = ids[t * p.K + k];
+    routing::weights_for_ids(scores, id, p, w);
+    for (int k = 0; k < p.K; ++k) weights[t * p.K + k] = w[k];
+  }
+}
+
 }  // namespace
 
 int route_topk_cuda(const void* logits, int dtype, int64_t stride_t, const float* bias, const routing::Params& p,
                     float* weights, int32_t* ids, void* stream) {
-  if (p.E < 1 || p.E > routing::kMaxExperts || p.K < 1 || p.K > routing::kMaxTopK || p.n_group < 1 ||
-      p.n_group > routing::kMaxGroups)
-    return kBadArgument;
+  if (!routing::params_ok(p)) return kBadArgument;
   if (p.T == 0) return kOk;
   const int64_t blocks = (p.T + kWarps - 1) / kWarps;
   route_topk_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
       logits, dtype, stride_t, bias, p, weights, ids);
+  return launch_status();
+}
+
+int route_weights_cuda(const void* logits, int dtype, int64_t stride_t, const int32_t* ids,
+                       const routing::Params& p, float* weights, void* stream) {
+  if (!routing::params_ok(p)) return kBadArgument;
+  if (p.T == 0) return kOk;
+  const int64_t blocks = (p.T + kWarps - 1) / kWarps;
+  route_weights_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+      logits, dtype, stride_t, ids, p, weights);
   return launch_status();
 }
 

@@ -4,8 +4,12 @@
   .hidden [B, T, H] final-normed hidden states, for the fused GRPO loss with `model.lm_head.weight`).
   Full-sequence attention (SDPA), autograd everywhere; `model.gradient_checkpointing = True` recomputes each
   decoder layer in backward (activation checkpointing) while training.
+  Routing replay: `routing=` [B, T, L, K] expert ids (L = MoE layers, in order) makes every MoE layer use those
+  experts, weights recomputed from the router logits at them (dsmath_kernels.route_topk_weights); `return_routing`
+  adds .routing [B, T, L, K], the experts the gates' own top-k picks.
 - `model.forward_paged(meta, kv_cache)` -> logits [B, V] float32: the engine's path over a paged KV cache
-  (contract: notes/MODEL_ENGINE_CONTRACT.md, metadata: model/meta.py).
+  (contract: notes/MODEL_ENGINE_CONTRACT.md, metadata: model/meta.py). A cache allocated with routing=True also
+  records each new token's experts per MoE layer at its slot (`KVCache.routing`, device-side, CUDA-graph safe).
 - `from_pretrained(dir)` / `save_pretrained(dir)` (model/loader.py), `from_config(cfg)`, `from_preset(name)`.
 Parameter names equal transformers' in-memory names, so state_dict keys line up with transformers 5.24.
 """
@@ -32,26 +36,42 @@ from .meta import ForwardMeta
 class CausalLMOutput:
     logits: torch.Tensor | None = None  # [B, T, V]
     hidden: torch.Tensor | None = None  # [B, T, H] after the final norm (return_hidden=True)
+    routing: torch.Tensor | None = None  # [B, T, L, K] the gates' own top-k per MoE layer (return_routing=True)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
         self.self_attn = MLAttention(cfg) if cfg.is_mla else GQAAttention(cfg)
-        if cfg.moe_layers[idx]:
+        self.is_moe = bool(cfg.moe_layers[idx])
+        if self.is_moe:
             self.mlp = MoE(cfg)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def _ffn(self, x, routing=None, return_routing=False):
+        """-> (output, own top-k ids or None). routing / return_routing only reach MoE blocks."""
+        if not self.is_moe:
+            return self.mlp(x), None
+        out = self.mlp(x, routing=routing, return_routing=return_routing)
+        return out if return_routing else (out, None)
 
-    def forward_paged(self, x, cos, sin, meta, cache):
+    def forward(self, x, cos, sin, mask=None, routing=None, return_routing=False):
+        """-> (x, ids [B, T, K] of the gate's own top-k when return_routing and MoE, else None)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        h, ids = self._ffn(self.post_attention_layernorm(x), routing, return_routing)
+        return x + h, ids
+
+    def forward_paged(self, x, cos, sin, meta, cache, record=None):
+        """record: (buffer [S + 1, K], rows [N]) — write each new token's experts at its row (MoE layers)."""
         x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, ids = self._ffn(self.post_attention_layernorm(x), return_routing=record is not None)
+        if ids is not None:
+            buf, rows = record
+            buf.index_copy_(0, rows, ids.to(buf.dtype))
+        return x + h
 
 
 class Backbone(nn.Module):
@@ -67,10 +87,16 @@ class Backbone(nn.Module):
 
 class KVCache:
     """Paged cache, one entry per layer: MLA -> latent rows [NB, BS, Dc + Dr]; GQA -> (k, v) [NB, BS, Hkv, D].
-    All layers live in one allocation ([L, NB, BS, ...]) so the engine can size it in one go."""
+    All layers live in one allocation ([L, NB, BS, ...]) so the engine can size it in one go.
+    `routing` (routing=True, MoE models): [NB * BS + 1, L_moe, K] int16 expert ids of the token at each cache slot
+    per MoE layer, written by forward_paged beside its K/V (the last row takes padding rows' writes)."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device, routing: bool = False):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.routing = None
+        if routing and any(cfg.moe_layers):
+            self.routing = torch.zeros(num_blocks * block_size + 1, sum(cfg.moe_layers), cfg.num_experts_per_tok,
+                                       dtype=routing_dtype(cfg), device=device)
         L = cfg.num_hidden_layers
         if cfg.is_mla:
             self.data = torch.zeros(L, num_blocks, block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
@@ -173,39 +199,81 @@ class MoEForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     @property
+    def num_moe_layers(self) -> int:
+        """L of the routing layout [..., L, K]: the MoE layers, in order (dense layers have no routing)."""
+        return sum(self.config.moe_layers)
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
     # ---- training / scoring ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, return_hidden: bool = False) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_hidden: bool = False,
+                routing: torch.Tensor | None = None, return_routing: bool = False) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) or None; position_ids [B, T] or None
-        (default 0..T-1, as transformers does when none are given)."""
+        (default 0..T-1, as transformers does when none are given).
+        routing [B, T, L, K] int16/32/64 (L = num_moe_layers, K = num_experts_per_tok): routing replay — MoE layer l
+        sends token t to experts routing[:, t, l] (e.g. the engine's, CompletionOutput.routing) with weights
+        recomputed from its router logits at those experts. return_routing: .routing [B, T, L, K] int16 = the
+        experts the gates' own top-k picks (with routing given: from the same logits, for measuring agreement)."""
         B, T = input_ids.shape
+        if routing is not None:
+            self._check_routing(routing, B, T, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary(position_ids)  # [B, T, Dr/2]
         mask = None if attention_mask is None else _padding_mask(attention_mask)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        own, j = [], 0
         for layer in self.model.layers:
+            r = None
+            if layer.is_moe and routing is not None:
+                r = routing[:, :, j]  # [B, T, K]
+            j += layer.is_moe
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x, ids = checkpoint(layer, x, cos, sin, mask, r, return_routing, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x, ids = layer(x, cos, sin, mask, r, return_routing)
+            if ids is not None:
+                own.append(ids.to(routing_dtype(self.config)))
         x = self.model.norm(x)
+        out = CausalLMOutput(routing=torch.stack(own, dim=2) if own else None)  # [B, T, L, K]
         if return_hidden:
-            return CausalLMOutput(hidden=x)
-        return CausalLMOutput(logits=self.lm_head(x))
+            out.hidden = x
+        else:
+            out.logits = self.lm_head(x)
+        return out
+
+    def _check_routing(self, routing: torch.Tensor, B: int, T: int, device) -> None:
+        c = self.config
+        L, K = self.num_moe_layers, c.num_experts_per_tok
+        if not isinstance(routing, torch.Tensor) or routing.dtype not in (torch.int16, torch.int32, torch.int64):
+            raise TypeError(f"routing: expected an int16/int32/int64 tensor, got {getattr(routing, 'dtype', routing)}")
+        if tuple(routing.shape) != (B, T, L, K):
+            raise ValueError(f"routing: expected shape [B, T, moe_layers, top_k] = [{B}, {T}, {L}, {K}], got "
+                             f"{list(routing.shape)}")
+        if routing.device != torch.device(device):
+            raise ValueError(f"routing: on device {routing.device}, input_ids on {device}")
+        if routing.device.type == "cpu" and routing.numel():  # on GPU: route_topk_weights' DSMATH_CHECK_IDS
+            lo, hi = int(routing.min()), int(routing.max())
+            if lo < 0 or hi >= c.num_experts:
+                raise ValueError(f"routing: expert ids must lie in [0, {c.num_experts}), got {lo}..{hi}")
 
     # ---- inference over the paged cache ------------------------------------------------------------------------
-    def kv_cache_bytes_per_block(self, block_size: int, dtype=None) -> int:
+    def kv_cache_bytes_per_block(self, block_size: int, dtype=None, routing: bool = False) -> int:
         c = self.config
         per_token = c.kv_lora_rank + c.qk_rope_head_dim if c.is_mla else 2 * c.num_key_value_heads * c.head_dim
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return c.num_hidden_layers * block_size * per_token * elem
+        kv = c.num_hidden_layers * block_size * per_token * elem
+        if routing and self.num_moe_layers:
+            kv += block_size * self.num_moe_layers * c.num_experts_per_tok * routing_dtype(c).itemsize
+        return kv
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None) -> KVCache:
-        return KVCache(self.config, num_blocks, block_size, dtype or self.dtype, device or self.device)
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
+                          routing: bool = False) -> KVCache:
+        """routing=True (MoE models): also a buffer recording each cached token's experts (KVCache.routing)."""
+        return KVCache(self.config, num_blocks, block_size, dtype or self.dtype, device or self.device, routing)
 
     @torch.no_grad()
     def forward_paged(self, meta: ForwardMeta, kv_cache: KVCache) -> torch.Tensor:
@@ -215,10 +283,21 @@ class MoEForCausalLM(nn.Module):
             meta = dataclasses.replace(meta, max_seqlen_q=int((meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).max()))
         cos, sin = self.model.rotary(meta.positions)  # [N, Dr/2]
         x = self.model.embed_tokens(meta.input_ids)  # [N, H]
+        buf = getattr(kv_cache, "routing", None)  # [S + 1, L, K]: record the experts beside the K/V
+        if buf is not None:  # padding rows (slot -1) write to the spare last row; no host sync
+            rows = torch.where(meta.slot_mapping >= 0, meta.slot_mapping, buf.shape[0] - 1)  # [N]
+        j = 0
         for i, layer in enumerate(self.model.layers):
-            x = layer.forward_paged(x, cos, sin, meta, kv_cache[i])
+            rec = (buf[:, j], rows) if buf is not None and layer.is_moe else None
+            j += layer.is_moe
+            x = layer.forward_paged(x, cos, sin, meta, kv_cache[i], rec)
         x = self.model.norm(x[meta.logits_indices])  # [B, H]
         return self.lm_head(x).float()
+
+
+def routing_dtype(cfg: ModelConfig) -> torch.dtype:
+    """Expert ids are stored as int16 (int32 beyond 32767 experts)."""
+    return torch.int16 if cfg.num_experts <= 32767 else torch.int32
 
 
 def _padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:

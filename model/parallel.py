@@ -324,62 +324,74 @@ def _dispatch_all_to_all(moe: MoE, pc: ParallelConfig, xs: torch.Tensor, weights
     return pairs.view(Ts, K, xs.shape[1]).float().sum(dim=1).to(xs.dtype)  # slot order: deterministic
 
 
-def _moe_ep_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tensor:
-    """x [..., H] -> [..., H]: the hidden states are replicated on every rank (heads-split attention: each rank
-    takes its slice of the tokens) or, with data-parallel attention, this rank's own tokens (possibly none)."""
+def _moe_ep_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor, routing: torch.Tensor | None = None,
+                    return_routing: bool = False):
+    """MoE.forward with experts split across ranks: x [..., H] -> [..., H] (and, with return_routing, the gate's
+    own ids [..., K] of every token). The hidden states are replicated on every rank (heads-split attention: each
+    rank routes its slice of the tokens) or, with data-parallel attention, this rank's own tokens (possibly none).
+    routing [..., K]: routing replay (MoE.route)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # [T, H]
+    K = moe.gate.cfg.num_experts_per_tok
+    routing = None if routing is None else routing.reshape(-1, routing.shape[-1])
     T, W = x.shape[0], pc.world
     mode = pc.dispatch
     if mode == "auto":  # decode-sized steps (and anything being captured) take the host-sync-free exchange, so the
         # warm-up before a CUDA-graph capture autotunes the kernels the capture will use
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         mode = "all_gather" if capturing or T <= STATIC_MAX_TOKENS else "all_to_all"
-    if mode == "all_gather" and not pc.dp_attention:  # fixed shapes: no host sync, CUDA-graph safe
-        return _moe_ep_all_gather(moe, pc, x).view(shape)
     if pc.dp_attention:
-        xs = x
+        weights, ids, own = moe.route(x, routing, return_routing)  # this rank's own tokens
+        out = _dispatch_all_to_all(moe, pc, x, weights, ids)
+        if moe.shared_experts is not None:
+            out = out + moe.shared_experts(x)
     else:
         c = -(-T // W)  # tokens per rank (the last ranks may have fewer, or none)
-        xs = x[min(pc.rank * c, T):min((pc.rank + 1) * c, T)]  # [Ts, H]
-    weights, ids = moe.gate(xs)  # [Ts, K]: routing computed once per token
-    out = _dispatch_all_to_all(moe, pc, xs, weights, ids)
-    if moe.shared_experts is not None:
-        out = out + moe.shared_experts(xs)
-    if pc.dp_attention:
-        return out.view(shape)
-    out = F.pad(out, (0, 0, 0, c - out.shape[0]))  # [c, H]
-    return _all_gather(out, pc)[:T].view(shape)
+        lo, hi = min(pc.rank * c, T), min((pc.rank + 1) * c, T)
+        rs = None if routing is None else routing[lo:hi]
+        weights, ids, own = moe.route(x[lo:hi], rs, return_routing)  # this rank's slice: routed once per token
+        if own is not None:  # every rank returns every token's own ids
+            own = _all_gather(F.pad(own, (0, 0, 0, c - own.shape[0])), pc)[:T]
+        if mode == "all_gather":  # fixed shapes: no host sync, CUDA-graph safe
+            out = _moe_ep_all_gather(moe, pc, x, weights, ids, c)
+        else:
+            out = _dispatch_all_to_all(moe, pc, x[lo:hi], weights, ids)
+            if moe.shared_experts is not None:
+                out = out + moe.shared_experts(x[lo:hi])
+            out = _all_gather(F.pad(out, (0, 0, 0, c - out.shape[0])), pc)[:T]  # [T, H]
+    out = out.view(shape)
+    return (out, own.view(*shape[:-1], K)) if return_routing else out
 
 
-def _moe_ep_all_gather(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tensor:
-    """Fixed-shape exchange (x replicated, heads-split attention): rank r routes its slice of the tokens, the
-    routing is all-gathered, every rank computes its experts' pairs over all tokens (the other pairs are skipped,
-    not computed) and an all-reduce sums the partial outputs."""
+def _moe_ep_all_gather(moe: MoE, pc: ParallelConfig, x: torch.Tensor, weights, ids, c: int) -> torch.Tensor:
+    """Fixed-shape exchange (x [T, H] replicated, heads-split attention; weights / ids [<= c, K] of this rank's
+    slice): the routing is all-gathered, every rank computes its experts' pairs over all tokens (the other pairs are
+    skipped, not computed) and an all-reduce sums the partial outputs. -> [T, H]."""
     T, W = x.shape[0], pc.world
     n_local = moe.experts.gate_up_proj.shape[0]
-    c = -(-T // W)
-    xa = F.pad(x, (0, 0, 0, W * c - T))  # [W c, H]
-    weights, ids = moe.gate(xa[pc.rank * c:(pc.rank + 1) * c])  # this rank's slice, routed once
-    weights, ids = _all_gather(weights, pc), _all_gather(ids, pc)  # routing of every token
+    pad = c - ids.shape[0]  # slice rows past T: no token (their pairs are skipped below)
+    weights = _all_gather(F.pad(weights, (0, 0, 0, pad)), pc)  # [W c, K] routing of every token
+    ids = _all_gather(F.pad(ids, (0, 0, 0, pad), value=-1), pc)
     local = ids.long() - pc.rank * n_local
-    mine = torch.where((local >= 0) & (local < n_local), local, -1)  # other ranks' pairs: skipped, not computed
-    y = _run_experts(moe.experts, xa, weights, mine)  # [W c, H]: this rank's experts' share of every token
-    out = _all_reduce(y, pc)[:T]
+    mine = torch.where((ids >= 0) & (local >= 0) & (local < n_local), local, -1)  # others' pairs: skipped
+    xa = F.pad(x, (0, 0, 0, W * c - T))  # [W c, H]
+    out = _all_reduce(_run_experts(moe.experts, xa, weights, mine), pc)[:T]
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x)
     return out
 
 
-def _moe_tp_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor) -> torch.Tensor:
+def _moe_tp_forward(moe: MoE, pc: ParallelConfig, x: torch.Tensor, routing: torch.Tensor | None = None,
+                    return_routing: bool = False):
     """Experts and shared experts split along their intermediate dimension: one all-reduce of the sum."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    weights, ids = moe.gate(x)
+    weights, ids, own = moe.route(x, routing, return_routing)
     out = moe.experts(x, weights, ids)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x)
-    return _all_reduce(out, pc).view(shape)
+    out = _all_reduce(out, pc).view(shape)
+    return (out, own.view(*shape[:-1], own.shape[-1])) if return_routing else out
 
 
 def _parallel_moe(moe: MoE, cfg: ModelConfig, pc: ParallelConfig) -> None:

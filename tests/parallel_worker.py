@@ -31,12 +31,13 @@ def main():
         os.environ["DSMATH_FP8_ACT"] = act
         llm = LLM(ckpt, tensor_parallel_size=world, enable_expert_parallel=ep == "1", enable_dp_attention=dp == "1",
                   num_blocks=32, block_size=8, device="cpu")
-        outs = llm.generate(PROMPTS[prompts], SamplingParams(max_tokens=a.max_tokens, temperature=0.0),
-                            use_tqdm=False)
+        outs = llm.generate(PROMPTS[prompts], SamplingParams(max_tokens=a.max_tokens, temperature=0.0,
+                                                             return_routing=True), use_tqdm=False)
         nbytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
         sizes = [None] * world
         dist.all_gather_object(sizes, nbytes)
         results[name] = {"tokens": [o.outputs[0].token_ids for o in outs], "param_bytes": sizes,
+                         "routing": [o.outputs[0].routing.tolist() for o in outs],
                          "fp8_params": sum(p.dtype == torch.float8_e4m3fn for p in llm.model.parameters())}
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:

@@ -19,7 +19,8 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     ps = [SamplingParams(temperature=1.3, top_k=1)] * 3 + [SamplingParams(temperature=0.7, top_p=1e-6)] * 3
     tok, lp = Sampler()(logits, ps, [None] * 6)
     assert torch.equal(tok, logits.argmax(-1))
-    torch.testing.assert_close(lp, torch.zeros(6))      # a one-token distribution
+    temps = torch.tensor([1.3] * 3 + [0.7] * 3)         # log-probs: the temperature-scaled FULL distribution
+    torch.testing.assert_close(lp, (logits / temps[:, None]).log_softmax(-1).gather(-1, tok[:, None])[:, 0])
 
 
 def test_mixed_batch_greedy_rows_unchanged():
@@ -51,7 +52,19 @@ def test_frequencies_and_logprobs_match_the_distribution(temperature, top_k, top
     freq = torch.bincount(tok, minlength=V).float() / B
     assert (freq[~keep] == 0).all()
     assert (freq - want).abs().max() < 0.03
-    torch.testing.assert_close(lp, want.log()[tok])
+    torch.testing.assert_close(lp, scaled.log_softmax(-1)[tok])  # the full distribution (the GRPO loss's), no cut
+
+
+def test_logprobs_are_the_grpo_losses():
+    """The engine reports exactly what dsmath_kernels.token_logprobs computes for the token at that temperature."""
+    from dsmath_kernels import token_logprobs
+
+    hidden, head = torch.randn(1, 8, 16), torch.randn(40, 16)
+    for temperature in (1.0, 0.6, 1.7):
+        ps = [SamplingParams(temperature=temperature, top_p=0.9)] * 8
+        tok, lp = Sampler(seed=3)(hidden[0] @ head.T, ps, [None] * 8)
+        want = token_logprobs(hidden, head, tok[None], temperature=temperature)[0]
+        torch.testing.assert_close(lp, want, atol=2e-6, rtol=0)
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():

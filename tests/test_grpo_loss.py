@@ -23,19 +23,25 @@ def _inputs(B, T, H, V, dtype=torch.float32, *, p_mask=0.7, with_old=True, with_
     return hidden, weight, targets, mask, adv, old, ref
 
 
+def _tis_weights(B, T):
+    """Truncated importance weights as the trainer makes them: min(exp(noise), 2) — many below 1, some cut at 2."""
+    return torch.exp(0.5 * torch.randn(B, T)).clamp(max=2.0)
+
+
 def _check_against_ref(inputs, *, loss_type, temperature=1.0, beta=0.04, backend="torch", atol=1e-5, rtol=1e-4,
-                       grad_atol=None):
+                       grad_atol=None, token_weights=None):
     hidden, weight, targets, mask, adv, old, ref = inputs
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     loss, met = grpo_loss(h, w, targets, mask, adv, old_logprobs=old, ref_logprobs=ref, beta=beta,
-                          temperature=temperature, loss_type=loss_type, backend=backend)
+                          temperature=temperature, loss_type=loss_type, backend=backend, token_weights=token_weights)
     dh, dw = torch.autograd.grad(loss, (h, w))
     h64 = hidden.double().requires_grad_()
     w64 = weight.double().requires_grad_()
     d = (lambda t: None if t is None else t.double())
     loss64, met64 = grpo_loss_ref(h64, w64, targets, mask, adv.double(), old_logprobs=d(old), ref_logprobs=d(ref),
-                                  beta=beta, temperature=temperature, loss_type=loss_type)
+                                  beta=beta, temperature=temperature, loss_type=loss_type,
+                                  token_weights=d(token_weights))
     dh64, dw64 = torch.autograd.grad(loss64, (h64, w64))
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, loss64, atol=atol, rtol=rtol, name="loss")
@@ -69,6 +75,34 @@ def test_grpo_loss_torch_temperature_and_empty_rows(small_chunks, loss_type):
     inputs[3][1] = False  # sequence 1 has no unmasked token
     inputs[3][2] = True  # sequence 2 fully unmasked
     _check_against_ref(tuple(inputs), loss_type=loss_type, temperature=0.7, beta=0.1)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_loss_token_weights_torch(small_chunks, loss_type):
+    """Per-token weights on the policy-gradient term (TIS): loss, d hidden, d weight vs the float64 reference."""
+    inputs = _inputs(3, 7, 24, 131)
+    _check_against_ref(inputs, loss_type=loss_type, token_weights=_tis_weights(3, 7))
+
+
+def test_token_weights_scale_only_the_policy_gradient_term():
+    """Weights w: d loss = w * d(surrogate) + d(beta * KL) per token — checked by pulling the two terms apart."""
+    hidden, weight, targets, mask, adv, old, ref = _inputs(2, 5, 16, 60, p_mask=1.0)
+    tw = _tis_weights(2, 5)
+
+    def grad(**kw):
+        h = hidden.clone().requires_grad_()
+        loss, _ = grpo_loss(h, weight, targets, mask, adv, old_logprobs=old, ref_logprobs=ref, loss_type="dapo",
+                            **kw)
+        return torch.autograd.grad(loss, (h,))[0]
+
+    only_kl = grad(beta=0.5) - grad(beta=0.0)  # zero weights leave only the KL term
+    assert_close(grad(beta=0.5, token_weights=torch.zeros(2, 5)), only_kl, atol=1e-6, rtol=1e-5, name="w = 0")
+    pg = grad(beta=0.0, token_weights=tw)
+    one_token = torch.zeros(2, 5)
+    one_token[1, 3] = 1.0
+    assert (pg - grad(beta=0.0) != 0).any()  # the weights change the gradient
+    scaled = grad(beta=0.0, token_weights=one_token * tw[1, 3])
+    assert_close(scaled, tw[1, 3] * grad(beta=0.0, token_weights=one_token), atol=1e-7, rtol=1e-5, name="linear")
 
 
 def test_grpo_loss_all_masked(small_chunks):
@@ -127,7 +161,8 @@ def test_masked_padding_is_inert():
     old = inputs[5].masked_fill(~mask, float("nan"))
     ref = inputs[6].masked_fill(~mask, float("-inf"))
     h2 = inputs[0].clone().requires_grad_()
-    loss2, met2 = grpo_loss(h2, inputs[1], inputs[2], mask, inputs[4], old_logprobs=old, ref_logprobs=ref)
+    loss2, met2 = grpo_loss(h2, inputs[1], inputs[2], mask, inputs[4], old_logprobs=old, ref_logprobs=ref,
+                            token_weights=torch.ones(2, 4).masked_fill(~mask, float("nan")))
     (dh2,) = torch.autograd.grad(loss2, (h2,))
     assert_close(loss2, loss, atol=0, rtol=0, name="loss")
     assert_close(dh2, dh, atol=0, rtol=0, name="d hidden")
@@ -206,6 +241,8 @@ def test_errors_name_the_argument():
         ({"advantages": adv[:1]}, "advantages"),
         ({"old_logprobs": old[:, :1]}, "old_logprobs"),
         ({"ref_logprobs": ref.long()}, "ref_logprobs"),
+        ({"token_weights": ref[:1]}, "token_weights"),
+        ({"token_weights": ref.bool()}, "token_weights"),
         ({"loss_type": "ppo"}, "loss_type"),
         ({"temperature": 0.0}, "temperature"),
         ({"beta": -1.0}, "beta"),
@@ -241,6 +278,13 @@ def test_grpo_loss_triton(monkeypatch, mode, loss_type):
     inputs = list(_inputs(2, 5, 24, 70))
     inputs[3][0] = False  # sequence 0 has no unmasked token
     _check_against_ref(tuple(inputs), loss_type=loss_type, temperature=0.8, backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_grpo_loss_triton_token_weights(monkeypatch, mode):
+    """TIS weights through the Triton kernels (interpreter): the weighted d logp drives their backward."""
+    monkeypatch.setenv("DSMATH_GRPO_BWD", mode)
+    _check_against_ref(_inputs(2, 5, 24, 70), loss_type="dapo", backend="triton", token_weights=_tis_weights(2, 5))
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
@@ -304,12 +348,13 @@ def test_grpo_loss_cuda(monkeypatch, variant, dtype, grad_atol):
                                                     for t in _inputs(B, T, H, V, dtype))
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
+    tw = _tis_weights(B, T).cuda()
     loss, met = grpo_loss(h, w, targets, mask, adv, old_logprobs=old, ref_logprobs=ref, temperature=0.9,
-                          backend=backend)
+                          backend=backend, token_weights=tw)
     dh, dw = torch.autograd.grad(loss, (h, w))
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     loss64, met64 = grpo_loss_ref(h64, w64, targets, mask, adv.double(), old_logprobs=old.double(),
-                                  ref_logprobs=ref.double(), temperature=0.9)
+                                  ref_logprobs=ref.double(), temperature=0.9, token_weights=tw.double())
     dh64, dw64 = torch.autograd.grad(loss64, (h64, w64))
     assert_close(loss, loss64, atol=1e-4, rtol=1e-3, name="loss")
     scale = max(dh64.abs().max().item(), dw64.abs().max().item())

@@ -49,8 +49,9 @@ def ckpts(tmp_path_factory):
 def single_process(ckpt: str, prompts: str, monkeypatch, act: str = "native", max_tokens: int = 6):
     monkeypatch.setenv("DSMATH_FP8_ACT", act)
     llm = LLM(ckpt, num_blocks=32, block_size=8, device="cpu")
-    outs = llm.generate(PROMPTS[prompts], SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    outs = llm.generate(PROMPTS[prompts], SamplingParams(max_tokens=max_tokens, temperature=0.0, return_routing=True),
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], [o.outputs[0].routing.tolist() for o in outs]
 
 
 def torchrun(n: int, scenarios: list[str], out: str) -> dict:
@@ -85,7 +86,8 @@ def test_generation_matches_one_process(ckpts, n, tmp_path, monkeypatch):
         key = (ck, prompts, act)
         if key not in refs:
             refs[key] = single_process(c[ck], prompts, monkeypatch, act)
-        assert got[name]["tokens"] == refs[key], name
+        assert got[name]["tokens"] == refs[key][0], name
+        assert got[name]["routing"] == refs[key][1], name  # every token's experts, recorded on every rank
     one = MoEForCausalLM.from_pretrained(c["fp32"])
     full = sum(p.numel() * p.element_size() for p in one.parameters())
     sizes = got["ep_a2a"]["param_bytes"]

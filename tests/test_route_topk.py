@@ -6,7 +6,7 @@ import torch
 
 import dsmath_kernels as dk
 from dsmath_kernels import _ext
-from dsmath_kernels.reference import route_topk_ref
+from dsmath_kernels.reference import route_topk_ref, route_topk_weights_ref
 from dsmath_kernels.testing import assert_close
 
 # (T, E, K, scoring, n_group, topk_group, renormalize, scale)
@@ -238,6 +238,109 @@ def test_matches_transformers_qwen3_moe(norm):
     _check_against_hf(out, dk.route_topk(out[0], 8, renormalize=norm))
 
 
+# ---- routing replay: route_topk_weights (weights of given ids)
+
+
+def _replay_kw(case):
+    _, _, _, scoring, _, _, renorm, scale = case
+    return dict(scoring=scoring, renormalize=renorm, routed_scaling_factor=scale)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-{c[3]}-g{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_weights_are_route_topks_bit_for_bit(case, dtype):
+    """The ids route_topk chose, handed back in any order and any int dtype: exactly its weights (same backend)."""
+    T, E, K = case[:3]
+    logits = torch.randn(T, E).to(dtype)
+    bias = torch.randn(E) * 0.1 if case[3] == "sigmoid" else None
+    w, ids = dk.route_topk(logits, K, bias=bias, n_group=case[4], topk_group=case[5], **_replay_kw(case))
+    perm = torch.randperm(K)
+    for id_dtype in (torch.int16, torch.int32, torch.int64):
+        wr = dk.route_topk_weights(logits, ids[:, perm].to(id_dtype), **_replay_kw(case))
+        assert wr.dtype == torch.float32 and wr.shape == (T, K)
+        assert torch.equal(wr, w[:, perm]), id_dtype
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-{c[3]}-g{c[4]}")
+def test_replay_weights_of_arbitrary_ids_match_reference(case):
+    T, E, K = case[:3]
+    logits = torch.randn(T, E, dtype=torch.float16)
+    ids = torch.rand(T, E).argsort(dim=1)[:, :K]  # any K distinct experts, not the top-k
+    w = dk.route_topk_weights(logits, ids, **_replay_kw(case))
+    assert_close(w, route_topk_weights_ref(logits, ids, **_replay_kw(case)), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scoring,renorm,scale", [("softmax", True, 1.0), ("softmax", False, 2.0),
+                                                  ("sigmoid", True, 2.5), ("sigmoid", False, 1.0)])
+def test_replay_gradient_matches_fp64_reference(scoring, renorm, scale):
+    logits = torch.randn(9, 32)
+    ids = torch.rand(9, 32).argsort(dim=1)[:, :5]
+    kw = dict(scoring=scoring, renormalize=renorm, routed_scaling_factor=scale)
+    x = logits.clone().requires_grad_()
+    w = dk.route_topk_weights(x, ids, **kw)
+    g = torch.randn_like(w)
+    (w * g).sum().backward()
+    x64 = logits.double().requires_grad_()
+    (route_topk_weights_ref(x64, ids, **kw).double() * g.double()).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert_close(x.grad, x64.grad, atol=1e-6, rtol=1e-4, name="d logits")
+
+
+def test_replay_gradient_equals_route_topks_for_its_own_ids():
+    x1 = torch.randn(12, 64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    w1, ids = dk.route_topk(x1, 6, renormalize=True, routed_scaling_factor=1.5)
+    w2 = dk.route_topk_weights(x2, ids, renormalize=True, routed_scaling_factor=1.5)
+    g = torch.randn_like(w1)
+    (w1 * g).sum().backward()
+    (w2 * g).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_replay_edge_cases():
+    assert dk.route_topk_weights(torch.randn(0, 16), torch.zeros(0, 3, dtype=torch.int32)).shape == (0, 3)
+    base = torch.randn(20, 41)
+    logits = base[:, :40]  # row stride 41
+    ids = torch.rand(20, 40).argsort(dim=1)[:, :4]
+    assert_close(dk.route_topk_weights(logits, ids), route_topk_weights_ref(logits, ids), atol=1e-6, rtol=1e-5)
+    big = torch.randn(3, 600)  # beyond the kernel's 512 experts: the reference
+    ids = torch.rand(3, 600).argsort(dim=1)[:, :20]
+    assert_close(dk.route_topk_weights(big, ids), route_topk_weights_ref(big, ids))
+    nan = torch.randn(2, 8)
+    nan[0, 1] = float("nan")
+    w = dk.route_topk_weights(nan, torch.tensor([[0, 2], [0, 2]]), scoring="softmax")
+    assert w[0].isnan().all() and w[1].isfinite().all()  # a softmax row with a NaN logit, as route_topk
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(ids=torch.tensor([[0, 8]] * 4)), ValueError, "ids.*\\[0, 8\\)"),
+    (dict(ids=torch.tensor([[-1, 2]] * 4)), ValueError, "ids"),
+    (dict(ids=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "ids"),
+    (dict(ids=torch.zeros(4, 9, dtype=torch.int64)), ValueError, "ids"),
+    (dict(ids=torch.zeros(4, 2)), TypeError, "ids"),
+    (dict(ids=torch.zeros(4, 2, dtype=torch.int64, device="meta")), ValueError, "ids.*device"),
+    (dict(scoring="relu"), ValueError, "scoring"),
+    (dict(logits=torch.zeros(4, 8, dtype=torch.int32)), TypeError, "logits"),
+])
+def test_replay_bad_input_names_the_argument(bad, exc, match):
+    args = dict(logits=torch.randn(4, 8), ids=torch.tensor([[0, 1]] * 4))
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        dk.route_topk_weights(args.pop("logits"), args.pop("ids"), **args)
+
+
+def test_replay_opcheck_and_compile():
+    logits = torch.randn(6, 32, requires_grad=True)
+    ids = torch.rand(6, 32).argsort(dim=1)[:, :4].int()
+    torch.library.opcheck(torch.ops.dsmath.route_topk_weights.default, (logits, ids, "sigmoid", True, 2.0))
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x, i):
+        return dk.route_topk_weights(x, i) * 2
+
+    assert_close(f(logits, ids), route_topk_weights_ref(logits, ids) * 2)
+
+
 # ---- GPU
 
 
@@ -251,6 +354,40 @@ def test_cuda_matches_reference(case, dtype):
     (w, i), (wr, ir) = _run_both(*case, dtype=dtype, device="cuda")
     assert torch.equal(i, ir)
     assert_close(w, wr, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES + [(65536, 256, 8, "sigmoid", 8, 4, True, 2.5)],
+                         ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-{c[3]}-g{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_replay_weights(case, dtype):
+    """CUDA route_topk_weights: bit-identical to CUDA route_topk for its own ids (any order), the reference for
+    arbitrary ids, gradients as the reference's, and CUDA-graph capturable."""
+    T, E, K = case[:3]
+    logits = torch.randn(T, E, device="cuda").to(dtype)
+    bias = torch.randn(E, device="cuda") * 0.1 if case[3] == "sigmoid" else None
+    w, ids = dk.route_topk(logits, K, bias=bias, n_group=case[4], topk_group=case[5], **_replay_kw(case))
+    perm = torch.randperm(K, device="cuda")
+    assert torch.equal(dk.route_topk_weights(logits, ids[:, perm].short(), **_replay_kw(case)), w[:, perm])
+    other = torch.rand(T, E, device="cuda").argsort(dim=1)[:, :K]
+    x = logits.float().requires_grad_()
+    wr = dk.route_topk_weights(x, other, **_replay_kw(case))
+    assert_close(wr, route_topk_weights_ref(logits, other, **_replay_kw(case)), atol=1e-6, rtol=1e-5)
+    if T <= 1024:
+        g = torch.randn_like(wr)
+        (wr * g).sum().backward()
+        x64 = logits.double().requires_grad_()
+        (route_topk_weights_ref(x64, other, **_replay_kw(case)).double() * g.double()).sum().backward()
+        assert_close(x.grad, x64.grad, atol=1e-6, rtol=1e-4)
+    static = logits[:64].clone()
+    sid = ids[:64].clone()
+    dk.route_topk_weights(static, sid, **_replay_kw(case))  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        wg = dk.route_topk_weights(static, sid, **_replay_kw(case))
+    static.copy_(torch.randn_like(static))
+    graph.replay()
+    assert_close(wg, route_topk_weights_ref(static, sid, **_replay_kw(case)), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -45,10 +45,23 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2            # DAPO clip-higher: 0.28
     normalize: str = "std"           # std | none (Dr. GRPO: no division by the group std)
-    drop_equal_groups: bool = False  # DAPO dynamic sampling (here: drop the groups, no re-sampling)
+    drop_equal_groups: bool = False  # DAPO dynamic sampling: groups all correct or all wrong (accuracy, not total
+                                     #   reward) leave the loss and new problems are sampled until the batch holds
+                                     #   problems_per_step informative groups
+    max_resample_rounds: int = 4     # DAPO: extra sampling rounds per step at most (then train on what there is)
+    mask_truncated_completions: bool = False  # DAPO overlong filtering: completions cut at max_tokens leave the loss
     mu: int = 1                      # optimisation passes over each sampled batch (DeepSeekMath: 1)
     minibatches: int = 1             # optimizer steps per pass
     micro_batch: int = 64            # sequences per forward/backward (gradient accumulation)
+    # ---- sampler-trainer mismatch (notes in train/README.md, "Log-probs that match")
+    routing_replay: bool | None = None  # R3: the trainer's forwards (old, reference, new) use the experts the engine
+                                     #   picked for each token; None = on for MoE policies
+    skip_recompute: bool = True      # old log-probs = the engine's where the gap is zero by construction (mu = 1, one
+                                     #   minibatch, replay on or no MoE, float32): one forward pass fewer per step
+    tis_cap: float = 2.0             # truncated importance sampling: the policy-gradient term of each token weighted
+                                     #   by min(pi_old / pi_engine, C); 0 = off
+    tis_mode: str = "token"          # token | sequence_mask (weight 0 for sequences whose geometric-mean ratio
+                                     #   leaves [1/C, C], 1 for the others)
     # ---- reward terms
     format_weight: float = 0.0       # + w * format_reward (a \boxed{} answer present)
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens (0: off)
@@ -97,6 +110,9 @@ class GRPOConfig:
             (self.group_size >= 1 and self.problems_per_step >= 1, "group_size and problems_per_step must be >= 1"),
             (self.mu >= 1 and self.minibatches >= 1 and self.micro_batch >= 1, "mu, minibatches, micro_batch >= 1"),
             (self.beta >= 0 and self.lr > 0, "beta >= 0 and lr > 0"),
+            (self.tis_mode in ("token", "sequence_mask"), f"tis_mode: token|sequence_mask, got {self.tis_mode!r}"),
+            (self.tis_cap == 0 or self.tis_cap >= 1, f"tis_cap: 0 (off) or >= 1, got {self.tis_cap}"),
+            (self.max_resample_rounds >= 0, f"max_resample_rounds: >= 0, got {self.max_resample_rounds}"),
         ]
         for ok, msg in checks:
             if not ok:

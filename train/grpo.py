@@ -2,24 +2,28 @@
 
 Algorithm (Shao et al. 2024, "DeepSeekMath", section 4), one step:
   1. take P problems; the engine samples G completions of each ON THE LIVE POLICY WEIGHTS (same process, the
-     model object itself, no weight copy) and returns each token's sampled log-prob;
+     model object itself, no weight copy) and returns each token's log-prob and (MoE) the experts it was routed
+     to — replayed in every trainer forward (routing_replay), see train/README.md "Log-probs that match";
   2. reward r = math_reward(completion, gold) (+ optional format / overlong terms);
   3. advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of completion i;
-  4. old log-probs (trainer forward, no grad) and, if beta > 0, reference log-probs from a frozen copy of the
-     starting policy;
+  4. old log-probs (trainer forward, no grad; the engine's where they are the same by construction:
+     skip_recompute) with truncated importance weights against the engine's (tis_cap) and, if beta > 0, reference
+     log-probs from a frozen copy of the starting policy;
   5. mu passes over the batch in `minibatches` optimizer steps of
         loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3(pi || ref)
      averaged per `loss_type` (dsmath_kernels.grpo_loss: fused LM head + log-softmax, never the [B*T, V] logits),
      AdamW, gradient clipping at `grad_clip`, linear warm-up then constant or cosine LR.
 
 Defaults are DeepSeekMath's (G = 64, beta = 0.04, lr 1e-6, eps 0.2, one policy update per sampling round,
-per-sequence mean). Options: DAPO (`--config dapo`: clip-higher 0.2/0.28, token-level mean, dropping groups whose
-rewards are all equal, soft overlong penalty, no KL) and Dr. GRPO (`--config dr_grpo`: no std division, sum over
-tokens divided by a constant B * max_tokens, no KL).
+per-sequence mean). Options: DAPO (`--config dapo`: clip-higher 0.2/0.28, token-level mean, dynamic sampling —
+groups all correct or all wrong dropped and new problems sampled until the batch is full —, soft overlong penalty,
+optional overlong filtering, no KL) and Dr. GRPO (`--config dr_grpo`: no std division, sum over tokens divided by
+a constant B * max_tokens, no KL).
 
 Departures from the paper:
   - outcome rewards only (no process supervision; no reward model — the reward is the verifier);
-  - DAPO's dynamic sampling drops the all-equal groups instead of sampling more until the batch is full;
+  - DAPO's dynamic sampling gives up after max_resample_rounds extra rounds (then trains on fewer informative
+    groups, the rest masked);
   - the reference model is the policy at step 0 of THIS run (after an optional warm start), kept in full on each
     rank (sharded like the policy under FSDP2); no periodic reference reset (DeepSeekMath's iterative RL);
   - bf16: single process keeps fp32 weights (the master copy) and trains under autocast, generating in fp32;
@@ -48,7 +52,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -68,17 +72,31 @@ class Policy(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids, targets, mask=None, adv=None, old=None, ref=None, cfg: GRPOConfig | None = None):
-        """ids/targets [B, T]. Without `adv`: token log-probs [B, T]. With it: (grpo loss, metrics)."""
+    def forward(self, ids, targets, mask=None, adv=None, old=None, ref=None, cfg: GRPOConfig | None = None, *,
+                routing=None, replay: bool = False, agreement: bool = False, token_weights=None):
+        """ids/targets [B, T]. Without `adv`: (token log-probs [B, T], agree). With it: (grpo loss, metrics).
+        routing [B, T, L, K]: the engine's experts — used instead of the gates' top-k when `replay`; with
+        `agreement`, agree = [B, T] bool (every layer's experts equal the engine's; metrics["router_agreement"] in
+        loss mode), else None. token_weights [B, T]: TIS weights of the policy-gradient term."""
         from dsmath_kernels import grpo_loss, token_logprobs
 
-        hidden = self.lm(ids, return_hidden=True).hidden  # [B, T, H]
+        out = self.lm(ids, return_hidden=True, routing=routing if replay else None, return_routing=agreement)
+        hidden = out.hidden  # [B, T, H]
+        agree = same_experts(out.routing, routing) if agreement else None  # [B, T]
         w = self.lm.lm_head.weight  # [V, H]
         if adv is None:
-            return token_logprobs(hidden, w.to(hidden.dtype), targets, temperature=cfg.temperature)
-        return grpo_loss(hidden, w.to(hidden.dtype), targets, mask, adv, old_logprobs=old, ref_logprobs=ref,
-                         beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, temperature=cfg.temperature,
-                         loss_type=cfg.loss_type)
+            return token_logprobs(hidden, w.to(hidden.dtype), targets, temperature=cfg.temperature), agree
+        loss, met = grpo_loss(hidden, w.to(hidden.dtype), targets, mask, adv, old_logprobs=old, ref_logprobs=ref,
+                              beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                              temperature=cfg.temperature, loss_type=cfg.loss_type, token_weights=token_weights)
+        if agree is not None:
+            met["router_agreement"] = (agree & mask).sum() / mask.sum().clamp(min=1)
+        return loss, met
+
+
+def same_experts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, T, L, K] x 2 -> [B, T] bool: the same set of experts in every layer (order within a row ignored)."""
+    return (a.sort(dim=-1).values == b.to(a.dtype).sort(dim=-1).values).flatten(2).all(dim=-1)
 
 
 def fsdp_modules(policy) -> list:
@@ -206,11 +224,13 @@ def lr_factor(step: int, cfg: GRPOConfig) -> float:
 
 def sample(llm, prompts: list[list[int]], cfg: GRPOConfig, step: int, first_index: int):
     """G completions per prompt, each request seeded from (seed, step, global problem index): the same samples
-    whatever the batch composition or the number of ranks."""
+    whatever the batch composition or the number of ranks. With an engine that records routing (MoE policies) the
+    completions also carry each token's experts (CompletionOutput.routing), for replay and router agreement."""
     SamplingParams = model_module("engine").SamplingParams
 
+    routing = bool(getattr(llm, "record_routing", False))
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_tokens=cfg.max_tokens, logprobs=True,
+                             max_tokens=cfg.max_tokens, logprobs=True, return_routing=routing,
                              seed=(cfg.seed * 1_000_003 + step * 10_007 + first_index + i) % 2**62)
               for i in range(len(prompts))]
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -233,7 +253,8 @@ def score(completions, golds: list[str], tokenizer, pool, cfg: GRPOConfig) -> tu
 
 def pack(prompts: list[list[int]], completions: list, pad: int, device) -> dict:
     """Rows prompt + completion, right-padded. The model reads ids = row[:-1] and predicts targets = row[1:];
-    mask marks the completion tokens; engine_lp holds their sampled log-probs."""
+    mask marks the completion tokens; engine_lp holds their sampled log-probs; routing [N, T, L, K] (when the
+    completions carry it) the engine's experts for each input token — padding positions get experts 0..K-1."""
     rows = [p + list(c.token_ids) for p, c in zip(prompts, completions)]
     T = max(map(len, rows)) - 1
     ids = torch.full((len(rows), T + 1), pad, dtype=torch.long)
@@ -244,8 +265,16 @@ def pack(prompts: list[list[int]], completions: list, pad: int, device) -> dict:
         ids[i, : len(p) + n] = torch.tensor(p + list(c.token_ids))
         mask[i, len(p) - 1 : len(p) - 1 + n] = True
         engine_lp[i, len(p) - 1 : len(p) - 1 + n] = torch.tensor(c.token_logprobs)
-    return {"ids": ids[:, :-1].to(device), "targets": ids[:, 1:].to(device), "mask": mask.to(device),
-            "engine_lp": engine_lp.to(device)}
+    b = {"ids": ids[:, :-1].to(device), "targets": ids[:, 1:].to(device), "mask": mask.to(device),
+         "engine_lp": engine_lp.to(device)}
+    if completions and getattr(completions[0], "routing", None) is not None:
+        r0 = completions[0].routing  # [n, L, K] on the engine's device (no host round trip)
+        routing = torch.arange(r0.shape[-1], dtype=r0.dtype, device=r0.device).expand(len(rows), T, *r0.shape[1:])
+        routing = routing.clone()
+        for i, c in enumerate(completions):
+            routing[i, : c.routing.shape[0]] = c.routing
+        b["routing"] = routing.to(device)
+    return b
 
 
 def micro_slices(n: int, size: int) -> list[slice]:
@@ -256,7 +285,7 @@ def trim(b: dict, rows: slice) -> dict:
     """Rows of the batch, cut to their longest completion (less padding per micro batch)."""
     sub = {k: v[rows] for k, v in b.items()}
     T = int(sub["mask"].any(0).nonzero().max()) + 1 if sub["mask"].any() else 1
-    return {k: (v[:, :T] if v.dim() == 2 else v) for k, v in sub.items()}
+    return {k: (v[:, :T] if v.dim() >= 2 else v) for k, v in sub.items()}
 
 
 def autocast(cfg: GRPOConfig):
@@ -266,39 +295,57 @@ def autocast(cfg: GRPOConfig):
 
 
 @torch.no_grad()
-def logprobs_of(policy: Policy, b: dict, cfg: GRPOConfig) -> torch.Tensor:
+def logprobs_of(policy: Policy, b: dict, cfg: GRPOConfig, replay: bool = False,
+                agreement: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token log-probs [N, T] of the batch under `policy` (replaying b["routing"] when `replay`) and, with
+    `agreement`, [N, T] bool: the trainer's own experts equal the engine's in every layer."""
     out = torch.zeros_like(b["engine_lp"])
+    agree = torch.zeros_like(b["mask"]) if agreement else None
     for s in micro_slices(b["ids"].shape[0], cfg.micro_batch):
         m = trim(b, s)
         with autocast(cfg):
-            out[s, : m["ids"].shape[1]] = policy(m["ids"], m["targets"], cfg=cfg).float()
-    return out
+            lp, ag = policy(m["ids"], m["targets"], cfg=cfg, routing=m.get("routing"), replay=replay,
+                            agreement=agreement)
+        out[s, : m["ids"].shape[1]] = lp.float()
+        if agreement:
+            agree[s, : m["ids"].shape[1]] = ag
+    return out, agree
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The policy update
 
 
-def all_sum(x: float) -> float:
+def all_sum(x: float, op=None) -> float:
     if not dist.is_initialized():
         return x
     t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return float(t.item())
 
 
+def all_max(x: float) -> float:
+    return all_sum(x, dist.ReduceOp.MAX) if dist.is_initialized() else x
+
+
 METRIC_KEYS = ("kl", "clip", "clip_low", "clip_high", "entropy")
+MEASURE_KEYS = ("log_ratio_abs", "router_agreement")  # token means, when measured (first pass of a skipped recompute)
 
 
-def backward_minibatch(policy: Policy, b: dict, rows: slice, cfg: GRPOConfig, stats: dict) -> None:
+def backward_minibatch(policy: Policy, b: dict, rows: slice, cfg: GRPOConfig, stats: dict, *, replay: bool = False,
+                       measure: bool = False) -> None:
     """Accumulate the gradient of one optimizer step's loss over `rows` of b (in micro batches). Every rank runs
-    the same number of micro batches (FSDP all-gathers in each); dropped groups are masked out, not removed."""
+    the same number of micro batches (FSDP all-gathers in each); dropped groups are masked out, not removed.
+    b may hold routing (replayed when `replay`) and tis (per-token weights of the policy-gradient term). `measure`:
+    also sum |logp - old| (mean and max) and, with routing, the router agreement into stats["first/..."]."""
     live = b["mask"][rows].any(1)
     n_seq, n_tok = all_sum(float(live.sum())), all_sum(float(b["mask"][rows].sum()))
     for s in micro_slices(rows.stop - rows.start, cfg.micro_batch):
         m = trim(b, slice(rows.start + s.start, rows.start + s.stop))
         with autocast(cfg):
-            loss, met = policy(m["ids"], m["targets"], m["mask"], m["adv"], m.get("old"), m.get("ref"), cfg=cfg)
+            loss, met = policy(m["ids"], m["targets"], m["mask"], m["adv"], m.get("old"), m.get("ref"), cfg=cfg,
+                               routing=m.get("routing"), replay=replay, agreement=measure and "routing" in m,
+                               token_weights=m.get("tis"))
         scale = loss_scale(m, cfg, max(n_seq, 1.0), max(n_tok, 1.0))
         (loss * scale).backward()
         k = float(m["mask"].sum())
@@ -306,6 +353,13 @@ def backward_minibatch(policy: Policy, b: dict, rows: slice, cfg: GRPOConfig, st
         stats["objective"] = stats.get("objective", 0.0) + float(loss.detach()) * scale / rank_world()[1]
         for key in METRIC_KEYS:
             stats[key] = stats.get(key, 0.0) + float(met[key]) * k
+        if measure:
+            for key in ("tokens",) + MEASURE_KEYS:
+                if key == "tokens" or key in met:
+                    stats["first/" + key] = stats.get("first/" + key, 0.0) + (k if key == "tokens" else
+                                                                                float(met[key]) * k)
+            mx = stats.get("first/log_ratio_abs_max", 0.0)
+            stats["first/log_ratio_abs_max"] = max(mx, float(met["log_ratio_abs_max"]))
 
 
 def loss_scale(m: dict, cfg: GRPOConfig, n_seq: float, n_tok: float) -> float:
@@ -320,22 +374,28 @@ def loss_scale(m: dict, cfg: GRPOConfig, n_seq: float, n_tok: float) -> float:
     return B * T / (n_seq * cfg.max_tokens) * world  # dr_grpo: token sum / (sequences * max_tokens)
 
 
-def policy_update(policy: Policy, opt, b: dict, cfg: GRPOConfig) -> dict:
-    """mu passes x `minibatches` optimizer steps over the batch b (ids, targets, mask, adv, old, ref)."""
+def policy_update(policy: Policy, opt, b: dict, cfg: GRPOConfig, *, replay: bool = False) -> dict:
+    """mu passes x `minibatches` optimizer steps over the batch b (ids, targets, mask, adv, old, ref, routing, tis).
+    Also returns "first_pass": the first minibatch's mean / max |logp - old| before any update (with old = the
+    engine's log-probs: the sampler-trainer gap) and its router agreement (when b has routing)."""
     N = b["ids"].shape[0]
     params = [p for p in policy.parameters() if p.requires_grad]
     stats, norms = {}, []
     for _ in range(cfg.mu):
         for rows in micro_slices(N, -(-N // cfg.minibatches)):
             opt.zero_grad(set_to_none=True)
-            backward_minibatch(policy, b, rows, cfg, stats)
+            backward_minibatch(policy, b, rows, cfg, stats, replay=replay, measure=not norms)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
             opt.step()
+    first = {k.removeprefix("first/"): stats.pop(k) for k in list(stats) if k.startswith("first/")}
     tokens = all_sum(stats.pop("tokens"))
     loss = all_sum(stats.pop("objective")) / len(norms)  # the optimised loss, averaged over optimizer steps
+    t1 = max(all_sum(first.pop("tokens")), 1.0)
+    mx = all_max(first.pop("log_ratio_abs_max"))
     return {"loss": loss, **{k: all_sum(v) / max(tokens, 1.0) for k, v in stats.items()},
-            "grad_norm": sum(norms) / len(norms)}
+            "grad_norm": sum(norms) / len(norms),
+            "first_pass": {**{k: all_sum(v) / t1 for k, v in first.items()}, "log_ratio_abs_max": mx}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,52 +518,168 @@ def make_engine(lm, tokenizer, cfg: GRPOConfig):
                enforce_eager=dist.is_initialized(), cpu_kv_cache_gib=0.25)
 
 
-def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg: GRPOConfig) -> dict:
+@dataclass
+class Group:
+    """One problem's G completions on this rank, scored."""
+    prompt: list[int]
+    comps: list
+    reward: torch.Tensor   # [G]
+    correct: torch.Tensor  # [G]
+
+    @property
+    def informative(self) -> bool:
+        """Not all correct and not all wrong (DAPO's dynamic-sampling filter: on accuracy, not the total reward,
+        whose format / overlong terms can differ inside a group that carries no signal about correctness)."""
+        return bool((self.correct != self.correct[0]).any())
+
+
+def collect(step: int, policy, llm, tokenizer, sampler, pool, cfg: GRPOConfig):
+    """Sample and score problems_per_step problems (this rank: its share). With drop_equal_groups (DAPO dynamic
+    sampling) keep sampling new problems — at most max_resample_rounds more rounds, every rank the same number —
+    until each rank holds its share of informative groups. -> (the share of groups to train on: informative first,
+    then uninformative ones to keep every rank's batch the same size (they leave the loss), all groups sampled,
+    extra rounds, generation seconds, scoring seconds)."""
     rank, world = rank_world()
-    P = cfg.problems_per_step
-    batch = sampler.next(P)  # the same global batch on every rank
+    P, G = cfg.problems_per_step, cfg.group_size
     share = P // world
-    mine = batch[rank * share : (rank + 1) * share]
-    prompts = [prompt_of(p.problem, tokenizer, cfg) for p in mine]
-    dev = policy.lm.device
+    groups, rounds, gen_s, score_s = [], 0, 0.0, 0.0
+    while True:
+        mine = sampler.next(P)[rank * share : (rank + 1) * share]  # the same global batch on every rank
+        prompts = [prompt_of(p.problem, tokenizer, cfg) for p in mine]
+        t0 = time.time()
+        with Unsharded(policy):
+            comps = sample(llm, prompts, cfg, step, rounds * P + rank * share)
+        t1 = time.time()
+        reward, correct = score(comps, [p.answer for p in mine for _ in range(G)], tokenizer, pool, cfg)
+        score_s, gen_s = score_s + time.time() - t1, gen_s + t1 - t0
+        groups += [Group(p, comps[i * G : (i + 1) * G], reward[i * G : (i + 1) * G], correct[i * G : (i + 1) * G])
+                   for i, p in enumerate(prompts)]
+        if not cfg.drop_equal_groups:
+            return groups, groups, rounds, gen_s, score_s
+        missing = all_sum(float(max(share - sum(g.informative for g in groups), 0)))
+        if missing == 0 or rounds >= cfg.max_resample_rounds:
+            break
+        rounds += 1
+    kept = [g for g in groups if g.informative][:share]
+    kept += [g for g in groups if not g.informative][: share - len(kept)]
+    return kept, groups, rounds, gen_s, score_s
 
-    t0 = time.time()
-    policy.eval()
-    with Unsharded(policy):
-        comps = sample(llm, prompts, cfg, step, rank * share)
-    t1 = time.time()
-    golds = [p.answer for p in mine for _ in range(cfg.group_size)]
-    reward, correct = score(comps, golds, tokenizer, pool, cfg)
-    t2 = time.time()
 
+def replay_on(cfg: GRPOConfig, lm) -> bool:
+    """routing_replay: None -> on for MoE policies; True on a dense policy is an error."""
+    moe = int(getattr(lm, "num_moe_layers", 0) or 0) > 0
+    if cfg.routing_replay and not moe:
+        raise ValueError("routing_replay: the policy has no MoE layers")
+    return moe if cfg.routing_replay is None else bool(cfg.routing_replay)
+
+
+def skip_recompute(cfg: GRPOConfig, lm, replay: bool) -> bool:
+    """The old log-probs need no trainer forward where the engine's are the same by construction: one policy
+    update per sampled batch (mu = 1, one minibatch: old = the sampling weights), the same experts (replay, or no
+    MoE), the same precision (float32; bf16 training computes under autocast against fp32 generation)."""
+    moe = int(getattr(lm, "num_moe_layers", 0) or 0) > 0
+    return (cfg.skip_recompute and cfg.mu == 1 and cfg.minibatches == 1 and (replay or not moe)
+            and cfg.dtype == "float32")
+
+
+def tis_weights(old: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor, cap: float,
+                mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights for the sampler-trainer mismatch, old / engine / mask [N, T] -> (weights [N, T]
+    float32, cut [N, T] bool: tokens whose weight the cap changed). mode "token": min(exp(old - engine), cap);
+    "sequence_mask": 1 for sequences whose geometric-mean ratio exp(mean_t (old - engine)) lies in [1/cap, cap],
+    0 (all their tokens cut) for the others."""
+    log_r = torch.where(mask, old - engine, 0.0)  # [N, T]
+    if mode == "token":
+        r = log_r.exp()
+        return r.clamp(max=cap), (r > cap) & mask
+    mean = log_r.sum(1) / mask.sum(1).clamp(min=1)  # [N] log of the geometric-mean ratio
+    keep = mean.abs() <= math.log(cap)
+    return keep.float()[:, None].expand_as(old).contiguous(), ~keep[:, None] & mask
+
+
+def build_batch(groups: list[Group], cfg: GRPOConfig, pad: int, dev) -> dict:
+    """Pack the groups; advantages from the rewards; the loss mask without DAPO-dropped groups (drop_equal_groups)
+    and truncated completions (mask_truncated_completions)."""
     from dsmath_kernels import group_advantages
 
-    rows = [p for p in prompts for _ in range(cfg.group_size)]
-    b = pack(rows, comps, tokenizer.pad_token_id or 0, dev)
-    b["adv"] = group_advantages(reward.to(dev), cfg.group_size, normalize=cfg.normalize)  # [N]
-    flat = (reward.view(-1, cfg.group_size) == reward.view(-1, cfg.group_size)[:, :1]).all(1)  # [P/world]
-    b["old"] = logprobs_of(policy, b, cfg)  # also gives the engine-vs-trainer gap
-    gap = float(((b["old"] - b["engine_lp"]).abs() * b["mask"]).sum() / b["mask"].sum().clamp(min=1))
-    if ref is not None:
-        b["ref"] = logprobs_of(ref, b, cfg)
-    if cfg.drop_equal_groups:  # DAPO: groups with all-equal rewards leave the loss (masked, see backward_minibatch)
-        b["mask"] &= (~flat).repeat_interleave(cfg.group_size).to(dev)[:, None]
-    policy.train()
-    upd = policy_update(policy, opt, b, cfg)
-    sched.step()
-    t3 = time.time()
+    G = cfg.group_size
+    comps = [c for g in groups for c in g.comps]
+    b = pack([g.prompt for g in groups for _ in range(G)], comps, pad, dev)
+    b["adv"] = group_advantages(torch.cat([g.reward for g in groups]).to(dev), G, normalize=cfg.normalize)  # [N]
+    keep = torch.ones(len(comps), dtype=torch.bool)
+    if cfg.drop_equal_groups:  # masked, not removed: every rank runs the same micro batches (backward_minibatch)
+        keep &= torch.tensor([g.informative for g in groups]).repeat_interleave(G)
+    if cfg.mask_truncated_completions:
+        keep &= torch.tensor([c.finish_reason != "length" for c in comps])
+    b["mask"] &= keep.to(dev)[:, None]
+    return b
 
-    gen_tokens = sum(len(c.token_ids) for c in comps)
+
+def old_logprobs(policy: Policy, b: dict, cfg: GRPOConfig, replay: bool, skip: bool) -> dict:
+    """b["old"] (and b["tis"]): the trainer's log-probs of the sampled tokens, or the engine's when `skip`. Returns
+    the global sums measured on the way (gap, agreement, truncated tokens) over the loss mask."""
+    mask = b["mask"]
+    if skip:
+        b["old"] = b["engine_lp"]
+        return {}
+    b["old"], agree = logprobs_of(policy, b, cfg, replay, agreement="routing" in b)
+    d = torch.where(mask, (b["old"] - b["engine_lp"]).abs(), 0.0)
+    out = {"gap": float(d.sum()), "gap_max": float(d.max()) if d.numel() else 0.0}
+    if agree is not None:
+        out["agree"] = float((agree & mask).sum())
+    if cfg.tis_cap > 0:
+        b["tis"], cut = tis_weights(b["old"], b["engine_lp"], mask, cfg.tis_cap, cfg.tis_mode)
+        out["cut"] = float(cut.sum())
+    return out
+
+
+def train_step(step, policy, ref, llm, tokenizer, opt, sched, sampler, pool, cfg: GRPOConfig) -> dict:
+    dev = policy.lm.device
+    replay = replay_on(cfg, policy.lm)
+    skip = skip_recompute(cfg, policy.lm, replay)
+
+    policy.eval()
+    groups, sampled, rounds, gen_s, score_s = collect(step, policy, llm, tokenizer, sampler, pool, cfg)
+    t2, c2 = time.time(), time.process_time()  # CPU seconds too: robust timing on a loaded machine
+    b = build_batch(groups, cfg, tokenizer.pad_token_id or 0, dev)
+    if replay and "routing" not in b:
+        raise RuntimeError("routing_replay: the engine returned no routing (built with record_routing=False?)")
+    measured = old_logprobs(policy, b, cfg, replay, skip)
+    if ref is not None:
+        b["ref"], _ = logprobs_of(ref, b, cfg, replay)
+    t_lp, c_lp = time.time() - t2, time.process_time() - c2
+    policy.train()
+    upd = policy_update(policy, opt, b, cfg, replay=replay)
+    sched.step()
+    t3, c3 = time.time(), time.process_time()
+
+    first = upd.pop("first_pass")
+    reward = torch.cat([g.reward for g in sampled])
+    correct = torch.cat([g.correct for g in sampled])
+    flat = [bool((g.reward == g.reward[0]).all()) for g in sampled]
     local = {"reward_sum": float(reward.sum()), "reward_sq": float((reward**2).sum()),
-             "correct": float(correct.sum()), "n": float(len(comps)), "flat": float(flat.sum()),
-             "groups": float(flat.numel()), "len": float(gen_tokens), "gap": gap}
+             "correct": float(correct.sum()), "n": float(len(reward)), "flat": float(sum(flat)),
+             "acc_flat": float(sum(not g.informative for g in sampled)), "groups": float(len(sampled)),
+             "len": float(sum(len(c.token_ids) for g in sampled for c in g.comps)),
+             "kept_informative": float(sum(g.informative for g in groups)), "tokens": float(b["mask"].sum()),
+             **{k: v for k, v in measured.items() if k != "gap_max"}}
     g = {k: all_sum(v) for k, v in local.items()}
-    mean = g["reward_sum"] / g["n"]
-    return {"step": step + 1, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / g["n"] - mean**2, 0)),
-            "accuracy": g["correct"] / g["n"], "zero_var_frac": g["flat"] / g["groups"],
-            "resp_len": g["len"] / g["n"], "logprob_gap": g["gap"] / world, **upd,
-            "lr": sched.get_last_lr()[0], "tokens_per_s": g["len"] / max(t1 - t0, 1e-9),
-            "gen_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2}
+    mean, tok = g["reward_sum"] / g["n"], max(g["tokens"], 1.0)
+    out = {"step": step + 1, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / g["n"] - mean**2, 0)),
+           "accuracy": g["correct"] / g["n"], "zero_var_frac": g["flat"] / g["groups"],
+           "acc_flat_frac": g["acc_flat"] / g["groups"], "resample_rounds": rounds,
+           "informative_frac": g["kept_informative"] / cfg.problems_per_step, "resp_len": g["len"] / g["n"],
+           "logprob_gap": first["log_ratio_abs"] if skip else g["gap"] / tok,
+           "logprob_gap_max": first["log_ratio_abs_max"] if skip else all_max(measured["gap_max"]),
+           "recompute_skipped": skip, "routing_replay": replay}
+    if "routing" in b:  # MoE policies
+        out["router_agreement"] = first["router_agreement"] if skip else g["agree"] / tok
+    out["tis_truncated_frac"] = g["cut"] / tok if "cut" in g else 0.0
+    out.update(upd)
+    out.update({"lr": sched.get_last_lr()[0], "tokens_per_s": g["len"] / max(gen_s, 1e-9), "gen_s": gen_s,
+                "score_s": score_s, "logprob_s": t_lp, "train_s": t3 - t2, "step_s": gen_s + score_s + t3 - t2,
+                "logprob_cpu_s": c_lp, "train_cpu_s": c3 - c2})
+    return out
 
 
 def run(cfg: GRPOConfig) -> list[dict]:

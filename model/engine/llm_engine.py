@@ -4,6 +4,8 @@ One step = schedule (scheduler.py) -> copy-on-write block copies -> forward over
 (model_runner.py) -> sample (sampler.py) -> append tokens, detokenize, check stops, free finished sequences.
 The step's only host sync is the read of the sampled tokens (and their log-probs, in the same transfer).
 A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks.
+MoE models record, per fed token and MoE layer, the experts it was routed to (beside its K/V, on the device);
+`SamplingParams(return_routing=True)` returns them as `CompletionOutput.routing` (routing replay for RL).
 
 `model` is a checkpoint directory (loaded with MoEForCausalLM.from_pretrained, tokenizer with AutoTokenizer
 when the directory has one) or a model object used in place — e.g. the GRPO trainer's live MoEForCausalLM,
@@ -59,8 +61,12 @@ class LLM:
                  num_blocks: int | None = None, block_size: int = 64, gpu_memory_fraction: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
-                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, enable_dp_attention: bool = False):
+                 cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, record_routing: bool | None = None,
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 enable_dp_attention: bool = False):
+        """record_routing: keep each cached token's experts per MoE layer (needed by return_routing; None = on for
+        models with MoE layers; costs L * top_k int16 per cache slot and one small write per MoE layer per step).
+        tensor_parallel_size / enable_expert_parallel / enable_dp_attention: module docstring (model/parallel.py)."""
         self.parallel = None  # tensor / expert parallel (model/parallel.py): SPMD under torchrun
         if tensor_parallel_size > 1:
             model, device = _parallel_model(model, dtype, device, tensor_parallel_size, enable_expert_parallel,
@@ -71,6 +77,10 @@ class LLM:
                             "from step to step; padding every rank to the largest is not implemented)")
                 enforce_eager = True
         self.model, path = _load_model(model, dtype, device)
+        moe_layers = int(getattr(self.model, "num_moe_layers", 0) or 0)
+        if record_routing and not moe_layers:
+            raise ValueError("record_routing: the model has no MoE layers (no num_moe_layers) to record")
+        self.record_routing = bool(moe_layers) if record_routing is None else bool(record_routing)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.device = torch.device(self.model.device)
         cfg = self.model.config
@@ -86,7 +96,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                                  enforce_eager=enforce_eager)
+                                  enforce_eager=enforce_eager, record_routing=self.record_routing)
         self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(cfg, self.tokenizer)
         self.requests: dict[int, Request] = {}
@@ -124,6 +134,9 @@ class LLM:
             raise ValueError(f"params.n: {params.n} samples exceed max_num_seqs={self.max_num_seqs}")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("params.stop: stop strings need a tokenizer (use stop_token_ids)")
+        if params.return_routing and self.runner.routing is None:
+            raise ValueError("params.return_routing: this engine records no routing (a model without MoE layers, "
+                             "or LLM(record_routing=False))")
         rid, self._next_id = self._next_id, self._next_id + 1
         return Request(rid, text, ids, params)
 
@@ -210,6 +223,8 @@ class LLM:
         text = self._emit_text(seq, reason is not None) if self.tokenizer is not None else None
         if reason is not None:
             seq.finish_reason = reason
+            if p.return_routing:  # before its blocks (and their recorded experts) are freed
+                seq.routing = self.runner.gather_routing(seq)
             self.scheduler.finish(seq)
             self._finish_sample(seq)
         return StreamEvent(seq.request_id, seq.index, token, logprob if p.logprobs else None, text, reason)
@@ -245,7 +260,7 @@ class LLM:
         outs = [CompletionOutput(s.index, s.completion_ids,
                                  final_text(self.tokenizer, s, req.params.stop_list),
                                  list(s.logprobs) if req.params.logprobs else None, s.finish_reason,
-                                 s.num_preemptions)
+                                 s.num_preemptions, s.routing)
                 for s in sorted(req.samples.values(), key=lambda s: s.index)]
         self.finished[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs)
 
@@ -307,7 +322,8 @@ class LLM:
     # ---- sizing ---------------------------------------------------------------------------------------------------
     def _auto_num_blocks(self, block_size: int, fraction: float, max_tokens: int, max_seqs: int,
                          cpu_gib: float) -> int:
-        per_block = self.model.kv_cache_bytes_per_block(block_size)
+        extra = {"routing": True} if self.record_routing else {}
+        per_block = self.model.kv_cache_bytes_per_block(block_size, **extra)
         if self.device.type != "cuda":
             return max(1, int(cpu_gib * 2**30) // per_block)
         if not 0.0 < fraction <= 1.0:

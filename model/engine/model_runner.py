@@ -5,6 +5,8 @@ in one non-blocking transfer per tensor. Pure decode steps on CUDA replay a CUDA
 smallest captured batch size >= B (padding rows write nowhere: slot -1, and attend to one token of block 0);
 everything else runs eagerly. Capture is attempted once at start-up and silently falls back to eager mode if
 the model cannot be captured (e.g. an op that syncs with the host).
+With record_routing (MoE models) the cache also holds each cached token's experts per MoE layer, written by the
+forward itself (eager and graphed alike), copied on copy-on-write, read per sequence by `gather_routing`.
 """
 
 import dataclasses
@@ -32,14 +34,16 @@ def _kv_heads(config) -> int:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
-                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False):
+                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False):
         self.model = model
         self.device = torch.device(model.device)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_heads = _kv_heads(model.config)
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        extra = {"routing": True} if record_routing else {}  # models without MoE layers take no such argument
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device, **extra)
+        self.routing = getattr(self.kv_cache, "routing", None)  # [S + 1, L, K] or None
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_error: str | None = None
@@ -102,6 +106,19 @@ class ModelRunner:
             layer = self.kv_cache[i]
             for t in layer if isinstance(layer, (tuple, list)) else (layer,):
                 t.index_copy_(0, dst, t.index_select(0, src))
+        if self.routing is not None:  # the blocks' recorded experts travel with their K/V
+            r = self.routing[:-1].view(-1, self.block_size, *self.routing.shape[1:])  # [NB, BS, L, K]
+            r.index_copy_(0, dst, r.index_select(0, src))
+
+    def gather_routing(self, seq) -> torch.Tensor:
+        """[n, L, K] experts of the sequence's first n = num_computed tokens (those fed through the model), a copy
+        on the device (no host sync); read before the sequence's blocks are freed."""
+        bs, n = self.block_size, seq.num_computed
+        table = torch.tensor(seq.block_table[: -(-n // bs)], dtype=torch.int64)
+        pos = torch.arange(n)
+        slots = table[pos // bs] * bs + pos % bs                                    # [n]
+        return self.routing.index_select(0, slots.pin_memory().to(self.device, non_blocking=True)
+                                         if self.pin else slots)
 
     # ---- CUDA graphs -------------------------------------------------------------------------------------------
     @staticmethod

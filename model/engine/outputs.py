@@ -2,15 +2,21 @@
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class CompletionOutput:
     index: int                          # sample index within the request (0..n-1)
     token_ids: list[int]                # generated tokens (a final EOS / stop token included)
     text: str | None                    # detokenized completion (stop string excluded); None without tokenizer
-    token_logprobs: list[float] | None  # log p(token) under the distribution it was sampled from (logprobs=True)
+    token_logprobs: list[float] | None  # log p(token) under softmax(logits / temperature) (logprobs=True)
     finish_reason: str | None           # "stop" (EOS, stop id or stop string) or "length"
     num_preemptions: int = 0
+    # return_routing=True: [P + C - 1, moe_layers, top_k] int16 on the model's device, the experts each fed token
+    # (the P prompt tokens from the prefill, then the completion but its last, never-fed token) was routed to in
+    # each MoE layer — the layout of MoEForCausalLM.forward(routing=) for input ids (prompt + completion)[:-1]
+    routing: torch.Tensor | None = None
 
 
 @dataclass

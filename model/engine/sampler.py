@@ -6,8 +6,11 @@ uniform u per row (cdf in float64). Each seeded sample draws its u from its OWN 
 (SeedStream, on the host, drawn 256 at a time), the other rows from the engine's generator — so a seeded
 sample does not depend on what else is in the batch, and no per-row kernel is launched (an earlier version
 drew V exponentials per row from per-row device generators: one launch per seeded row per step).
-The returned log-prob is that of the sampled token under the distribution it was drawn from (for greedy
-rows: the model's own log-softmax, i.e. temperature 1).
+The returned log-prob is that of the sampled token under softmax(logits / T) over the FULL vocabulary
+(`full_logprobs`): temperature applied, no top-k / top-p renormalisation, T = 1 for greedy rows — the distribution
+the GRPO loss scores a token under (dsmath_kernels.token_logprobs with the same temperature), so the engine's and
+the trainer's log-probs are the same quantity. (With top-k / top-p cuts the token was drawn from the renormalised
+subset; its log-prob there is log p - log(kept mass).)
 """
 
 import torch
@@ -21,6 +24,12 @@ def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def full_logprobs(logits: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] float32, inv_temp [B] (1 / T) -> log softmax(logits * inv_temp) [B, V] over the full vocabulary.
+    Multiplies by 1 / T as the GRPO loss's kernels do, so the engine and the trainer round alike."""
+    return (logits * inv_temp[:, None]).log_softmax(dim=-1)
 
 
 class SeedStream:
@@ -64,23 +73,21 @@ class Sampler:
         if all(t == 0.0 for t in temps):
             tokens = logits.argmax(dim=-1)                                     # [B]
             return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
-        t = to_device([t if t > 0 else 1.0 for t in temps], torch.float32, dev)
-        scaled = logits / t[:, None]                                           # [B, V]
+        inv_t = to_device([1.0 / t if t > 0 else 1.0 for t in temps], torch.float32, dev)
+        full = full_logprobs(logits, inv_t)                                    # [B, V] what the log-probs report
+        logp = full                                                            # [B, V] what is sampled from
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             top_k = to_device([p.top_k for p in params], torch.int64, dev)
             top_p = to_device([p.top_p for p in params], torch.float32, dev)
-            scaled = _mask_top_k_top_p(scaled, top_k, top_p)
-        logp = scaled.log_softmax(dim=-1)                                      # [B, V]
+            logp = _mask_top_k_top_p(full, top_k, top_p).log_softmax(dim=-1)
         u = to_device(self._uniforms(streams), torch.float64, dev)             # [B]
         cdf = logp.exp().double().cumsum(dim=-1)                               # [B, V]
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
         sampled = torch.where(sampled < logits.shape[-1], sampled, logp.argmax(dim=-1))  # u * total rounded up
-        if not any(x == 0.0 for x in temps):
-            return sampled, logp.gather(-1, sampled[:, None])[:, 0]
-        greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
-        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
-        logp = torch.where(greedy[:, None], logits.log_softmax(dim=-1), logp)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        if any(x == 0.0 for x in temps):
+            greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
+            sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)     # full uses T = 1 on these rows
+        return sampled, full.gather(-1, sampled[:, None])[:, 0]
 
     def _uniforms(self, streams: list[SeedStream | None]) -> list[float]:
         shared = iter(torch.rand(sum(s is None for s in streams), generator=self.generator,

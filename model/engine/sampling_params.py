@@ -19,7 +19,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # honoured even with ignore_eos
     ignore_eos: bool = False
     seed: int | None = None
-    logprobs: bool = False               # return log p(sampled token) under the distribution sampled from
+    logprobs: bool = False               # return log p(sampled token) under softmax(logits / temperature), full vocab
+    return_routing: bool = False         # return the experts each fed token was routed to (CompletionOutput.routing)
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
@@ -33,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be -1, 0 or a positive int, got {self.top_k!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.return_routing, bool):
+            raise ValueError(f"SamplingParams.return_routing must be a bool, got {self.return_routing!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -42,6 +42,7 @@ class Sequence:
         self.n_fork = params.n if index == 0 else 1
         self.generator: SeedStream | None = None   # own random stream when the request is seeded
         self.logprobs: list[float] = []
+        self.routing = None                  # [len - 1, L, K] device tensor at finish (params.return_routing)
         self.finish_reason: str | None = None
         self.text = ""                       # detokenized completion so far (with a tokenizer)
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)  # incremental detokenizer state (vLLM's)

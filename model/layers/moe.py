@@ -44,16 +44,29 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> weights [T, K] float32, ids [T, K] int32."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits [T, E]."""
+        if self.cfg.router_fp32:
+            return F.linear(x.float(), self.weight.float())  # [T, E]
+        return F.linear(x, self.weight.to(x.dtype))  # [T, E]
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gating's own choice: logits [T, E] -> weights [T, K] float32, ids [T, K] int32."""
         c = self.cfg
-        if c.router_fp32:
-            logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        else:
-            logits = F.linear(x, self.weight.to(x.dtype))  # [T, E]
         return dk.route_topk(logits, c.num_experts_per_tok, scoring=c.scoring, bias=self.e_score_correction_bias,
                              n_group=c.n_group, topk_group=c.topk_group, renormalize=c.renormalize,
                              routed_scaling_factor=c.routed_scaling_factor)
+
+    def replay(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Routing replay: weights [T, K] float32 of the given experts ids [T, K], from these logits, renormalised
+        and scaled exactly as `select` does (differentiable: the router still gets gradients)."""
+        c = self.cfg
+        return dk.route_topk_weights(logits, ids, scoring=c.scoring, renormalize=c.renormalize,
+                                     routed_scaling_factor=c.routed_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> weights [T, K] float32, ids [T, K] int32."""
+        return self.select(self.logits(x))
 
 
 class Experts(nn.Module):
@@ -75,12 +88,27 @@ class MoE(nn.Module):
         n = cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n, cfg.mlp_bias, cfg) if n else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., H]."""
+    def route(self, x: torch.Tensor, routing: torch.Tensor | None = None, return_routing: bool = False):
+        """x [T, H] -> (weights [T, K] float32, ids [T, K] int32 used, the gate's own ids or None): the gate's
+        top-k, or with routing [..., K] the replayed experts (weights from the logits at them)."""
+        logits = self.gate.logits(x)  # [T, E]
+        if routing is None:
+            weights, ids = self.gate.select(logits)  # [T, K]
+            return weights, ids, ids
+        ids = routing.reshape(-1, routing.shape[-1]).to(torch.int32)  # [T, K]
+        own = self.gate.select(logits.detach())[1] if return_routing else None
+        return self.gate.replay(logits, ids), ids, own
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
+                return_routing: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [..., H] -> [..., H]. routing [..., K] int: replay — use these experts instead of the gate's top-k,
+        with weights recomputed from the router logits at those ids. return_routing: also return the ids [..., K]
+        int32 the gate's own top-k picks (with routing given: computed from the same logits, not used)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        weights, ids = self.gate(x)  # [T, K]
+        weights, ids, own = self.route(x, routing, return_routing)  # [T, K]
         out = self.experts(x, weights, ids)  # [T, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out.view(shape)
+        out = out.view(shape)
+        return (out, own.view(*shape[:-1], own.shape[-1])) if return_routing else out

@@ -26,12 +26,12 @@ from dsmath_kernels.fp8 import (  # noqa: E402
 )
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
 from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
-from dsmath_kernels.routing import route_topk  # noqa: E402
+from dsmath_kernels.routing import route_topk, route_topk_weights  # noqa: E402
 
 __all__ = [
     "__version__",
     # routing
-    "route_topk",
+    "route_topk", "route_topk_weights",
     # MoE experts
     "MoePermutation", "moe_permute", "grouped_gemm", "moe_experts",
     # paged attention

@@ -25,6 +25,7 @@ from dsmath_kernels.reference.grpo import (
     LOSS_TYPES,
     aggregate_ref,
     group_advantages_ref,
+    log_ratio_metrics_ref,
     masked_mean_ref,
     per_token_loss_ref,
 )
@@ -267,16 +268,22 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               advantages: torch.Tensor, *, old_logprobs: torch.Tensor | None = None,
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.04, eps_low: float = 0.2,
               eps_high: float = 0.2, temperature: float = 1.0, loss_type: str = "grpo",
-              backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              backend: str | None = None,
+              token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO policy loss from hidden states [B, T, H] and LM head weight [V, H]; targets [B, T] int, mask [B, T]
     bool (or int 0/1), advantages [B], optional old_logprobs / ref_logprobs [B, T] (detached inputs; their values at
     masked-out positions are ignored, padding there may be anything).
     Per token: ratio = exp(logp - old) (old = logp.detach() if None), l = -min(ratio*A, clip(ratio, 1-eps_low,
-    1+eps_high)*A) + beta*k3(ref, logp) when beta > 0 and ref given. loss_type: "grpo" (per-sequence mean, then mean),
+    1+eps_high)*A) + beta*k3(ref, logp) when beta > 0 and ref given; optional token_weights [B, T] (detached, >= 0)
+    multiply the policy-gradient term per token — truncated importance weights min(pi_old / pi_sampler, C) for a
+    sampler-trainer mismatch, or 0/1 to drop sequences from it — in the same pass (they reach the vocab kernels'
+    backward through d logp; no extra pass, no [B*T, V] tensor). loss_type: "grpo" (per-sequence mean, then mean),
     "dapo" (token mean), "dr_grpo" (sum / (B*T)). Returns (loss 0-d fp32, metrics): 0-d fp32 detached tensors
     (no host sync; call .item() to log) kl (k3; 0 without ref_logprobs), ratio, clip_low (ratio < 1 - eps_low with
     A < 0), clip_high (ratio > 1 + eps_high with A > 0), clip (either), entropy (of softmax(logits / temperature),
-    from the same online log-sum-exp pass) — masked means over all tokens, as TRL logs them.
+    from the same online log-sum-exp pass) — masked means over all tokens, as TRL logs them — and log_ratio_abs /
+    log_ratio_abs_max (mean / max of |logp - old| over the mask: the sampler-trainer log-prob gap when old holds the
+    sampler's log-probs on an on-policy pass).
     Exact formulas: reference/grpo.py."""
     B, T, _, _ = _check_lm_inputs(hidden, weight, targets, temperature, backend)
     check_tensor("mask", mask, ndim=2, dtypes=(torch.bool, torch.uint8) + INDEX_DTYPES, device=hidden.device)
@@ -285,6 +292,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     check_shape("advantages", advantages, [B])
     old = _per_token("old_logprobs", old_logprobs, B, T, hidden.device)
     ref = _per_token("ref_logprobs", ref_logprobs, B, T, hidden.device)
+    tw = _per_token("token_weights", token_weights, B, T, hidden.device)
     beta = _check_float("beta", beta, lo=0.0)
     eps_low = _check_float("eps_low", eps_low, lo=0.0, hi=1.0)
     eps_high = _check_float("eps_high", eps_high, lo=0.0)
@@ -297,7 +305,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         old = torch.where(mask, old, logp.detach())
     if ref is not None:
         ref = torch.where(mask, ref, logp.detach())
-    loss_t, ratio, kl = per_token_loss_ref(logp, adv, old, ref, beta, eps_low, eps_high)  # [B, T]
+    if tw is not None:
+        tw = torch.where(mask, tw.detach(), 1.0)
+    loss_t, ratio, kl = per_token_loss_ref(logp, adv, old, ref, beta, eps_low, eps_high, tw)  # [B, T]
     loss = aggregate_ref(loss_t, mask, loss_type)
     with torch.no_grad():
         low = (ratio < 1 - eps_low) & (adv.unsqueeze(1) < 0)
@@ -305,4 +315,5 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         metrics = {"kl": kl, "ratio": ratio, "clip_low": low.float(), "clip_high": high.float(),
                    "clip": (low | high).float(), "entropy": ent}
         metrics = {k: masked_mean_ref(v, mask) for k, v in metrics.items()}
+        metrics.update(log_ratio_metrics_ref(logp, logp if old is None else old, mask))
     return loss, {k: v.detach() for k, v in metrics.items()}

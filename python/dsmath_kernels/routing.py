@@ -1,6 +1,8 @@
 """`route_topk` — fused MoE gating: scores, optional group-limited selection, top-k, renormalize, scale, in one
 kernel (CUDA: a warp per token; CPU: C++ threads), registered as the custom op `dsmath::route_topk` with a fake
-implementation (torch.compile) and autograd through the weights. Spec: reference/routing.py."""
+implementation (torch.compile) and autograd through the weights. `route_topk_weights` — routing replay: the same
+gating weights for experts chosen elsewhere (`dsmath::route_topk_weights`, same kernels' math, same autograd).
+Spec: reference/routing.py."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import torch
 from dsmath_kernels import _ext
 from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_int, check_tensor
 from dsmath_kernels._registry import register_backend
-from dsmath_kernels.reference.routing import route_topk_ref
+from dsmath_kernels.moe import _check_ids
+from dsmath_kernels.reference.routing import route_topk_ref, route_topk_weights_ref
 
 MAX_EXPERTS, MAX_TOPK, MAX_GROUPS = 512, 16, 32  # kernel limits (csrc/include/dsmath/routing.h); beyond: reference
 _SCORING = {"softmax": 0, "sigmoid": 1}
+ID_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 
 def _backend(device: torch.device, E: int = 256, K: int = 8, n_group: int = 1) -> str:
@@ -69,26 +73,32 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(True)
 
 
-def _backward(ctx, grad_w, grad_ids):
-    logits, ids, out = ctx.saved_tensors
+def _grad_logits(logits: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, grad_w: torch.Tensor, scoring: str,
+                 renormalize: bool, c: float) -> torch.Tensor:
+    """d logits [T, E] of weights `out` [T, K] at experts `ids` [T, K] (route_topk and route_topk_weights alike)."""
     x = logits.float()  # [T, E]
-    s = torch.softmax(x, dim=-1) if ctx.scoring == "softmax" else torch.sigmoid(x)  # [T, E]
+    s = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)  # [T, E]
     idx = ids.long()  # [T, K]
     g = grad_w.float()  # [T, K]
-    if ctx.renormalize:
+    if renormalize:
         # out_j = c * s_j / D with D = sum_k s_k + 1e-20  =>  ds_i = (c / D) * (g_i - sum_j g_j out_j / c)
         D = s.gather(1, idx).sum(dim=-1, keepdim=True) + 1e-20  # [T, 1]
-        c = ctx.scale
         inner = (g * out).sum(dim=-1, keepdim=True) / c if c != 0 else torch.zeros_like(D)
         ds_sel = (c / D) * (g - inner)  # [T, K]
     else:
-        ds_sel = g * ctx.scale
-    ds = torch.zeros_like(s).scatter_(1, idx, ds_sel)  # [T, E]
-    if ctx.scoring == "softmax":
+        ds_sel = g * c
+    ds = torch.zeros_like(s).scatter_add_(1, idx, ds_sel)  # [T, E]
+    if scoring == "softmax":
         dx = s * (ds - (ds * s).sum(dim=-1, keepdim=True))
     else:
         dx = ds * s * (1 - s)
-    return dx.to(logits.dtype), None, None, None, None, None, None, None
+    return dx.to(logits.dtype)
+
+
+def _backward(ctx, grad_w, grad_ids):
+    logits, ids, out = ctx.saved_tensors
+    dx = _grad_logits(logits, ids, out, grad_w, ctx.scoring, ctx.renormalize, ctx.scale)
+    return dx, None, None, None, None, None, None, None
 
 
 _route_topk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -136,3 +146,75 @@ def route_topk(
             raise ValueError("bias: only used with scoring='sigmoid' (DeepSeek-V3 e_score_correction_bias)")
     return _route_topk_op(logits, top_k, scoring, bias, n_group, topk_group, bool(renormalize),
                           float(routed_scaling_factor))
+
+
+# ---------------------------------------------------------------------------------------------- routing replay
+@torch.library.custom_op("dsmath::route_topk_weights", mutates_args=())
+def _route_weights_op(logits: torch.Tensor, ids: torch.Tensor, scoring: str, renormalize: bool,
+                      routed_scaling_factor: float) -> torch.Tensor:
+    T, E = logits.shape
+    K = ids.shape[1]
+    backend = _backend(logits.device, E, K)
+    if backend == "reference":
+        w = route_topk_weights_ref(logits, ids, scoring=scoring, renormalize=renormalize,
+                                   routed_scaling_factor=routed_scaling_factor)
+        return w.detach().contiguous()
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    ids32 = ids.to(torch.int32).contiguous()
+    weights = torch.empty(T, K, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return weights
+    args = (_ext.ptr(logits), _ext.dtype_code(logits), T, E, logits.stride(0), _ext.ptr(ids32), K, _SCORING[scoring],
+            renormalize, float(routed_scaling_factor), _ext.ptr(weights))
+    if backend == "cuda":
+        with torch.cuda.device(logits.device):
+            _ext.C().route_weights_cuda(*args, _ext.stream_of(logits))
+    else:
+        _ext.C().route_weights_cpu(*args, torch.get_num_threads())
+    return weights
+
+
+@_route_weights_op.register_fake
+def _(logits, ids, scoring, renormalize, routed_scaling_factor):
+    return logits.new_empty(logits.shape[0], ids.shape[1], dtype=torch.float32)
+
+
+def _weights_setup_context(ctx, inputs, output):
+    logits, ids, scoring, renormalize, scale = inputs
+    ctx.save_for_backward(logits, ids, output)
+    ctx.scoring, ctx.renormalize, ctx.scale = scoring, renormalize, scale
+
+
+def _weights_backward(ctx, grad_w):
+    logits, ids, out = ctx.saved_tensors
+    return _grad_logits(logits, ids, out, grad_w, ctx.scoring, ctx.renormalize, ctx.scale), None, None, None, None
+
+
+_route_weights_op.register_autograd(_weights_backward, setup_context=_weights_setup_context)
+
+
+def route_topk_weights(
+    logits: torch.Tensor,  # [T, E]
+    ids: torch.Tensor,  # [T, K]
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """Routing replay: the gating weights [T, K] float32 of GIVEN experts `ids` [T, K] (int16/int32/int64, e.g. the
+    ids route_topk chose in another forward pass), in the order given: scores (softmax / sigmoid of the logits, fp32)
+    at those ids, / (sum + 1e-20) if renormalize, * routed_scaling_factor — exactly route_topk's gating, without its
+    selection (so no bias, n_group or topk_group: they only decide which experts are picked). For the ids route_topk
+    returned, the weights are bit-identical to its weights (same backend). Differentiable w.r.t. logits (the router
+    keeps learning under replay). Ids must lie in [0, E) (checked on CPU; on CUDA with DSMATH_CHECK_IDS=1 — an
+    unchecked bad id gives its row NaN weights, never an out-of-bounds read)."""
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    T, E = logits.shape
+    check_tensor("ids", ids, ndim=2, dtypes=ID_DTYPES, device=logits.device)
+    check_choice("scoring", scoring, tuple(_SCORING))
+    if ids.shape[0] != T:
+        raise ValueError(f"ids: expected shape [{T}, K] (one row per logits row), got {list(ids.shape)}")
+    check_int("ids.shape[1]", ids.shape[1], lo=1, hi=E)
+    _check_ids(ids, E)  # the policy of moe_experts: CPU always, CUDA under DSMATH_CHECK_IDS=1
+    return _route_weights_op(logits, ids, scoring, bool(renormalize), float(routed_scaling_factor))

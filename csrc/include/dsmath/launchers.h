@@ -14,6 +14,11 @@ int route_topk_cpu(const void* logits, int dtype, int64_t stride_t, const float*
                    float* weights, int32_t* ids, int num_threads);
 int route_topk_cuda(const void* logits, int dtype, int64_t stride_t, const float* bias, const routing::Params& p,
                     float* weights, int32_t* ids, void* stream);
+// Replay: gating weights [T, K] of the given expert ids [T, K] (int32, row-major); p.n_group / topk_group unused.
+int route_weights_cpu(const void* logits, int dtype, int64_t stride_t, const int32_t* ids,
+                      const routing::Params& p, float* weights, int num_threads);
+int route_weights_cuda(const void* logits, int dtype, int64_t stride_t, const int32_t* ids,
+                       const routing::Params& p, float* weights, void* stream);
 
 // ---- attention (attn_decode_cpu.cpp, attn_decode.cu, attn_cache.cu): paged KV cache decode and writes
 int paged_decode_cpu(const attn::DecodeParams& p, int num_threads);

@@ -10,6 +10,8 @@
 //   order   : each row sorted by descending weight, ties by lower expert id
 //   weights : / (sum + 1e-20) when renormalize, then * routed_scaling_factor
 // NaN: a NaN score ranks below every number (including -inf); ids stay in range, NaN weights propagate.
+// Replay (route_topk_weights): ids given by the caller, weights = the same scores at those ids, renormalized and
+// scaled as above (bit-identical to route_topk's weights for the same experts on the same backend).
 #pragma once
 #include <cmath>
 #include "dsmath/common.h"
@@ -32,6 +34,11 @@ struct Params {
   int renormalize;      // bool
   float scale;          // routed_scaling_factor
 };
+
+// Sizes the kernels handle (launchers refuse others with kBadArgument).
+DSM_HD bool params_ok(const Params& p) {
+  return p.E >= 1 && p.E <= kMaxExperts && p.K >= 1 && p.K <= kMaxTopK && p.n_group >= 1 && p.n_group <= kMaxGroups;
+}
 
 // NaN ranks lowest: map it below -inf by treating it as -inf and relying on the index tie-break.
 DSM_HD float rank_key(float x) { return x != x ? -INFINITY : x; }
@@ -66,9 +73,9 @@ DSM_HD float group_score(const float* choice, int begin, int size, int scoring) 
   return b1 + b2;
 }
 
-// Sort the K chosen (weight, id) pairs by descending weight (ties: lower id), then renormalize and scale.
-DSM_HD void sort_and_finalize(float* w, int* ids, int K, int renormalize, float scale) {
-  for (int i = 1; i < K; ++i) {  // insertion sort, K <= 16
+// Sort K (weight, id) pairs by descending weight (ties: lower id); insertion sort, K <= 16.
+DSM_HD void sort_pairs(float* w, int* ids, int K) {
+  for (int i = 1; i < K; ++i) {
     float wv = w[i];
     int iv = ids[i];
     int j = i - 1;
@@ -80,21 +87,45 @@ DSM_HD void sort_and_finalize(float* w, int* ids, int K, int renormalize, float 
     w[j + 1] = wv;
     ids[j + 1] = iv;
   }
+}
+
+// Renormalize (w / (sum + 1e-20)) when asked, then scale, K weights in place. `sum` must be the weights' sum in
+// descending-weight order (ties: lower id) — the order route_topk's rows come out in — so the same experts get
+// bit-identical weights whether route_topk picked them or a caller hands them over in any order (replay).
+DSM_HD void finalize(float* w, int K, int renormalize, float sum, float scale) {
   if (renormalize) {
-    float s = 0.f;
-    for (int i = 0; i < K; ++i) s += w[i];
-    float d = s + 1e-20f;
+    float d = sum + 1e-20f;
     for (int i = 0; i < K; ++i) w[i] = w[i] / d;
   }
   for (int i = 0; i < K; ++i) w[i] = w[i] * scale;
 }
 
-// Serial routing of one row. `scores` and `choice` are [E] scratch buffers; logits row is read with its dtype.
-// Used by the CPU kernel; the CUDA kernel runs the same steps with a warp (see route_topk.cu).
-DSM_HD void route_row(const void* logits, int64_t row_offset, int dtype, const float* bias, const Params& p,
-                      float* scores, float* choice, float* out_w, int* out_ids) {
-  const int E = p.E;
-  if (p.scoring == kSoftmax) {
+// Sum of K weights in descending-weight order (ties: lower id), whatever order they are given in.
+DSM_HD float sorted_sum(const float* w, const int* ids, int K) {
+  float sw[kMaxTopK];
+  int si[kMaxTopK];
+  for (int i = 0; i < K; ++i) {
+    sw[i] = w[i];
+    si[i] = ids[i];
+  }
+  sort_pairs(sw, si, K);
+  float s = 0.f;
+  for (int i = 0; i < K; ++i) s += sw[i];
+  return s;
+}
+
+// Sort the K chosen (weight, id) pairs by descending weight (ties: lower id), then renormalize and scale.
+DSM_HD void sort_and_finalize(float* w, int* ids, int K, int renormalize, float scale) {
+  sort_pairs(w, ids, K);
+  float s = 0.f;
+  for (int i = 0; i < K; ++i) s += w[i];
+  finalize(w, K, renormalize, s, scale);
+}
+
+// fp32 scores of one row: softmax(logits) or sigmoid(logits), written to scores[0, E). Serial; the CUDA kernels
+// compute the same with a warp (warp_scores in route_topk.cu).
+DSM_HD void row_scores(const void* logits, int64_t row_offset, int dtype, int E, int scoring, float* scores) {
+  if (scoring == kSoftmax) {
     // A NaN logit is skipped by fmaxf but makes exp() and the sum NaN: the whole row's weights become NaN.
     float m = -INFINITY;
     for (int e = 0; e < E; ++e) {
@@ -111,6 +142,30 @@ DSM_HD void route_row(const void* logits, int64_t row_offset, int dtype, const f
   } else {
     for (int e = 0; e < E; ++e) scores[e] = sigmoidf(load_as_float(logits, row_offset + e, dtype));
   }
+}
+
+// Gating weights of K given experts (routing replay): scores[ids], renormalized and scaled exactly as route_row
+// does for the experts it picks, in the caller's order. An id outside [0, E) is never read: it makes the row's
+// weights NaN (the Python op refuses such ids before a kernel runs, where it can check without a device sync).
+DSM_HD void weights_for_ids(const float* scores, const int* ids, const Params& p, float* out_w) {
+  bool bad = false;
+  for (int k = 0; k < p.K; ++k) {
+    const int e = ids[k];
+    const bool ok = e >= 0 && e < p.E;
+    bad = bad || !ok;
+    out_w[k] = ok ? scores[e] : NAN;
+  }
+  finalize(out_w, p.K, p.renormalize, p.renormalize ? sorted_sum(out_w, ids, p.K) : 0.f, p.scale);
+  if (bad)
+    for (int k = 0; k < p.K; ++k) out_w[k] = NAN;
+}
+
+// Serial routing of one row. `scores` and `choice` are [E] scratch buffers; logits row is read with its dtype.
+// Used by the CPU kernel; the CUDA kernel runs the same steps with a warp (see route_topk.cu).
+DSM_HD void route_row(const void* logits, int64_t row_offset, int dtype, const float* bias, const Params& p,
+                      float* scores, float* choice, float* out_w, int* out_ids) {
+  const int E = p.E;
+  row_scores(logits, row_offset, dtype, E, p.scoring, scores);
   for (int e = 0; e < E; ++e) choice[e] = bias ? scores[e] + bias[e] : scores[e];
 
   // group mask (bit g set = group g eligible)

@@ -21,10 +21,10 @@ from dsmath_kernels.reference.fp8 import (
 )
 from dsmath_kernels.reference.grpo import group_advantages_ref, grpo_loss_ref, token_logprobs_ref
 from dsmath_kernels.reference.moe import grouped_gemm_ref, moe_experts_ref, moe_permute_ref
-from dsmath_kernels.reference.routing import route_topk_ref
+from dsmath_kernels.reference.routing import route_topk_ref, route_topk_weights_ref
 
 __all__ = [
-    "route_topk_ref",
+    "route_topk_ref", "route_topk_weights_ref",
     "moe_permute_ref", "grouped_gemm_ref", "moe_experts_ref",
     "cache_write_ref", "mla_cache_write_ref", "paged_decode_ref", "mla_decode_ref", "paged_prefill_ref",
     "mla_prefill_ref",

@@ -61,3 +61,21 @@ def route_topk_ref(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * routed_scaling_factor
     return weights, ids.to(torch.int32)
+
+
+def route_topk_weights_ref(
+    logits: torch.Tensor,  # [T, E]
+    ids: torch.Tensor,  # [T, K] given experts (routing replay)
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """Gating weights [T, K] float32 of the given experts, in the given order: scores[ids], / (sum + 1e-20) if
+    renormalize, * routed_scaling_factor — route_topk_ref's weights without its selection. Differentiable."""
+    x = logits.float()  # [T, E]
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)  # [T, E]
+    weights = scores.gather(1, ids.long())  # [T, K]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor
