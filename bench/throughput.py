@@ -33,15 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
-if __package__:  # `dsmath bench`: dsmath.bench.throughput inside the installed distribution
+if __package__ and "." in __package__:  # `dsmath bench`: dsmath.bench.throughput in the installed distribution
     from .. import model as model_pkg
     from ._util import device_name, print_json, print_table
-else:  # `python bench/throughput.py` from the repo
+else:  # `python bench/throughput.py` (or `bench.throughput`) from the repo
     ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, ROOT)
-    import model as model_pkg
     from _util import device_name, print_json, print_table
+
+    import model as model_pkg
 
 LLM, SamplingParams = model_pkg.LLM, model_pkg.SamplingParams
 
@@ -96,7 +97,8 @@ def make_workloads(args, vocab: int, max_len: int) -> list[Workload]:
     if "c" in want:
         k, n, p, new = s["c"]
         out.append(Workload("c_grpo_rollout", [rand_prompt(p) for _ in range(k)],
-                            [SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, logprobs=True)] * k,
+                            [SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, logprobs=0,
+                                            logprobs_mode="processed_logprobs")] * k,
                             True))
     if "d" in want:
         p, n = s["d"]

@@ -1,4 +1,4 @@
-"""Per-step metadata the engine hands to `MoEForCausalLM.forward_paged` (contract: notes/MODEL_ENGINE_CONTRACT.md).
+"""Per-step metadata the engine hands to `MoEForCausalLM.forward_paged` (contract: model/README.md).
 
 One engine step is a flat batch of N new tokens from B sequences; the paged KV cache is addressed through
 block tables and slot mappings, so the model never sees per-call Python lists.
@@ -17,7 +17,8 @@ class ForwardMeta:                 # one engine step: a flat batch of new tokens
     block_tables: torch.Tensor     # [B, max_blocks] int32 (unused entries -1 or 0; only the first
                                    #   ceil(seq_lens/block_size) are read)
     slot_mapping: torch.Tensor     # [N] int64  cache slot (block * block_size + offset) of each new token
-    logits_indices: torch.Tensor   # [B] int64  index into the N tokens of each sequence's last new token
+    logits_indices: torch.Tensor   # [M] int64  tokens (of the N) whose logits are returned: each sequence's last new
+                                   #   token, and every new token of sequences asking for prompt log-probs
     is_decode: bool                # every sequence has exactly one new token -> paged_decode / mla_decode
     decode_plan: object = None     # optional plan from dsmath_kernels.plan_decode, reused by every layer
     max_seqlen_q: int | None = None  # optional host int: max new tokens of one sequence (prefill steps); when

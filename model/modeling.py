@@ -8,7 +8,7 @@
   experts, weights recomputed from the router logits at them (dsmath_kernels.route_topk_weights); `return_routing`
   adds .routing [B, T, L, K], the experts the gates' own top-k picks.
 - `model.forward_paged(meta, kv_cache)` -> logits [B, V] float32: the engine's path over a paged KV cache
-  (contract: notes/MODEL_ENGINE_CONTRACT.md, metadata: model/meta.py). A cache allocated with routing=True also
+  (contract: model/README.md, metadata: model/meta.py). A cache allocated with routing=True also
   records each new token's experts per MoE layer at its slot (`KVCache.routing`, device-side, CUDA-graph safe).
 - `from_pretrained(dir)` / `save_pretrained(dir)` (model/loader.py), `from_config(cfg)`, `from_preset(name)`.
 Parameter names equal transformers' in-memory names, so state_dict keys line up with transformers 5.24.
@@ -277,8 +277,8 @@ class MoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward_paged(self, meta: ForwardMeta, kv_cache: KVCache) -> torch.Tensor:
-        """One engine step: writes the new tokens' K/V (latent rows) into the cache, returns logits [B, V] float32
-        of each sequence's last new token (meta.logits_indices)."""
+        """One engine step: writes the new tokens' K/V (latent rows) into the cache, returns logits [M, V] float32
+        of the tokens meta.logits_indices names (each sequence's last new token, or more for prompt log-probs)."""
         if not meta.is_decode and meta.max_seqlen_q is None:  # one host sync per step rather than one per layer
             meta = dataclasses.replace(meta, max_seqlen_q=int((meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).max()))
         cos, sin = self.model.rotary(meta.positions)  # [N, Dr/2]
@@ -291,7 +291,7 @@ class MoEForCausalLM(nn.Module):
             rec = (buf[:, j], rows) if buf is not None and layer.is_moe else None
             j += layer.is_moe
             x = layer.forward_paged(x, cos, sin, meta, kv_cache[i], rec)
-        x = self.model.norm(x[meta.logits_indices])  # [B, H]
+        x = self.model.norm(x[meta.logits_indices])  # [M, H]
         return self.lm_head(x).float()
 
 

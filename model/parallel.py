@@ -71,15 +71,16 @@ class ParallelConfig:
     group: object = None       # process group (None: the default group)
 
 
-def init_distributed(tensor_parallel_size: int, device=None) -> tuple[int, torch.device]:
+def init_distributed(tensor_parallel_size: int, device=None, timeout=None) -> tuple[int, torch.device]:
     """Join (or start, from torchrun's environment) the default process group: NCCL on CUDA, gloo on CPU.
-    Returns (rank, this rank's device). The world size must equal tensor_parallel_size."""
+    Returns (rank, this rank's device). The world size must equal tensor_parallel_size. timeout: of every
+    collective (a datetime.timedelta; torch's default when None)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise RuntimeError(f"tensor_parallel_size={tensor_parallel_size}: run under torchrun --nproc-per-node "
                                f"{tensor_parallel_size} (or initialise torch.distributed first)")
         cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size: {tensor_parallel_size}, but the process group has {world} ranks "
@@ -176,6 +177,16 @@ def _all_to_all(t: torch.Tensor, recv: list[int], send: list[int], pc: ParallelC
     else:
         dist.all_to_all_single(out, t.contiguous(), recv, send, group=pc.group)
     return out
+
+
+def broadcast_from_rank0(out, pc: ParallelConfig) -> None:
+    """Every tensor field of a sampler output (tokens, log-probs, ranks, top-k) takes rank 0's values, in place:
+    the ranks' logits are equal (collectives give every rank the same sums), this makes the tokens equal by
+    construction, so the schedulers can never diverge."""
+    for name in ("tokens", "logprobs", "ranks", "top_ids", "top_values"):
+        t = getattr(out, name, None)
+        if isinstance(t, torch.Tensor):
+            dist.broadcast(t, src=0, group=pc.group)
 
 
 def any_rank(flag: bool, device, pc: ParallelConfig) -> bool:
@@ -468,16 +479,24 @@ def idle_forward(model: nn.Module, pc: ParallelConfig) -> None:
 def dp_generate(llm, prompts, params) -> list:
     """LLM.generate with data-parallel attention: prompt i is served by rank i % N (its own scheduler, KV cache and
     sampling); every rank steps in lockstep — a real forward when it has work, idle_forward otherwise — until no
-    rank has work, then all outputs are gathered, so every rank returns every RequestOutput, in order."""
-    from .engine.llm_engine import _as_prompt_list
+    rank has work, then all outputs are gathered, so every rank returns every RequestOutput, in order. Every rank
+    validates every prompt, so a request that cannot be served fails the same way everywhere."""
+    from .engine.checks import RequestError
+    from .engine.llm_engine import Request, _as_prompt_list
 
     pc = llm.parallel
     prompts = _as_prompt_list(prompts)
-    plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     if len(plist) != len(prompts):
-        raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
-    reqs = [llm._make_request(p, sp) for p, sp in zip(prompts, plist)]  # every rank validates every prompt
-    mine = {i: llm._enqueue(r) for i, r in enumerate(reqs) if i % pc.world == pc.rank}
+        raise ValueError(f"sampling_params: {len(plist)} SamplingParams for {len(prompts)} prompts")
+    made = []
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        try:
+            made.append(llm._make_request(p, sp, f"prompts[{i}]"))
+        except RequestError as e:
+            made.append((p, sp, e))
+    mine = {i: llm._enqueue(r) if isinstance(r, Request) else llm._fail(*r)
+            for i, r in enumerate(made) if i % pc.world == pc.rank}
     while any_rank(llm.has_unfinished(), llm.device, pc):
         if llm.has_unfinished():
             llm.step()
@@ -488,3 +507,54 @@ def dp_generate(llm, prompts, params) -> list:
     dist.all_gather_object(gathered, local, group=pc.group)
     by_index = dict(pair for part in gathered for pair in part)
     return [by_index[i] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------- serving (dsmath serve under torchrun)
+
+class Leader:
+    """Rank 0's engine when `dsmath serve` runs tensor parallel: the LLM as AsyncLLM drives it, except that every
+    change of engine state (a request queued, a request aborted, a step) is first sent to the other ranks, which
+    replay it (`follow`) — so every rank runs the same steps on the same requests, as SPMD needs."""
+
+    def __init__(self, llm):
+        self.llm, self._ops = llm, []
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+    def _enqueue(self, req, stream_text: bool = False) -> int:
+        self._ops.append(("add", req, stream_text))
+        return self.llm._enqueue(req, stream_text)
+
+    def abort(self, request_id: int) -> None:
+        self._ops.append(("abort", request_id))
+        self.llm.abort(request_id)
+
+    def compute_step(self):
+        self._send(("step",))
+        return self.llm.compute_step()
+
+    def stop(self) -> None:
+        """Release the followers (after the server drained)."""
+        self._send(("stop",))
+
+    def _send(self, last: tuple) -> None:
+        ops, self._ops = [*self._ops, last], []
+        dist.broadcast_object_list([ops], src=0, group=self.llm.parallel.group)
+
+
+def follow(llm) -> None:
+    """Ranks > 0 under `dsmath serve`: replay rank 0's requests, aborts and steps until it says stop."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=llm.parallel.group)
+        for op in box[0]:
+            if op[0] == "add":
+                llm._enqueue(op[1], op[2])
+            elif op[0] == "abort":
+                llm.abort(op[1])
+            elif op[0] == "step":
+                llm.process_step(llm.compute_step())
+                llm.finished.clear()  # rank 0 answers the clients
+            elif op[0] == "stop":
+                return

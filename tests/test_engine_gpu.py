@@ -27,7 +27,7 @@ def prompts(k=6, V=128):
 
 
 def test_cuda_graph_decode_matches_eager(model):
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
     eager = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8, enforce_eager=True)
     graph = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8)
     assert eager.runner.graphs == {}

@@ -3,8 +3,9 @@ log-probs, shared prompt blocks of n samples, preemption, stops, seeds, streamin
 
 import pytest
 import torch
+from tiny_models import word_tokenizer
 
-from model.engine import LLM, SamplingParams
+from model.engine import LLM, RequestError, SamplingParams
 from model.engine.mock_model import MockPagedModel
 
 V = 64
@@ -43,7 +44,7 @@ def check_free(llm: LLM):
 def test_greedy_matches_full_forward(model, block_size, budget):
     ps = prompts(5, seed=block_size)
     llm = LLM(model, num_blocks=256, block_size=block_size, max_num_batched_tokens=budget)
-    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=10, logprobs=True), use_tqdm=False)
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=10, logprobs=0), use_tqdm=False)
     for p, o in zip(ps, outs):
         toks, lps = greedy_ref(model, p, 10)
         c = o.outputs[0]
@@ -79,7 +80,7 @@ def test_n_samples_continue_their_own_prefix(model):
     """Each sample's continuation must be computed from ITS tokens (catches a wrong copy-on-write)."""
     llm = LLM(model, num_blocks=64, block_size=4)
     prompt = prompts(1, seed=4, lo=9, hi=10)[0]
-    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=5, logprobs=True),
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=5, logprobs=0),
                        use_tqdm=False)[0]
     for c in out.outputs:
         ids = prompt + c.token_ids
@@ -131,18 +132,8 @@ def test_stop_token_ids_eos_and_ignore_eos():
     assert ign.token_ids == free[0].outputs[0].token_ids and ign.finish_reason == "length"
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(V - 1)} | {"[EOS]": V - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[EOS]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")
-
-
 def test_text_stop_strings_and_streaming(model):
-    tok = word_tokenizer()
+    tok = word_tokenizer(V)
     llm = LLM(model, num_blocks=128, block_size=4, tokenizer=tok)
     prompt = "w1 w2 w3 w4"
     base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0].outputs[0]
@@ -196,19 +187,27 @@ def test_prefix_caching_hits_and_keeps_outputs(model):
 
 
 def test_max_model_len_and_errors(model):
+    """A request that cannot be served raises from add_request, and fails ALONE in generate (finish_reason
+    "error", the message in RequestOutput.error) while the rest of the batch is served."""
     llm = LLM(model, num_blocks=16, block_size=4, max_model_len=12)
     out = llm.generate([[1] * 8], SamplingParams(temperature=0, max_tokens=50), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
-    with pytest.raises(ValueError, match="tokenizer"):
-        llm.generate("hello", use_tqdm=False)
-    with pytest.raises(ValueError, match="token ids"):
-        llm.generate([[1, V]], use_tqdm=False)
-    with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate([[1] * 12], use_tqdm=False)
-    with pytest.raises(ValueError, match="stop"):
-        llm.generate([[1]], SamplingParams(stop="x"), use_tqdm=False)
-    with pytest.raises(ValueError, match="KV blocks"):
-        LLM(model, num_blocks=2, block_size=4).generate([[1] * 9], use_tqdm=False)
+    bad = {"tokenizer": ("hello", None), "token ids": ([1, V], None), "max_model_len": ([1] * 12, None),
+           "stop": ([1], SamplingParams(stop="x")), "max_num_seqs": ([1], SamplingParams(n=300))}
+    for match, (prompt, params) in bad.items():
+        with pytest.raises(RequestError, match=match):
+            llm.add_request(prompt, params)
+    prompts = [[2, 3]] + [p for p, _ in bad.values()] + [[4, 5]]
+    params = [SamplingParams(temperature=0, max_tokens=3)] + [p or SamplingParams() for _, p in bad.values()] + \
+        [SamplingParams(temperature=0, max_tokens=3)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] + ["error"] * len(bad) + ["length"]
+    for (match, _), o in zip(bad.items(), outs[1:-1]):
+        assert match in o.error and o.outputs[0].token_ids == [] and o.finished
+    assert outs[0].outputs[0].token_ids == greedy_ref(model, [2, 3], 3)[0]
+    assert len(outs[1 + list(bad).index("max_num_seqs")].outputs) == 300   # one error output per sample
+    with pytest.raises(RequestError, match="KV blocks"):
+        LLM(model, num_blocks=2, block_size=4).add_request([1] * 9)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     check_free(llm)
@@ -271,7 +270,7 @@ class ReplayedForward:
 def test_graph_replay_path_matches_eager(model):
     """The CUDA-graph decode path's host side (static buffers, padding rows, size buckets) on CPU."""
     ps = prompts(7, seed=30)
-    params = SamplingParams(temperature=0, max_tokens=9, logprobs=True)
+    params = SamplingParams(temperature=0, max_tokens=9, logprobs=0)
     want = LLM(model, num_blocks=128, block_size=4).generate(ps, params, use_tqdm=False)
     llm = LLM(model, num_blocks=128, block_size=4, max_num_seqs=8)
     runner = llm.runner

@@ -42,7 +42,8 @@ def _check(model, prompt, c, temperature):
 def test_routing_of_forked_samples(model, block_size, budget):
     llm = LLM(model, num_blocks=128, block_size=block_size, max_num_batched_tokens=budget)
     ps = _prompts(3)
-    params = SamplingParams(n=3, temperature=0.8, max_tokens=6, seed=1, logprobs=True, return_routing=True)
+    params = SamplingParams(n=3, temperature=0.8, max_tokens=6, seed=1, logprobs=0,
+                            logprobs_mode="processed_logprobs", return_routing=True)
     outs = llm.generate(ps, params, use_tqdm=False)
     for p, o in zip(ps, outs):
         for c in o.outputs:
@@ -55,8 +56,9 @@ def test_routing_of_forked_samples(model, block_size, budget):
 def test_routing_survives_preemption(model):
     llm = LLM(model, num_blocks=9, block_size=4)  # too few blocks for 4 samples of 14+ tokens: preemption
     ps = _prompts(2, seed=3)
-    outs = llm.generate(ps, SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=5, logprobs=True,
-                                           return_routing=True, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(ps, SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=5, logprobs=0,
+                                           logprobs_mode="processed_logprobs", return_routing=True, ignore_eos=True),
+                        use_tqdm=False)
     assert llm.scheduler.num_preemptions > 0
     for p, o in zip(ps, outs):
         for c in o.outputs:
@@ -65,14 +67,14 @@ def test_routing_survives_preemption(model):
 
 def test_return_routing_needs_a_recording_engine(model):
     with pytest.raises(ValueError, match="return_routing"):
-        LLM(model, num_blocks=32, block_size=4, record_routing=False).generate(
-            [[1, 2, 3]], SamplingParams(return_routing=True), use_tqdm=False)
-    with pytest.raises(ValueError, match="return_routing"):
-        LLM(MockPagedModel(), num_blocks=32, block_size=4).generate(
-            [[1, 2, 3]], SamplingParams(return_routing=True), use_tqdm=False)
+        LLM(model, num_blocks=32, block_size=4, record_routing=False).add_request(
+            [1, 2, 3], SamplingParams(return_routing=True))
+    out = LLM(MockPagedModel(), num_blocks=32, block_size=4).generate(      # in a batch: that request fails alone
+        [[1, 2, 3]], SamplingParams(return_routing=True), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error" and "return_routing" in out.error
     with pytest.raises(ValueError, match="record_routing"):
         LLM(MockPagedModel(), num_blocks=32, block_size=4, record_routing=True)
-    with pytest.raises(ValueError, match="return_routing"):
+    with pytest.raises(TypeError, match="return_routing"):
         SamplingParams(return_routing=1)
 
 
@@ -83,8 +85,8 @@ def test_routing_with_cuda_graphs():
     llm = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8)
     assert llm.runner.graphs, llm.runner.capture_error
     ps = _prompts(3, seed=7)
-    outs = llm.generate(ps, SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=2, logprobs=True,
-                                           return_routing=True), use_tqdm=False)
+    outs = llm.generate(ps, SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=2, logprobs=0,
+                                           logprobs_mode="processed_logprobs", return_routing=True), use_tqdm=False)
     for p, o in zip(ps, outs):
         for c in o.outputs:
             assert c.routing.is_cuda

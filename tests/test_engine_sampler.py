@@ -1,4 +1,5 @@
-"""Sampler: greedy, temperature, top-k, top-p, seeded per-row generators, log-probs of the sampled token."""
+"""Sampler: greedy, temperature, top-k, top-p, seeded per-row generators, log-probs of the sampled token (the
+processed distribution here; tests/test_sampling_semantics.py covers raw log-probs, top-k lists and processors)."""
 
 import pytest
 import torch
@@ -7,9 +8,15 @@ from model.engine.sampler import Sampler, SeedStream
 from model.engine.sampling_params import SamplingParams
 
 
+def draw(sampler, logits, params, streams):
+    """(tokens, processed log-probs: the temperature-scaled full distribution, the GRPO loss's)."""
+    out = sampler(logits, params, streams, modes=["processed_logprobs"] * len(params))
+    return out.tokens, out.logprobs
+
+
 def test_greedy_and_logprob():
     logits = torch.randn(5, 11)
-    tok, lp = Sampler()(logits, [SamplingParams(temperature=0)] * 5, [None] * 5)
+    tok, lp = draw(Sampler(), logits, [SamplingParams(temperature=0)] * 5, [None] * 5)
     assert torch.equal(tok, logits.argmax(-1))
     torch.testing.assert_close(lp, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
 
@@ -17,7 +24,7 @@ def test_greedy_and_logprob():
 def test_top_k_1_and_tiny_top_p_are_greedy():
     logits = torch.randn(6, 50)
     ps = [SamplingParams(temperature=1.3, top_k=1)] * 3 + [SamplingParams(temperature=0.7, top_p=1e-6)] * 3
-    tok, lp = Sampler()(logits, ps, [None] * 6)
+    tok, lp = draw(Sampler(), logits, ps, [None] * 6)
     assert torch.equal(tok, logits.argmax(-1))
     temps = torch.tensor([1.3] * 3 + [0.7] * 3)         # log-probs: the temperature-scaled FULL distribution
     torch.testing.assert_close(lp, (logits / temps[:, None]).log_softmax(-1).gather(-1, tok[:, None])[:, 0])
@@ -26,7 +33,7 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
 def test_mixed_batch_greedy_rows_unchanged():
     logits = torch.randn(4, 20)
     ps = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)] * 2
-    tok, lp = Sampler()(logits, ps, [None] * 4)
+    tok, lp = draw(Sampler(), logits, ps, [None] * 4)
     assert tok[0] == logits[0].argmax() and tok[2] == logits[2].argmax()
     full = logits.log_softmax(-1)
     torch.testing.assert_close(lp, full.gather(-1, tok[:, None])[:, 0])
@@ -48,7 +55,7 @@ def test_frequencies_and_logprobs_match_the_distribution(temperature, top_k, top
             keep[order[r]] = True
     want = torch.where(keep, scaled, torch.tensor(float("-inf"))).softmax(-1)
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * B
-    tok, lp = Sampler(seed=1)(base.expand(B, V).clone(), params, [None] * B)
+    tok, lp = draw(Sampler(seed=1), base.expand(B, V).clone(), params, [None] * B)
     freq = torch.bincount(tok, minlength=V).float() / B
     assert (freq[~keep] == 0).all()
     assert (freq - want).abs().max() < 0.03
@@ -62,7 +69,7 @@ def test_logprobs_are_the_grpo_losses():
     hidden, head = torch.randn(1, 8, 16), torch.randn(40, 16)
     for temperature in (1.0, 0.6, 1.7):
         ps = [SamplingParams(temperature=temperature, top_p=0.9)] * 8
-        tok, lp = Sampler(seed=3)(hidden[0] @ head.T, ps, [None] * 8)
+        tok, lp = draw(Sampler(seed=3), hidden[0] @ head.T, ps, [None] * 8)
         want = token_logprobs(hidden, head, tok[None], temperature=temperature)[0]
         torch.testing.assert_close(lp, want, atol=2e-6, rtol=0)
 
@@ -72,16 +79,16 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(1, V)
     p = SamplingParams(temperature=1.0, seed=7)
 
-    def draw(other_rows: int) -> list[int]:
+    def run(other_rows: int) -> list[int]:
         stream, sampler, toks = SeedStream(123, block=4), Sampler(seed=other_rows), []
         for _ in range(10):  # crosses stream blocks; other rows change every step
             rows = torch.cat([torch.randn(other_rows, V), logits])
-            tok, _ = sampler(rows, [SamplingParams()] * other_rows + [p], [None] * other_rows + [stream])
+            tok, _ = draw(sampler, rows, [SamplingParams()] * other_rows + [p], [None] * other_rows + [stream])
             toks.append(int(tok[-1]))
         return toks
 
-    alone = draw(0)
-    assert alone == draw(5) == draw(17)
+    alone = run(0)
+    assert alone == run(5) == run(17)
     assert len(set(alone)) > 1
 
 
@@ -92,5 +99,5 @@ def test_seed_stream_blocks_do_not_change_values():
 
 def test_unseeded_rows_vary():
     logits = torch.zeros(64, 100)
-    tok, _ = Sampler()(logits, [SamplingParams()] * 64, [None] * 64)
+    tok, _ = draw(Sampler(), logits, [SamplingParams()] * 64, [None] * 64)
     assert len(set(tok.tolist())) > 20

@@ -9,9 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 import dsmath_kernels
 
@@ -67,6 +67,13 @@ assert model_module("engine").LLM is LLM, "train must reach the same model packa
 assert grpo.load_lm.__module__ == "dsmath.train.grpo"
 top = sorted({m.split(".")[0] for m in sys.modules} & {"model", "train", "bench"})
 assert not top, f"generic top-level modules imported: {top}"
+web = sorted({m.split(".")[0] for m in sys.modules} & {"fastapi", "uvicorn", "starlette", "openai", "httpx"})
+assert not web, f"the engine must not import the web stack: {web}"
+import importlib.util
+if importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn"):
+    from dsmath.model.serve import api_server, cli
+    assert api_server.build_app.__module__ == "dsmath.model.serve.api_server"
+    assert not sorted({m.split(".")[0] for m in sys.modules} & {"model", "train", "bench"})
 print("ok")
 """
     r = run_elsewhere(site, tmp_path, code)
@@ -76,13 +83,14 @@ print("ok")
 def test_dsmath_command_lists_and_runs_subcommands(site, tmp_path):
     r = run_elsewhere(site, tmp_path, ["-m", "dsmath", "--help"])
     assert r.returncode == 0, r.stderr
-    for cmd in ("generate", "train", "eval", "bench"):
-        assert f"\n  {cmd}" in r.stdout
+    for cmd in ("generate", "serve", "train", "eval", "bench", "bench serve"):
+        assert f"\n  {cmd} " in r.stdout
     r = run_elsewhere(site, tmp_path, ["-m", "dsmath", "nonsense"])
     assert r.returncode == 2 and "unknown command 'nonsense'" in r.stderr
-    for cmd in ("train", "eval", "bench"):
-        r = run_elsewhere(site, tmp_path, ["-m", "dsmath", cmd, "--help"])
-        assert r.returncode == 0 and r.stdout.startswith("usage:"), (cmd, r.stderr[-2000:])
+    for cmd in (["train"], ["eval"], ["bench"], ["serve"], ["bench", "serve"]):
+        r = run_elsewhere(site, tmp_path, ["-m", "dsmath", *cmd, "--help"])
+        prog = f"usage: dsmath {' '.join(cmd)} " if cmd[-1] == "serve" else "usage:"   # (train names its own)
+        assert r.returncode == 0 and r.stdout.startswith(prog), (cmd, r.stdout[:200], r.stderr[-2000:])
     # the engine end to end from the installed layout: random tiny model, greedy, four tokens
     r = run_elsewhere(site, tmp_path, ["-m", "dsmath", "generate", "--preset", "tiny", "--device", "cpu",
                                        "--ids", "5,6,7", "--max-tokens", "4"])

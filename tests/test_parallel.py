@@ -129,3 +129,55 @@ def test_bad_world_sizes_refused_before_loading(ckpts, monkeypatch):
 def test_tensor_parallel_needs_torchrun(ckpts):
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
         LLM(ckpts["fp32"], tensor_parallel_size=2, device="cpu")
+
+
+def test_serve_tensor_parallel(tmp_path, monkeypatch):
+    """`dsmath serve` under torchrun with 2 ranks (tensor + expert parallel, gloo): rank 0 answers HTTP, rank 1
+    replays its steps; a seeded sampled completion (n = 2) and a greedy one equal one process's LLM.generate."""
+    for mod in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(mod)
+    import socket
+    import time
+
+    import httpx
+
+    from train.toy import save_toy_checkpoint
+
+    ckpt = save_toy_checkpoint(str(tmp_path / "toy"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "model.serve.cli", "--model", ckpt, "--port", str(port), "--tensor-parallel-size", "2",
+           "--enable-expert-parallel", "--num-blocks", "64", "--block-size", "16", "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, open(tmp_path / "serve.log").read()[-4000:]
+            time.sleep(0.3)
+        got = []
+        for kw in ({"temperature": 0.0, "n": 1}, {"temperature": 1.0, "seed": 7, "n": 2}):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                           json={"model": "toy", "prompt": "3+4=", "max_tokens": 8, **kw})
+            assert r.status_code == 200, r.text
+            got.append([c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    llm = LLM(ckpt, num_blocks=64, block_size=16, device="cpu")
+    want = [[o.text for o in llm.generate("3+4=", SamplingParams(max_tokens=8, **kw), use_tqdm=False)[0].outputs]
+            for kw in ({"temperature": 0.0, "n": 1}, {"temperature": 1.0, "seed": 7, "n": 2})]
+    assert got == want

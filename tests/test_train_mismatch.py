@@ -101,8 +101,9 @@ def test_tis_against_a_perturbed_engine(toy_setup):
     cfg, policy, tokenizer, llm = toy_setup
     SamplingParams = grpo.model_module("engine").SamplingParams
     prompts = [tokenizer.encode(p) for p in ("1+2=", "3-1=", "2+2=")]
-    outs = llm.generate(prompts, SamplingParams(n=4, temperature=1.4, max_tokens=8, seed=3, logprobs=True,
-                                                return_routing=True), use_tqdm=False)
+    outs = llm.generate(prompts, SamplingParams(n=4, temperature=1.4, max_tokens=8, seed=3, logprobs=0,
+                                                logprobs_mode="processed_logprobs", return_routing=True),
+                        use_tqdm=False)
     comps = [c for o in outs for c in o.outputs]
     b = pack([p for p in prompts for _ in range(4)], comps, tokenizer.pad_token_id, "cpu")
     b["adv"] = torch.randn(12)

@@ -30,3 +30,14 @@ def make_model(name: str, *, norms: bool = True, **overrides) -> MoEForCausalLM:
     m = MoEForCausalLM.from_config(preset(name, **overrides), init_std=0.1)
     randomize(m, norms=norms, weights=False)
     return m.eval()
+
+
+def word_tokenizer(V: int):
+    """A word-level tokenizer over "w0".."w{V-2}" plus a special "[EOS]" (id V-1), no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(V - 1)} | {"[EOS]": V - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[EOS]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")

@@ -230,7 +230,8 @@ def sample(llm, prompts: list[list[int]], cfg: GRPOConfig, step: int, first_inde
 
     routing = bool(getattr(llm, "record_routing", False))
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_tokens=cfg.max_tokens, logprobs=True, return_routing=routing,
+                             max_tokens=cfg.max_tokens, logprobs=0, logprobs_mode="processed_logprobs",
+                             return_routing=routing,
                              seed=(cfg.seed * 1_000_003 + step * 10_007 + first_index + i) % 2**62)
               for i in range(len(prompts))]
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -81,3 +81,16 @@ def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def save_toy_checkpoint(path: str, *, max_position_embeddings: int = 1024, seed: int = 0) -> str:
+    """A tiny random MoE checkpoint (the `tiny` preset, vocab 128) with the char tokenizer and its chat template
+    saved beside it: a real checkpoint directory for the server tests and `dsmath bench serve` on a CPU."""
+    from ._pkg import model_module
+
+    torch.manual_seed(seed)
+    lm = model_module().MoEForCausalLM.from_config(model_module("presets").preset(
+        "tiny", max_position_embeddings=max_position_embeddings))
+    lm.save_pretrained(path)
+    char_tokenizer(chat_template=True).save_pretrained(path)
+    return path

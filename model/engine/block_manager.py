@@ -57,6 +57,8 @@ class BlockManager:
         """Cached block ids matching seq's leading full blocks (always leaves >= 1 token to compute)."""
         if not self.prefix_caching or seq.block_table or seq.num_computed:
             return []
+        if seq.params.prompt_logprobs is not None:  # cached blocks would skip the prompt positions' logits
+            return []
         bs, prev, hits = self.block_size, None, []
         for i in range((len(seq) - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])

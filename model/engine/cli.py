@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     llm = build(args)
     prompt = [int(t) for t in args.ids.split(",")] if args.ids else " ".join(args.prompt)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop, logprobs=True)
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop, logprobs=0)
     if args.stream and args.n == 1:
         for ev in llm.stream([prompt], params):
             sys.stdout.write(ev.text if ev.text is not None else f"{ev.token_id} ")

@@ -32,6 +32,25 @@ def _kv_heads(config) -> int:
     return 1 if getattr(config, "is_mla", False) else int(getattr(config, "num_key_value_heads", 1) or 1)
 
 
+def logits_starts(batch: Batch) -> list[int]:
+    """Row of each sequence's first logit in what `ModelRunner.run` returns: one row per sequence (its last new
+    token), or one per new token for sequences with batch.all_logits set. A sequence's last row is
+    starts[b + 1] - 1 (a final entry closes the list)."""
+    counts = [k if (batch.all_logits and batch.all_logits[b]) else 1 for b, k in enumerate(batch.num_new)]
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return starts
+
+
+def logits_indices(batch: Batch, cu: torch.Tensor) -> torch.Tensor:
+    """[M] int64 indices into the N new tokens whose logits the model returns (see logits_starts)."""
+    if not any(batch.all_logits):
+        return cu[1:] - 1
+    return torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) if every else cu[b + 1:b + 2] - 1
+                      for b, every in enumerate(batch.all_logits)])
+
+
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
                  kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False):
@@ -77,7 +96,7 @@ class ModelRunner:
             slots = tables[row, pos // bs].long() * bs + pos % bs                  # [N]
         return {"input_ids": torch.tensor(ids, dtype=torch.int64), "positions": pos, "cu_seqlens_q": cu.int(),
                 "seq_lens": torch.tensor(lens, dtype=torch.int32), "block_tables": tables, "slot_mapping": slots,
-                "logits_indices": cu[1:] - 1}
+                "logits_indices": logits_indices(batch, cu)}
 
     def prepare(self, batch: Batch) -> ForwardMeta:
         h = self.host_meta(batch)
@@ -89,7 +108,8 @@ class ModelRunner:
     # ---- running ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
-        """Logits [B, V] float32 of each scheduled sequence's last new token."""
+        """Logits [M, V] float32: of each scheduled sequence's last new token (M = B), and of every new token of
+        the sequences with batch.all_logits set (rows laid out by logits_starts)."""
         B = len(batch.seqs)
         if batch.is_decode and self.graphs and B <= max(self.graphs):
             return self._replay(batch)

@@ -1,20 +1,29 @@
-"""Sampler: one token per row of logits, with per-row temperature / top-k / top-p and seeded generators.
+"""Sampler: one token per row of logits, with per-row processors, temperature / min-p / top-k / top-p, seeded
+generators, and the requested log-probs.
 
-Rows with temperature 0 are greedy (argmax). Other rows sample from p = softmax(logits / T) restricted to the
-top-k tokens and the smallest top-p nucleus, by inversion: token = first i with cdf[i] > u * cdf[V-1], one
-uniform u per row (cdf in float64). Each seeded sample draws its u from its OWN seeded torch.Generator
-(SeedStream, on the host, drawn 256 at a time), the other rows from the engine's generator — so a seeded
-sample does not depend on what else is in the batch, and no per-row kernel is launched (an earlier version
-drew V exponentials per row from per-row device generators: one launch per seeded row per step).
-The returned log-prob is that of the sampled token under softmax(logits / T) over the FULL vocabulary
-(`full_logprobs`): temperature applied, no top-k / top-p renormalisation, T = 1 for greedy rows — the distribution
-the GRPO loss scores a token under (dsmath_kernels.token_logprobs with the same temperature), so the engine's and
-the trainer's log-probs are the same quantity. (With top-k / top-p cuts the token was drawn from the renormalised
-subset; its log-prob there is log p - log(kept mass).)
+Per row: logits -> logits processors (bad words, min_tokens, logit_bias, penalties: logits_processors.py) ->
+times 1/T -> greedy rows take the argmax; the others sample after min-p, top-k and the smallest top-p nucleus,
+by inversion: token = first i with cdf[i] > u * cdf[V-1], one uniform u per row (cdf in float64). Each seeded
+sample draws its u from its OWN seeded torch.Generator (SeedStream, on the host, drawn 256 at a time), the other
+rows from the engine's generator — so a seeded sample does not depend on what else is in the batch, and no
+per-row kernel is launched (an earlier version drew V exponentials per row from per-row device generators: one
+launch per seeded row per step).
+
+Log-probs are read from the distribution each row's logprobs mode names (sampling_params.py): the raw logits'
+log_softmax, or the processed one: log_softmax(processed logits * 1/T) — temperature applied as a multiplication
+by 1/T, exactly as the GRPO loss's kernels do, so the engine and the trainer round alike; the FULL vocabulary,
+no min-p / top-k / top-p renormalisation; T = 1 for greedy rows; plus the sampled token's rank
+and the top-k, for rows that asked. (With cuts the token was drawn from the renormalised subset; its log-prob
+there is log p - log(kept mass).)
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
+from .logits_processors import RowContext, apply_processors
 from .sampling_params import SamplingParams
 
 
@@ -26,10 +35,6 @@ def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
-def full_logprobs(logits: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] float32, inv_temp [B] (1 / T) -> log softmax(logits * inv_temp) [B, V] over the full vocabulary.
-    Multiplies by 1 / T as the GRPO loss's kernels do, so the engine and the trainer round alike."""
-    return (logits * inv_temp[:, None]).log_softmax(dim=-1)
 
 
 class SeedStream:
@@ -60,34 +65,101 @@ def _mask_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _mask_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p [B] times the row's largest (the top token always stays)."""
+    probs = scaled.softmax(dim=-1)                                          # [B, V]
+    keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return scaled.masked_fill(~keep, float("-inf"))
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor                    # [B] int64
+    logprobs: torch.Tensor                  # [B] float32: the sampled token's value in its row's mode
+    ranks: torch.Tensor | None = None       # [B] int64, 1-based (rows asked for log-probs)
+    top_ids: torch.Tensor | None = None     # [B, K] int64, K = the most any row asked for
+    top_values: torch.Tensor | None = None  # [B, K] float32
+
+    def to_host(self) -> list[tuple[int, float, int | None, list[int], list[float]]]:
+        """Per row (token, value, rank, top ids, top values) in ONE device-to-host transfer."""
+        B = self.tokens.shape[0]
+        parts = [self.tokens.double(), self.logprobs.double()]
+        if self.ranks is not None:
+            parts.append(self.ranks.double())
+        K = 0 if self.top_ids is None else self.top_ids.shape[1]
+        if K:
+            parts += [self.top_ids.double().flatten(), self.top_values.double().flatten()]
+        flat = torch.cat(parts).tolist()
+        toks, vals = flat[:B], flat[B:2 * B]
+        ranks = flat[2 * B:3 * B] if self.ranks is not None else [None] * B
+        ids, tv = flat[3 * B:3 * B + B * K], flat[3 * B + B * K:]
+        return [(int(toks[i]), vals[i], None if ranks[i] is None else int(ranks[i]),
+                 [int(t) for t in ids[i * K:(i + 1) * K]], tv[i * K:(i + 1) * K]) for i in range(B)]
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)   # unseeded rows
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 streams: list[SeedStream | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] -> (tokens [B] int64, logprobs [B] float32), both on logits.device."""
-        logits = logits.float()
-        dev = logits.device
-        temps = [p.temperature for p in params]
-        if all(t == 0.0 for t in temps):
-            tokens = logits.argmax(dim=-1)                                     # [B]
-            return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
-        inv_t = to_device([1.0 / t if t > 0 else 1.0 for t in temps], torch.float32, dev)
-        full = full_logprobs(logits, inv_t)                                    # [B, V] what the log-probs report
-        logp = full                                                            # [B, V] what is sampled from
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            top_k = to_device([p.top_k for p in params], torch.int64, dev)
-            top_p = to_device([p.top_p for p in params], torch.float32, dev)
-            logp = _mask_top_k_top_p(full, top_k, top_p).log_softmax(dim=-1)
-        u = to_device(self._uniforms(streams), torch.float64, dev)             # [B]
-        cdf = logp.exp().double().cumsum(dim=-1)                               # [B, V]
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], streams: list[SeedStream | None],
+                 contexts: list[RowContext | None] | None = None, modes: list[str] | None = None) -> SamplerOutput:
+        """logits [B, V] -> SamplerOutput on logits.device. `contexts` feed the logits processors (needed for
+        rows whose params.needs_context); `modes` are the rows' logprobs modes (default: each params'
+        logprobs_mode, else "raw_logprobs")."""
+        raw = logits.float()
+        x = apply_processors(raw, params, contexts) if contexts is not None else raw   # [B, V]
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens, proc = x.argmax(dim=-1), x
+        else:
+            inv_t = to_device([1.0 if g else 1.0 / p.temperature for p, g in zip(params, greedy)], torch.float32,
+                              x.device)
+            proc = x * inv_t[:, None]                                          # [B, V] processed logits
+            tokens = self._draw(self._cut(proc, params, greedy), streams)
+            if any(greedy):
+                tokens = torch.where(to_device(greedy, torch.bool, x.device), x.argmax(dim=-1), tokens)
+        modes = modes or [p.logprobs_mode or "raw_logprobs" for p in params]
+        return self._logprobs(raw, proc, tokens, params, modes)
+
+    @staticmethod
+    def _cut(proc: torch.Tensor, params: list[SamplingParams], greedy: list[bool]) -> torch.Tensor:
+        """What is sampled from: min-p, top-k, top-p on the processed logits (greedy rows: no cuts)."""
+        dev, cut = proc.device, proc
+        if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
+            cut = _mask_min_p(cut, to_device([0.0 if g else p.min_p for p, g in zip(params, greedy)],
+                                             torch.float32, dev))
+        if any((p.top_k > 0 or p.top_p < 1.0) and not g for p, g in zip(params, greedy)):
+            top_k = to_device([-1 if g else p.top_k for p, g in zip(params, greedy)], torch.int64, dev)
+            top_p = to_device([1.0 if g else p.top_p for p, g in zip(params, greedy)], torch.float32, dev)
+            cut = _mask_top_k_top_p(cut, top_k, top_p)
+        return cut
+
+    def _draw(self, cut: torch.Tensor, streams: list[SeedStream | None]) -> torch.Tensor:
+        u = to_device(self._uniforms(streams), torch.float64, cut.device)      # [B]
+        cdf = cut.softmax(dim=-1).double().cumsum(dim=-1)                      # [B, V]
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        sampled = torch.where(sampled < logits.shape[-1], sampled, logp.argmax(dim=-1))  # u * total rounded up
-        if any(x == 0.0 for x in temps):
-            greedy = to_device([x == 0.0 for x in temps], torch.bool, dev)
-            sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)     # full uses T = 1 on these rows
-        return sampled, full.gather(-1, sampled[:, None])[:, 0]
+        return torch.where(sampled < cut.shape[-1], sampled, cut.argmax(dim=-1))  # u * total rounded up
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, proc: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams],
+                  modes: list[str]) -> SamplerOutput:
+        make = {"raw_logprobs": lambda: raw.log_softmax(dim=-1), "raw_logits": lambda: raw,
+                "processed_logprobs": lambda: proc.log_softmax(dim=-1), "processed_logits": lambda: proc}
+        src = make[modes[0]]()                                                 # [B, V]
+        for mode in set(modes) - {modes[0]}:                                   # rows of other modes
+            rows = to_device([m == mode for m in modes], torch.bool, raw.device)
+            src = torch.where(rows[:, None], make[mode](), src)
+        value = src.gather(-1, tokens[:, None])[:, 0]                          # [B]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        if not asked:
+            return SamplerOutput(tokens, value)
+        ranks = (src > value[:, None]).sum(dim=-1) + 1                         # [B]
+        V = src.shape[-1]
+        K = min(V, max(V if k == -1 else k for k in asked))
+        if K == 0:
+            return SamplerOutput(tokens, value, ranks)
+        top_values, top_ids = src.topk(K, dim=-1)                              # [B, K]
+        return SamplerOutput(tokens, value, ranks, top_ids, top_values)
 
     def _uniforms(self, streams: list[SeedStream | None]) -> list[float]:
         shared = iter(torch.rand(sum(s is None for s in streams), generator=self.generator,

@@ -27,6 +27,8 @@ class Batch:
     num_new: list[int]                                       # new tokens fed per sequence this step
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
     is_decode: bool = False
+    all_logits: list[bool] = field(default_factory=list)     # per sequence: logits of EVERY new token (prompt
+                                                              #   log-probs), not only the last; empty: none
 
     @property
     def num_tokens(self) -> int:

@@ -41,9 +41,12 @@ class Sequence:
         self.status = Status.WAITING
         self.n_fork = params.n if index == 0 else 1
         self.generator: SeedStream | None = None   # own random stream when the request is seeded
-        self.logprobs: list[float] = []
+        self.logprobs: list[dict] = []       # {token_id: Logprob} per generated token (params.logprobs not None)
+        self.cumulative_logprob = 0.0
         self.routing = None                  # [len - 1, L, K] device tensor at finish (params.return_routing)
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.final_text: str | None = None   # the completion's text, set when it finishes
         self.text = ""                       # detokenized completion so far (with a tokenizer)
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)  # incremental detokenizer state (vLLM's)
         self.read_offset = self.num_prompt_tokens
@@ -85,10 +88,12 @@ class Sequence:
         child.status = self.status
         return child
 
-    def append(self, token_id: int, logprob: float | None) -> None:
+    def append(self, token_id: int, logprobs: dict | None = None, value: float = 0.0) -> None:
+        """Add a generated token; with its log-prob dict and value when the request asked for log-probs."""
         self.token_ids.append(token_id)
-        if logprob is not None:
-            self.logprobs.append(logprob)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += value
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id}, idx={self.index}, len={len(self)}, "

@@ -15,6 +15,7 @@ from dsmath_kernels.attention import (  # noqa: E402
     paged_prefill,
     plan_decode,
 )
+from dsmath_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from dsmath_kernels.fp8 import (  # noqa: E402
     dequantize_fp8_blocks,
     fp8_gemm,
@@ -25,6 +26,7 @@ from dsmath_kernels.fp8 import (  # noqa: E402
     quantize_fp8_blocks,
 )
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
+from dsmath_kernels.hf import PatchReport, patch, patch_class, unpatch, unpatch_class  # noqa: E402
 from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
 from dsmath_kernels.routing import route_topk, route_topk_weights  # noqa: E402
 
@@ -42,4 +44,8 @@ __all__ = [
     "moe_experts_fp8",
     # GRPO
     "group_advantages", "token_logprobs", "grpo_loss",
+    # losses
+    "linear_cross_entropy",
+    # transformers models (dsmath_kernels.hf; transformers is imported only when a patcher is called)
+    "patch", "unpatch", "patch_class", "unpatch_class", "PatchReport",
 ]

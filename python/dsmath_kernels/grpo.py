@@ -207,8 +207,9 @@ def _check_lm_inputs(hidden, weight, targets, temperature, backend):
         check_choice("backend", backend, BACKENDS)
         if backend == "triton" and not _has_triton():
             raise ValueError("backend: 'triton' requested but triton is not installed")
-    if targets.device.type == "cpu" and targets.numel():  # on GPU this check would cost a sync: kernels never
-        lo, hi = int(targets.min()), int(targets.max())  # index memory with targets, a bad id only gives -lse
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():  # on GPU this check
+        lo, hi = int(targets.min()), int(targets.max())  # would cost a sync (and no trace takes it): kernels never
+        # index memory with targets, a bad id only gives -lse
         if lo < 0 or hi >= V:
             raise ValueError(f"targets: ids must be in [0, {V}) (vocab size of weight), got min {lo} max {hi}")
     return B, T, H, V

@@ -181,11 +181,12 @@ def _wgrad_impl(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, E: int
         return grouped_gemm_triton.grouped_wgrad(dy, x, offsets, E, rows=rows, topk=topk)
     x = x if rows is None else _gather(x, rows, topk)
     dw = dy.new_empty(E, dy.shape[1], x.shape[1])
-    hit = torch.zeros(E, dtype=torch.bool)
+    missing = set(range(E))
     for i, s, e in _segments(offsets, x.shape[0]):
         torch.matmul(dy[s:e].T, x[s:e], out=dw[i])
-        hit[i] = True
-    dw[~hit.to(dw.device)] = 0  # experts without rows
+        missing.discard(i)
+    for i in missing:  # experts without rows; a boolean-mask fill here passed over all of dw (CPU, E 128, H 2048,
+        dw[i].zero_()  # I 768, T 256, bf16: forward + backward 1.92 s -> 1.55 s CPU time without it)
     return dw
 
 

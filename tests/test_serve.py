@@ -1,0 +1,279 @@
+"""The OpenAI-compatible server against the real thing (issue 15): `dsmath serve` in a subprocess on a free loopback
+port, on a tiny checkpoint with a tokenizer (train.toy.save_toy_checkpoint), driven by the official `openai` client
+(and raw httpx where a client would hide the behaviour): chat and completions, streamed and not, n = 2, logprobs,
+stop strings, a disconnect mid-stream (blocks freed), 64 concurrent streams (each streamed text equals the
+non-streamed text for the same seed), a queue overflow (429), bad requests (400), a wrong API key (401), and a
+graceful SIGTERM. Skipped only where fastapi / uvicorn / openai / httpx are not installed (CI installs them)."""
+
+import asyncio
+import importlib.util
+import os
+import re
+import signal
+import sys
+import time
+
+import pytest
+
+for _mod in ("fastapi", "uvicorn", "openai", "httpx"):
+    pytest.importorskip(_mod)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "test-key-15"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "bench", "serve.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = load_bench()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from train.toy import save_toy_checkpoint
+
+    return save_toy_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "toy"))
+
+
+def start(checkpoint, tmp_path_factory, *args):
+    log = str(tmp_path_factory.mktemp("log") / "server.log")
+    return bench.Server(checkpoint, ["--num-blocks", "512", "--block-size", "16", *args], log_path=log).__enter__()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    srv = start(checkpoint, tmp_path_factory, "--api-key", KEY, "--max-num-seqs", "64")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def metrics(server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dsmath_\w+)\{[^}]*\} (\S+)$", text, re.M)}
+
+
+def wait_idle(server, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        if (m["dsmath_kv_cache_blocks_used"] == 0 and m["dsmath_num_requests_running"] == 0
+                and m["dsmath_num_requests_waiting"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def stream_text(chunks) -> tuple[dict[int, str], dict[int, str], object]:
+    """(text per choice, finish reason per choice, usage) of a streamed completion or chat completion."""
+    texts, reasons, use = {}, {}, None
+    for ch in chunks:
+        if ch.usage is not None:
+            use = ch.usage
+        for c in ch.choices:
+            piece = c.text if hasattr(c, "text") else (c.delta.content or "")
+            texts[c.index] = texts.get(c.index, "") + piece
+            if c.finish_reason is not None:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons, use
+
+
+def test_health_models_and_metrics(server, client):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert [m.id for m in client.models.list().data] == ["toy"]
+    m = metrics(server)
+    assert m["dsmath_kv_cache_blocks_total"] == 512 and "dsmath_time_to_first_token_seconds_count" in m
+
+
+def test_completions_streamed_equals_non_streamed(server, client):
+    kw = dict(model="toy", prompt="3+4=", max_tokens=12, temperature=1.0, seed=7, n=2, logprobs=2)
+    full = client.completions.create(**kw)
+    assert len(full.choices) == 2 and full.choices[0].text != full.choices[1].text
+    assert full.usage.prompt_tokens == 4 and full.usage.completion_tokens == 24
+    for c in full.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == 12 and "".join(lp.tokens) == c.text
+        assert all(len(t) <= 3 for t in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    texts, reasons, use = stream_text(client.completions.create(**kw, stream=True,
+                                                                stream_options={"include_usage": True}))
+    assert texts == {c.index: c.text for c in full.choices}
+    assert reasons == {0: "length", 1: "length"} and use.completion_tokens == 24
+
+
+def test_chat_streamed_equals_non_streamed(server, client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    kw = dict(model="toy", messages=msgs, max_completion_tokens=10, temperature=0.8, seed=3, n=2, logprobs=True,
+              top_logprobs=3)
+    full = client.chat.completions.create(**kw)
+    assert [c.message.role for c in full.choices] == ["assistant"] * 2
+    assert full.usage.prompt_tokens == len("<system>Be brief.\n<user>What is 2+2?\n<assistant>")
+    for c in full.choices:
+        toks = c.logprobs.content
+        assert len(toks) == 10 and all(len(t.top_logprobs) == 3 for t in toks)
+        assert all(t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob for t in toks)
+    texts, reasons, use = stream_text(client.chat.completions.create(**kw, stream=True,
+                                                                     stream_options={"include_usage": True}))
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert set(reasons.values()) == {"length"} and use.completion_tokens == 20
+
+
+def test_stop_strings(server, client):
+    base = client.completions.create(model="toy", prompt="9-5=", max_tokens=16, temperature=0).choices[0].text
+    stop = base[5:7]
+    cut = base[:base.index(stop)]
+    got = client.completions.create(model="toy", prompt="9-5=", max_tokens=16, temperature=0, stop=[stop])
+    assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
+    texts, reasons, _ = stream_text(client.completions.create(model="toy", prompt="9-5=", max_tokens=16,
+                                                              temperature=0, stop=stop, stream=True))
+    assert texts == {0: cut} and reasons == {0: "stop"}
+
+
+def test_64_concurrent_streams_lose_and_duplicate_nothing(server):
+    """Each of 64 concurrent streams is complete and equals the non-streamed completion with the same seed."""
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        async def streamed(i):
+            chunks = [ch async for ch in await aclient.completions.create(
+                model="toy", prompt=f"{i}+{i % 7}=", max_tokens=12, temperature=1.0, seed=i, stream=True,
+                stream_options={"include_usage": True})]
+            return stream_text(chunks)
+
+        async def whole(i):
+            r = await aclient.completions.create(model="toy", prompt=f"{i}+{i % 7}=", max_tokens=12,
+                                                 temperature=1.0, seed=i)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+
+        s = await asyncio.gather(*(streamed(i) for i in range(64)))
+        w = await asyncio.gather(*(whole(i) for i in range(64)))
+        await aclient.close()
+        return s, w
+
+    s, w = asyncio.run(main())
+    for (texts, reasons, use), (text, reason, ntok) in zip(s, w):
+        assert texts == {0: text} and reasons == {0: reason} and use.completion_tokens == ntok
+    assert len({t for t, _, _ in w}) > 32                    # different seeds and prompts: different texts
+    assert wait_idle(server)["dsmath_kv_cache_blocks_used"] == 0
+
+
+def test_disconnect_frees_blocks(server):
+    aborted = metrics(server)["dsmath_requests_aborted_total"]
+    body = {"model": "toy", "prompt": "1+1=", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as h:
+        with h.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert metrics(server)["dsmath_kv_cache_blocks_used"] > 0
+        # leaving the block closes the connection mid-stream
+    m = wait_idle(server)
+    assert m["dsmath_kv_cache_blocks_used"] == 0 and m["dsmath_requests_aborted_total"] == aborted + 1
+    with pytest.raises(httpx.ReadTimeout):                   # a non-streaming client that gives up
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=1.0,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    m = wait_idle(server)
+    assert m["dsmath_kv_cache_blocks_used"] == 0 and m["dsmath_requests_aborted_total"] == aborted + 2
+
+
+BAD = [
+    ("completions", b"{bad json", "JSON"),
+    ("completions", {"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ("completions", {"prompt": "x", "temperature": float("nan")}, "temperature"),
+    ("completions", {"prompt": [[1.7, 2.2]]}, "prompt"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "x", "n": 1000}, "max_num_seqs"),
+    ("completions", {"prompt": "x" * 2000}, "max_model_len"),
+    ("completions", {"prompt": "x", "stop_token_ids": ["a"]}, "stop_token_ids"),
+    ("completions", {"prompt": "x", "logprobs": 50}, "max_logprobs"),
+    ("completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+    ("completions", {"prompt": [500]}, "token ids"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("completions", {}, "prompt"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tool"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,match", BAD, ids=[f"{e}-{m}" for e, _, m in BAD])
+def test_bad_requests_get_400(server, endpoint, body, match):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if isinstance(body, dict):
+        body = {"model": "toy", **body}
+        import json
+        body = json.dumps(body).encode()                      # NaN goes out as a bare NaN literal
+    r = httpx.post(f"{server.url}/v1/{endpoint}", content=body, headers=headers, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == 400 and err["type"] == "invalid_request_error", r.text
+    assert match.lower() in err["message"].lower(), err["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_openai_client_sees_400_404_and_401(server, client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="toy", prompt="x", temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model="toy", prompt="x", max_tokens=1)
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={}).status_code == 401   # no key at all
+    assert httpx.get(f"{server.url}/metrics").status_code == 200                          # open, as /health
+
+
+@pytest.fixture(scope="module")
+def small_server(checkpoint, tmp_path_factory):
+    """One running sequence and one waiting request at most."""
+    srv = start(checkpoint, tmp_path_factory, "--max-num-seqs", "1", "--max-waiting-requests", "1",
+                "--shutdown-timeout", "20")
+    yield srv
+    srv.stop()
+
+
+def test_queue_overflow_gets_429(small_server):
+    srv, body = small_server, {"model": "toy", "prompt": "5+5=", "max_tokens": 900, "ignore_eos": True}
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with httpx.Client(timeout=60) as h, h.stream("POST", f"{srv.url}/v1/completions",
+                                                  json={**body, "stream": True}) as running:
+        lines = running.iter_lines()                         # (kept: dropping it would close the connection)
+        next(lines)                                          # A runs
+        with httpx.Client(timeout=60) as h2, h2.stream("POST", f"{srv.url}/v1/completions",
+                                                        json={**body, "stream": True}) as waiting:
+            deadline = time.monotonic() + 20                 # B waits
+            while metrics(srv)["dsmath_num_requests_waiting"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert metrics(srv)["dsmath_num_requests_waiting"] == 1 and waiting.status_code == 200
+            with pytest.raises(openai.RateLimitError, match="waiting queue is full"):
+                client.completions.create(model="toy", prompt="1", max_tokens=1)
+    assert wait_idle(srv)["dsmath_kv_cache_blocks_used"] == 0
+    assert client.completions.create(model="toy", prompt="1", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_sigterm_finishes_running_requests_then_exits(small_server):
+    srv = small_server
+    with httpx.Client(timeout=60) as h, h.stream("POST", f"{srv.url}/v1/completions", json={
+            "model": "toy", "prompt": "2+2=", "max_tokens": 60, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:                                                 # no new requests: refused, or 503 while draining
+            assert httpx.get(f"{srv.url}/health", timeout=2).status_code == 503
+        except httpx.TransportError:
+            pass
+        rest = [ln for ln in lines if ln.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and '"completion_tokens":60' in rest[-2]   # the running request finished
+    assert srv.proc.wait(timeout=30) == 0
