@@ -1,11 +1,19 @@
 """Benchmark of the paged attention ops: achieved KV bandwidth of paged_decode (GQA 32 q / 8 kv heads, D 128)
 and mla_decode (DeepSeek-V2-Lite 16 heads, V3 128 heads; Dc 512, Dr 64) against the measured copy bandwidth,
 and against torch SDPA on a contiguous copy of the same KV; paged_prefill TFLOP/s at 8K tokens (causal) against
-SDPA and the dense bf16 peak. On GPU the Triton tensor-core decode (DSMATH_DECODE_BACKEND=triton) is timed
-beside the default CUDA kernel. Batch x context in {1 x 131072, 8 x 32768, 64 x 4096, 256 x 1024}, block size 64.
+SDPA and the dense bf16 peak. Batch x context in {1 x 131072, 8 x 32768, 64 x 4096, 256 x 1024}, block size 64.
+Every row also prints the bytes and FLOPs the op must move (KV read once, q and out; 2 x heads x tokens x
+(D + Dv) FLOPs) and the H200 roofline time max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s), so a GPU run reads off
+the fraction of the roofline directly ("% roof" = predicted / measured). The "alt" column: GQA — the Triton
+split-KV kernel (DSMATH_DECODE_BACKEND=triton); MLA — the previous default, the CUDA-core kernel.
+
+Case rollout-prefix: 16 GRPO samples sharing a 4,096-token prompt plus 256 tokens each (V2-Lite MLA shapes,
+16 heads) — shared-prefix (cascade) decode against plain paged decode on the same cache, and against the
+per-token C++ kernel plain decode used before (CPU) / the CUDA-core kernel (GPU).
 
     python bench/bench_attention.py            # GPU: real shapes (H200 ceilings: ~4.3 TB/s copy, ~790 TFLOP/s)
     python bench/bench_attention.py --quick    # CPU: small shapes, C++ decode vs SDPA (math) on contiguous KV
+    python bench/bench_attention.py --case rollout-prefix --device cpu --json PATH
 
 Prints a table, then ONE JSON line. Timing (bench/_util.py): median of reps; on GPU, CUDA events around CUDA-graph
 replays of 10 calls (a captured decode step's view: no Python or launch overhead); perf_counter on CPU.
@@ -22,13 +30,44 @@ import torch
 import torch.nn.functional as F
 
 import dsmath_kernels as dk
-from dsmath_kernels.attention import _decode_backend, _prefill_backend
+from dsmath_kernels.attention import _decode_backend, _mla_backend, _prefill_backend
 from dsmath_kernels.attention_triton import paged_decode_triton
+from dsmath_kernels.reference.attention import fork_tables, paginate_like
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import H200_BF16_TFLOPS, time_fn  # noqa: E402
+from _util import H200_BF16_TFLOPS, H200_COPY_GBPS, time_fn  # noqa: E402
 
 BLOCK = 64
+
+
+def h200_seconds(nbytes: float, flops: float) -> float:
+    """Roofline time on an H200: max(bytes / 4.3 TB/s, flops / 790 TFLOP/s) (bench/_util.py ceilings)."""
+    return max(nbytes / (H200_COPY_GBPS * 1e9), flops / (H200_BF16_TFLOPS * 1e12))
+
+
+def decode_cost(kv_tokens: int, kv_row_bytes: int, B: int, Hq: int, D: int, Dv: int, q_tokens: int | None = None,
+                elem: int = 2) -> tuple[float, float]:
+    """(bytes, flops) one decode call must move: every KV row read once, q in, out back; QK and PV products."""
+    q_tokens = kv_tokens if q_tokens is None else q_tokens
+    nbytes = kv_tokens * kv_row_bytes + B * Hq * (D + Dv) * elem
+    return nbytes, 2.0 * Hq * q_tokens * (D + Dv)
+
+
+class previous_mla_backend:
+    """Context: plain mla_decode through the kernel it used before the tiled kernels (CUDA-core / per-token C++)."""
+
+    def __init__(self, device):
+        self.name = "cuda" if device.type == "cuda" else "cpu"
+
+    def __enter__(self):
+        self.old = os.environ.get("DSMATH_DECODE_BACKEND")
+        os.environ["DSMATH_DECODE_BACKEND"] = self.name
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("DSMATH_DECODE_BACKEND", None)
+        else:
+            os.environ["DSMATH_DECODE_BACKEND"] = self.old
 
 
 def timeit(fn, device, reps: int) -> float:
@@ -76,25 +115,64 @@ def bench_gqa(B, L, Hq, Hkv, D, dtype, device, reps):
     v = vc[bt.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
     t_ref = timeit(lambda: sdpa_decode(q.view(B, Hkv, Hq // Hkv, D), k, v, D**-0.5), device, reps)
     nbytes = 2 * B * L * Hkv * D * k.element_size()
-    return t, t_tri, t_ref, nbytes, plan
+    cost = decode_cost(B * L, 2 * Hkv * D * k.element_size(), B, Hq, D, D, elem=k.element_size())
+    return t, t_tri, t_ref, nbytes, plan, cost
 
 
 def bench_mla(B, L, H, Dc, Dr, dtype, device, reps):
     kv, bt = paged_cache(B, L, (Dc + Dr,), dtype, device)
     q = torch.randn(B, H, Dc + Dr, device=device).to(dtype)
     sl = torch.full((B,), L, dtype=torch.int32, device=device)
-    plan = dk.plan_decode(B, L, num_kv_heads=1, num_q_heads=H, device=device)
+    plan = dk.plan_decode(B, L, num_kv_heads=1, num_q_heads=H, device=device, tiled=True)
     scale = (Dc + Dr) ** -0.5
     t = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan), device, reps)
-    t_tri = None
+    t_alt = None
     if device.type == "cuda":
-        kv4 = kv.unsqueeze(2)
-        t_tri = timeit(lambda: paged_decode_triton(q, kv4, kv4[..., :Dc], bt, sl, scale, plan.num_splits,
-                                                   plan.chunk), device, reps)
+        old = dk.plan_decode(B, L, num_kv_heads=1, num_q_heads=H, device=device)
+        with previous_mla_backend(device):
+            t_alt = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=old), device, reps)
     k = kv[bt.long()].reshape(B, 1, L, Dc + Dr)  # contiguous copy; one shared latent head (MQA)
     t_ref = timeit(lambda: sdpa_decode(q.unsqueeze(1), k, k[..., :Dc], scale), device, reps)
     nbytes = B * L * (Dc + Dr) * k.element_size()
-    return t, t_tri, t_ref, nbytes, plan
+    cost = decode_cost(B * L, (Dc + Dr) * k.element_size(), B, H, Dc + Dr, Dc, elem=k.element_size())
+    return t, t_alt, t_ref, nbytes, plan, cost
+
+
+def bench_rollout_prefix(device, dtype, reps, n=16, prompt=4096, own=256, H=16, Dc=512, Dr=64) -> dict:
+    """n samples forked from one prompt (shared full blocks, as the engine's block manager leaves them), each with
+    `own` more tokens: cascade mla_decode vs plain mla_decode vs the previous plain kernel, on one cache."""
+    g = torch.Generator().manual_seed(0)
+    lens = [prompt + own] * n
+    bt, nb = fork_tables(prompt, lens, BLOCK, generator=g)
+    shared = torch.randn(prompt, Dc + Dr, generator=g)
+    rows = [torch.cat([shared, torch.randn(own, Dc + Dr, generator=g)]).to(dtype) for _ in range(n)]
+    kv = paginate_like(rows, bt, nb, BLOCK, fill=0.0).to(device)
+    bt, sl = bt.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(n, H, Dc + Dr, generator=g).to(dtype).to(device)
+    scale = (Dc + Dr) ** -0.5
+    plan = dk.plan_decode(n, prompt + own, num_kv_heads=1, num_q_heads=H, device=device, tiled=True)
+    sp = dk.shared_prefix(bt.cpu(), lens, BLOCK, num_q_heads=H, device=device)
+    assert sp is not None and sp.num_groups == 1
+    cascade = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan, cascade=sp), device, reps)
+    plain = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan), device, reps)
+    old_plan = dk.plan_decode(n, prompt + own, num_kv_heads=1, num_q_heads=H, device=device)
+    with previous_mla_backend(device):
+        before = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=old_plan), device, reps)
+    elem = torch.empty((), dtype=dtype).element_size()
+    row = (Dc + Dr) * elem
+    plain_cost = decode_cost(n * (prompt + own), row, n, H, Dc + Dr, Dc, elem=elem)
+    cascade_cost = decode_cost(prompt // BLOCK * BLOCK + n * (prompt + own - prompt // BLOCK * BLOCK), row, n, H,
+                               Dc + Dr, Dc, q_tokens=n * (prompt + own), elem=elem)
+    return {"case": "rollout-prefix", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "shape": f"{n} samples x ({prompt} shared + {own}) H{H} Dc{Dc}+{Dr} block {BLOCK}",
+            "cascade_ms": round(cascade * 1e3, 3), "paged_ms": round(plain * 1e3, 3),
+            "paged_before_ms": round(before * 1e3, 3), "speedup": round(plain / cascade, 2),
+            "speedup_vs_before": round(before / cascade, 2),
+            "paged_MB": round(plain_cost[0] / 1e6, 2), "cascade_MB": round(cascade_cost[0] / 1e6, 2),
+            "GFLOP": round(plain_cost[1] / 1e9, 3),
+            "h200_paged_us": round(h200_seconds(*plain_cost) * 1e6, 2),
+            "h200_cascade_us": round(h200_seconds(*cascade_cost) * 1e6, 2)}
 
 
 def bench_prefill(L, Hq, Hkv, D, dtype, device, reps):
@@ -112,14 +190,45 @@ def bench_prefill(L, Hq, Hkv, D, dtype, device, reps):
     return t, t_ref, flops
 
 
+def print_rollout(r: dict) -> None:
+    print(f"rollout-prefix on {r['device']} ({r['dtype']}, threads {r['threads']}): {r['shape']}")
+    print(f"{'path':<34}{'ms':>10}{'MB read':>10}{'H200 pred us':>14}")
+    print(f"{'cascade (shared prefix once)':<34}{r['cascade_ms']:>10.3f}{r['cascade_MB']:>10.1f}"
+          f"{r['h200_cascade_us']:>14.2f}")
+    print(f"{'plain paged decode':<34}{r['paged_ms']:>10.3f}{r['paged_MB']:>10.1f}{r['h200_paged_us']:>14.2f}")
+    print(f"{'plain, previous kernel':<34}{r['paged_before_ms']:>10.3f}{r['paged_MB']:>10.1f}{'':>14}")
+    print(f"cascade speed-up: {r['speedup']:.2f}x over plain, {r['speedup_vs_before']:.2f}x over the previous kernel; "
+          f"H200 roofline predicts {r['h200_paged_us'] / r['h200_cascade_us']:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small CPU shapes (CI smoke run)")
+    ap.add_argument("--case", choices=["all", "rollout-prefix"], default="all")
+    ap.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the JSON result here")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     reps = args.reps or (20 if device.type == "cuda" else 3)
+    rollout = bench_rollout_prefix(device, dtype, reps)
+    if args.case == "rollout-prefix":
+        print_rollout(rollout)
+        out = rollout
+    else:
+        out = bench_all(device, dtype, reps, rollout)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+
+
+def bench_all(device, dtype, reps, rollout: dict) -> dict:
     if device.type == "cuda":
         shapes = [(1, 131072), (8, 32768), (64, 4096), (256, 1024)]
         gqa, mla_heads, mla_dims, pre = (32, 8, 128), (16, 128), (512, 64), (8192, 32, 8, 128)
@@ -131,42 +240,50 @@ def main():
     copy_bw = copy_bandwidth(device, copy_bytes, reps)
     rows = []
     for B, L in shapes:
-        t, t_tri, t_ref, nbytes, plan = bench_gqa(B, L, *gqa, dtype, device, reps)
-        rows.append(("paged_decode", f"{B}x{L} Hq{gqa[0]}/Hkv{gqa[1]} D{gqa[2]}", t, t_tri, t_ref, nbytes, plan))
+        r = bench_gqa(B, L, *gqa, dtype, device, reps)
+        rows.append(("paged_decode", f"{B}x{L} Hq{gqa[0]}/Hkv{gqa[1]} D{gqa[2]}", *r))
         for H in mla_heads:
-            t, t_tri, t_ref, nbytes, plan = bench_mla(B, L, H, *mla_dims, dtype, device, reps)
-            rows.append(("mla_decode", f"{B}x{L} H{H} Dc{mla_dims[0]}+{mla_dims[1]}", t, t_tri, t_ref, nbytes,
-                         plan))
+            r = bench_mla(B, L, H, *mla_dims, dtype, device, reps)
+            rows.append(("mla_decode", f"{B}x{L} H{H} Dc{mla_dims[0]}+{mla_dims[1]}", *r))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     L, Hq, Hkv, D = pre
     t_p, t_pref, flops = bench_prefill(L, Hq, Hkv, D, dtype, device, reps)
 
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {dtype}, block {BLOCK}, "
-          f"decode backend {_decode_backend(device)}, prefill backend {_prefill_backend(device)}, "
-          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
-    print(f"{'op':<14}{'shape':<34}{'splits':>7}{'ms':>10}{'GB/s':>10}{'% copy':>8}{'SDPA ms':>10}{'speed-up':>9}"
-          f"{'triton ms':>11}{'% copy':>8}")
+          f"decode backend {_decode_backend(device)} (MLA: {_mla_backend(device)}), prefill backend "
+          f"{_prefill_backend(device)}, copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    print(f"{'op':<14}{'shape':<34}{'splits':>7}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'MB':>9}{'GFLOP':>8}"
+          f"{'H200 ms':>9}{'% roof':>8}{'SDPA ms':>10}{'speed-up':>9}{'alt ms':>10}{'% copy':>8}")
     results = []
-    for op, shape, t, t_tri, t_ref, nbytes, plan in rows:
+    for op, shape, t, t_alt, t_ref, nbytes, plan, (mb, fl) in rows:
         bw = nbytes / t
-        tri = f"{t_tri * 1e3:>11.3f}{100 * nbytes / t_tri / copy_bw:>7.1f}%" if t_tri else f"{'-':>11}{'-':>8}"
-        print(f"{op:<14}{shape:<34}{plan.num_splits:>7}{t * 1e3:>10.3f}{bw / 1e9:>10.1f}{100 * bw / copy_bw:>7.1f}%"
-              f"{t_ref * 1e3:>10.3f}{t_ref / t:>8.2f}x{tri}")
+        pred = h200_seconds(mb, fl)
+        alt = f"{t_alt * 1e3:>10.3f}{100 * nbytes / t_alt / copy_bw:>7.1f}%" if t_alt else f"{'-':>10}{'-':>8}"
+        print(f"{op:<14}{shape:<34}{plan.num_splits:>7}{t * 1e3:>10.3f}{bw / 1e9:>9.1f}{100 * bw / copy_bw:>7.1f}%"
+              f"{mb / 1e6:>9.1f}{fl / 1e9:>8.2f}{pred * 1e3:>9.4f}{100 * pred / t:>7.1f}%"
+              f"{t_ref * 1e3:>10.3f}{t_ref / t:>8.2f}x{alt}")
         results.append({"op": op, "shape": shape, "splits": plan.num_splits, "ms": round(t * 1e3, 4),
-                         "GBps": round(bw / 1e9, 1), "frac_copy": round(bw / copy_bw, 3),
-                         "sdpa_ms": round(t_ref * 1e3, 4), "speedup_vs_sdpa": round(t_ref / t, 2),
-                         "triton_ms": round(t_tri * 1e3, 4) if t_tri else None,
-                         "triton_frac_copy": round(nbytes / t_tri / copy_bw, 3) if t_tri else None})
+                        "GBps": round(bw / 1e9, 1), "frac_copy": round(bw / copy_bw, 3),
+                        "MB": round(mb / 1e6, 3), "GFLOP": round(fl / 1e9, 4), "h200_pred_ms": round(pred * 1e3, 5),
+                        "frac_roofline": round(pred / t, 4),
+                        "sdpa_ms": round(t_ref * 1e3, 4), "speedup_vs_sdpa": round(t_ref / t, 2),
+                        "alt_ms": round(t_alt * 1e3, 4) if t_alt else None,
+                        "alt_frac_copy": round(nbytes / t_alt / copy_bw, 3) if t_alt else None})
     tf = flops / t_p / 1e12
+    pre_bytes = 2 * L * Hq * D * 2 + 2 * L * Hkv * D * 2
+    pred = h200_seconds(pre_bytes, flops)
     print(f"{'paged_prefill':<14}{f'1x{L} causal Hq{Hq}/Hkv{Hkv} D{D}':<34}{'':>7}{t_p * 1e3:>10.3f}"
-          f"{tf:>9.1f}T{100 * tf / H200_BF16_TFLOPS:>7.1f}%{t_pref * 1e3:>10.3f}{t_pref / t_p:>8.2f}x"
+          f"{tf:>8.1f}T{100 * tf / H200_BF16_TFLOPS:>7.1f}%{pre_bytes / 1e6:>9.1f}{flops / 1e9:>8.2f}"
+          f"{pred * 1e3:>9.4f}{100 * pred / t_p:>7.1f}%{t_pref * 1e3:>10.3f}{t_pref / t_p:>8.2f}x"
           "   (TFLOP/s, % of bf16 peak)")
     results.append({"op": "paged_prefill", "shape": f"1x{L} causal Hq{Hq}/Hkv{Hkv} D{D}", "ms": round(t_p * 1e3, 4),
                     "TFLOPs": round(tf, 2), "frac_peak_bf16": round(tf / H200_BF16_TFLOPS, 4),
+                    "h200_pred_ms": round(pred * 1e3, 5), "frac_roofline": round(pred / t_p, 4),
                     "sdpa_ms": round(t_pref * 1e3, 4), "speedup_vs_sdpa": round(t_pref / t_p, 2)})
-    print(json.dumps({"bench": "attention", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-                      "block_size": BLOCK, "copy_GBps": round(copy_bw / 1e9, 1), "results": results}))
+    print_rollout(rollout)
+    return {"bench": "attention", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "block_size": BLOCK, "copy_GBps": round(copy_bw / 1e9, 1), "results": results, "rollout_prefix": rollout}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ greedy or sampled like ours), stopped after --baseline-seconds (a StoppingCriter
 finished; skipped with --no-baseline, and for prompts over --hf-max-prompt tokens.
 
 Usage: python bench/throughput.py [--preset v2-lite|tiny|... | --model DIR] [--device cuda|cpu] [--quick]
-                                  [--workloads a,b,c,d] [--no-baseline] [--json PATH]
+                                  [--workloads a,b,c,d] [--no-baseline] [--no-cascade] [--json PATH]
+                                  [--override KEY=VALUE ...] [--rollout-samples N] [--rollout-prompt-len P]
 Prints a table, then one JSON line.
 """
 
@@ -66,6 +67,10 @@ def sizes(args, max_len: int) -> dict:
         s["c"] = (args.rollout_prompts, *s["c"][1:])
     if args.rollout_tokens:
         s["c"] = (*s["c"][:3], args.rollout_tokens)
+    if args.rollout_samples:
+        s["c"] = (s["c"][0], args.rollout_samples, *s["c"][2:])
+    if args.rollout_prompt_len:
+        s["c"] = (*s["c"][:2], args.rollout_prompt_len, s["c"][3])
     if args.long_prompt:
         s["d"] = (args.long_prompt, s["d"][1])
     lo, hi = s["b"][1:]
@@ -286,14 +291,17 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
         with open(os.path.join(args.model, "config.json")) as f:
             d = json.load(f)
         return MoEForCausalLM.from_pretrained(args.model, dtype=dtype, device=device), d, args.model
-    d = preset_dict(args.preset)
-    return MoEForCausalLM.from_config(d, dtype=dtype, device=device), d, args.preset
+    d = preset_dict(args.preset, **{k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)})
+    name = args.preset + "".join(f" {o}" for o in args.override)
+    return MoEForCausalLM.from_config(d, dtype=dtype, device=device), d, name
 
 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="v2-lite (CUDA default), tiny (CPU default), tiny-v3, ...")
     ap.add_argument("--model", default=None, help="checkpoint directory instead of a preset")
+    ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="preset config fields, JSON values (e.g. num_hidden_layers=2 vocab_size=4096)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--quick", action="store_true", help="small workloads (the CPU sizes) on any device")
@@ -302,6 +310,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None, help="(b) number of requests")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="(c) prompts (x 16 samples)")
     ap.add_argument("--rollout-tokens", type=int, default=None, help="(c) new tokens per sample")
+    ap.add_argument("--rollout-samples", type=int, default=None, help="(c) samples per prompt (n)")
+    ap.add_argument("--rollout-prompt-len", type=int, default=None, help="(c) prompt tokens")
     ap.add_argument("--long-prompt", type=int, default=None, help="(d) prompt tokens")
     ap.add_argument("--time-cap", type=float, default=None, help="abort an engine workload after this many s")
     eng = ap.add_argument_group("engine")
@@ -310,6 +320,7 @@ def parse(argv=None) -> argparse.Namespace:
     eng.add_argument("--max-num-seqs", type=int, default=256)
     eng.add_argument("--max-num-batched-tokens", type=int, default=8192)
     eng.add_argument("--enforce-eager", action="store_true")
+    eng.add_argument("--no-cascade", action="store_true", help="decode shared prompts without cascade attention")
     base = ap.add_argument_group("baseline")
     base.add_argument("--no-baseline", action="store_true")
     base.add_argument("--baseline-seconds", type=float, default=60.0, help="time cap per workload")
@@ -336,7 +347,7 @@ def main(argv=None) -> dict:
     bw, peak = measure_ceilings(device, dtype)
     llm = LLM(model, block_size=args.block_size, gpu_memory_fraction=args.gpu_memory_fraction,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager, record_steps=True,
+              enforce_eager=args.enforce_eager, record_steps=True, cascade=not args.no_cascade,
               cpu_kv_cache_gib=0.25)
     llm.generate([[2] * 32, [3] * 8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
     cost, rows = Cost(model), []
@@ -352,6 +363,7 @@ def main(argv=None) -> dict:
         rows[-1]["speedup"] = (rows[-1]["tokens_per_s"] / rows[-1]["baseline_tokens_per_s"]
                                if rows[-1]["baseline_tokens_per_s"] else None)
     result = dict(device=device_name(device), preset=name, dtype=str(dtype).replace("torch.", ""),
+                  cascade=not args.no_cascade,
                   num_blocks=llm.block_manager.num_blocks, block_size=args.block_size,
                   cuda_graphs=bool(llm.runner.graphs), graph_error=llm.runner.capture_error,
                   preemptions=llm.scheduler.num_preemptions,

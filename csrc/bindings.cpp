@@ -23,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
   dsmath::bind_routing(m);
   dsmath::bind_moe(m);
   dsmath::bind_attention(m);
+  dsmath::bind_cascade(m);
 }

@@ -23,3 +23,5 @@ class ForwardMeta:                 # one engine step: a flat batch of new tokens
     decode_plan: object = None     # optional plan from dsmath_kernels.plan_decode, reused by every layer
     max_seqlen_q: int | None = None  # optional host int: max new tokens of one sequence (prefill steps); when
                                      #   None, forward_paged reads it from cu_seqlens_q once per step (one sync)
+    cascade: object = None         # optional dsmath_kernels.SharedPrefix (decode steps): rows sharing prompt
+                                   #   blocks, whose shared blocks attention reads once per group

@@ -322,7 +322,7 @@ def _dispatch_all_to_all(moe: MoE, pc: ParallelConfig, xs: torch.Tensor, weights
     send, recv = counts
     tok = torch.div(order, K, rounding_mode="floor")
     fp8 = _fp8_dispatch(moe.experts, xs)
-    rows = list(dk.quantize_fp8(xs)) if fp8 else [xs]  # FP8: quantised once per token, before the exchange
+    rows = list(dk.quantize_fp8_groups(xs)) if fp8 else [xs]  # FP8: quantised once per token, before the exchange
     rows = [t[tok] for t in rows] + [(ids.reshape(-1)[order] % n_local).to(torch.int32)[:, None],  # local expert
                                      weights.reshape(-1)[order].float()[:, None]]  # routing weight
     recv_rows = _unpack(_all_to_all(_pack(rows), recv, send, pc), rows)  # one exchange for all of a pair's data

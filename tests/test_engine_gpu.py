@@ -31,7 +31,8 @@ def test_cuda_graph_decode_matches_eager(model):
     eager = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8, enforce_eager=True)
     graph = LLM(model, num_blocks=128, block_size=16, max_num_seqs=8)
     assert eager.runner.graphs == {}
-    assert sorted(graph.runner.graphs) == [1, 2, 4, 8], f"capture failed: {graph.runner.capture_error}"
+    sizes = sorted({k[0] for k in graph.runner.graphs})
+    assert sizes == [1, 2, 4, 8], f"capture failed: {graph.runner.capture_error}"
     a = eager.generate(prompts(), params, use_tqdm=False)
     b = graph.generate(prompts(), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]

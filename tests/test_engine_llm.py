@@ -3,6 +3,7 @@ log-probs, shared prompt blocks of n samples, preemption, stops, seeds, streamin
 
 import pytest
 import torch
+from replay import install_replayed_graphs
 from tiny_models import word_tokenizer
 
 from model.engine import LLM, RequestError, SamplingParams
@@ -256,28 +257,13 @@ def test_fuzz_arrivals_forks_preemption_prefix_cache(model, prefix_caching):
     check_free(llm)
 
 
-class ReplayedForward:
-    """Stands in for a captured CUDA graph on CPU: replay() reruns the forward on the static buffers."""
-
-    def __init__(self, runner, bs: int):
-        self.runner, self.meta = runner, runner.static_meta(bs)
-        self.out = torch.empty(bs, runner.model.config.vocab_size)
-
-    def replay(self):
-        self.out.copy_(self.runner.model.forward_paged(self.meta, self.runner.kv_cache))
-
-
 def test_graph_replay_path_matches_eager(model):
     """The CUDA-graph decode path's host side (static buffers, padding rows, size buckets) on CPU."""
     ps = prompts(7, seed=30)
     params = SamplingParams(temperature=0, max_tokens=9, logprobs=0)
     want = LLM(model, num_blocks=128, block_size=4).generate(ps, params, use_tqdm=False)
     llm = LLM(model, num_blocks=128, block_size=4, max_num_seqs=8)
-    runner = llm.runner
-    runner.alloc_static(8)
-    for bs in runner.graph_sizes(8):
-        g = ReplayedForward(runner, bs)
-        runner.graphs[bs] = (g, g.out)
+    install_replayed_graphs(llm.runner, 8)
     got = llm.generate(ps, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     for a, b in zip(got, want):

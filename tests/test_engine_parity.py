@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from replay import install_replayed_graphs  # noqa: E402
 from tiny_models import randomize  # noqa: E402
 
 from model.engine import LLM, SamplingParams  # noqa: E402
@@ -67,25 +68,10 @@ def test_forks_and_preemption_keep_greedy_outputs(checkpoint):
     assert llm.block_manager.check_all_free()
 
 
-class ReplayedForward:
-    """Stands in for a captured CUDA graph on CPU: replay() reruns the forward on the runner's static buffers
-    (full-width block tables, padding rows with slot -1), which is what the captured decode graph reads."""
-
-    def __init__(self, runner, bs: int):
-        self.runner, self.meta = runner, runner.static_meta(bs)
-        self.out = torch.empty(bs, runner.model.config.vocab_size)
-
-    def replay(self):
-        self.out.copy_(self.runner.model.forward_paged(self.meta, self.runner.kv_cache))
-
-
 def test_graph_replay_buffers_keep_greedy_outputs(checkpoint):
     path, prompts, want = checkpoint
     llm = LLM(path, dtype=torch.float32, device="cpu", num_blocks=64, block_size=4, max_num_seqs=8)
-    llm.runner.alloc_static(8)
-    for bs in llm.runner.graph_sizes(8):
-        g = ReplayedForward(llm.runner, bs)
-        llm.runner.graphs[bs] = (g, g.out)
+    install_replayed_graphs(llm.runner, 8)
     outs = llm.generate(prompts[1:], greedy(), use_tqdm=False)             # 3 sequences: bucket 4, one pad row
     assert [o.outputs[0].token_ids for o in outs] == want[1:]
 

@@ -15,7 +15,7 @@ from dsmath_kernels.reference.fp8 import (
     grouped_gemm_fp8_ref,
     moe_experts_fp8_ref,
     quantize_blocks_ref,
-    quantize_fp8_ref,
+    quantize_fp8_groups_ref,
 )
 from dsmath_kernels.testing import assert_close
 
@@ -55,12 +55,12 @@ def test_block_quantisation_round_trip():
     assert rel.max().item() <= 2**-4 * (1 + 1e-5)  # half a unit in the last of 3 mantissa bits (+ fp32 division)
 
 
-def test_quantize_fp8(backend):
+def test_quantize_fp8_groups(backend):
     x = torch.randn(37, 300) * 40
     x[3] = 0  # an all-zero row: scale eps / 448, zeros
     x[5, :128] = 1e-3
-    q, s = dk.quantize_fp8(x)
-    qr, sr = quantize_fp8_ref(x)
+    q, s = dk.quantize_fp8_groups(x)
+    qr, sr = quantize_fp8_groups_ref(x)
     assert torch.equal(s, sr)
     assert torch.equal(_bits(q), _bits(qr)), "rounding differs from torch's e4m3 round-to-nearest-even"
     assert q[3].float().abs().sum() == 0
@@ -72,7 +72,7 @@ def test_dense_gemm(backend, M, N, K, w8a8):
     a = torch.randn(M, K)
     w, ws = _weights(N, K)
     if w8a8:
-        aq, as_ = dk.quantize_fp8(a)
+        aq, as_ = dk.quantize_fp8_groups(a)
         y = dk.fp8_gemm(aq, w, ws, a_scale=as_)
         ref = fp8_gemm_ref(aq, w, ws, as_, out_dtype=torch.float32)
         assert y.dtype == torch.bfloat16
@@ -105,7 +105,7 @@ def test_w8a8_error_bound(backend):
     (normal range) or <= 2^-10 scale (subnormal range), so |y8 - y| <= err(a) @ |W|.T (+ fp32 rounding)."""
     a = torch.randn(21, 256) * torch.logspace(-2, 2, 256)  # channels of very different magnitude
     w, ws = _weights(96, 256)
-    q, s = dk.quantize_fp8(a)
+    q, s = dk.quantize_fp8_groups(a)
     y8 = dk.fp8_gemm(q, w, ws, a_scale=s, out_dtype=torch.float32)
     W = dequantize_blocks_ref(w, ws)
     y = a @ W.T
@@ -136,7 +136,7 @@ def test_grouped_gemm(backend, M, kind):
     a = torch.randn(M, K)
     w, ws = _weights(E, N, K)
     off = _offsets(M, E, kind)
-    aq, as_ = dk.quantize_fp8(a)
+    aq, as_ = dk.quantize_fp8_groups(a)
     y = dk.grouped_gemm_fp8(aq, w, ws, off, a_scale=as_)
     assert_close(y.float(), grouped_gemm_fp8_ref(aq, w, ws, off, as_, out_dtype=torch.float32), atol=1e-2,
                  rtol=1e-2, name="y")
@@ -190,7 +190,7 @@ def test_bad_input_is_refused_by_name():
         dk.fp8_gemm(a, w.float(), ws)
     with pytest.raises(ValueError, match="a:"):
         dk.fp8_gemm(torch.randn(3, 64), w, ws)
-    aq, as_ = dk.quantize_fp8(a)
+    aq, as_ = dk.quantize_fp8_groups(a)
     with pytest.raises(ValueError, match="a_scale"):
         dk.fp8_gemm(aq, w, ws, a_scale=as_[:, :0])
     with pytest.raises(ValueError, match="block"):
@@ -212,11 +212,11 @@ def test_custom_op_opcheck(monkeypatch):
     checks = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     w, ws = _weights(256, 128)
     a = torch.randn(5, 128)
-    q, s = dk.quantize_fp8(a)
+    q, s = dk.quantize_fp8_groups(a)
     off = torch.tensor([0, 2, 5], dtype=torch.int32)
     g, gs = _weights(2, 256, 128)
     x, w13, s13, w2, s2, weights, ids = _moe_data(4, 4, 128, 128, 2)
-    for op, args in ((torch.ops.dsmath.quantize_fp8.default, (a,)),
+    for op, args in ((torch.ops.dsmath.quantize_fp8_groups.default, (a,)),
                      (torch.ops.dsmath.fp8_gemm.default, (q, s, w, ws, torch.bfloat16)),
                      (torch.ops.dsmath.fp8_gemm.default, (a, None, w, ws, torch.float32)),
                      (torch.ops.dsmath.grouped_gemm_fp8.default, (a, None, g, gs, off)),
@@ -230,7 +230,7 @@ def test_fake_impls_trace():
     a = torch.randn(5, 128)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fa, fw, fs = mode.from_tensor(a), mode.from_tensor(w), mode.from_tensor(ws)
-        q, s = torch.ops.dsmath.quantize_fp8(fa)
+        q, s = torch.ops.dsmath.quantize_fp8_groups(fa)
         assert q.shape == (5, 128) and q.dtype == FP8 and s.shape == (5, 1)
         assert torch.ops.dsmath.fp8_gemm(q, s, fw, fs, torch.bfloat16).shape == (5, 256)
         assert torch.ops.dsmath.fp8_gemm(fa, None, fw, fs, torch.float32).dtype == torch.float32
@@ -251,7 +251,7 @@ def test_gpu_dense_gemm_v3_shapes(M):
         pytest.skip("W8A8 needs sm_89+")
     a = torch.randn(M, 7168, device="cuda", dtype=torch.bfloat16)
     w, ws = quantize_blocks_ref(torch.randn(1536, 7168, device="cuda") / 7168**0.5)
-    q, s = dk.quantize_fp8(a)
+    q, s = dk.quantize_fp8_groups(a)
     assert_close(dk.fp8_gemm(q, w, ws, a_scale=s).float(), fp8_gemm_ref(q, w, ws, s, out_dtype=torch.float32),
                  atol=2e-2, rtol=2e-2, name="y")
     y16 = fp8_gemm_triton.gemm(a, w[None], ws[None], out_dtype=torch.float32, w_bits=True)  # the sm_80 path

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 
 import dsmath_kernels as dk
-from dsmath_kernels.reference.fp8 import dequantize_fp8_ref, moe_experts_fp8_ref, quantize_fp8_ref
+from dsmath_kernels.reference.fp8 import dequantize_fp8_groups_ref, moe_experts_fp8_ref, quantize_fp8_groups_ref
 from model import MoEForCausalLM
 from model.layers.fp8 import FP8Experts, FP8Linear
 from model.quantize import quantize_checkpoint
@@ -102,7 +102,8 @@ def fake_quant_reference(fp8: MoEForCausalLM) -> MoEForCausalLM:
     src = dict(fp8.named_modules())
     for name, mod in ref.named_modules():
         if isinstance(src.get(name), FP8Linear):
-            mod.register_forward_pre_hook(lambda mod, args: (dequantize_fp8_ref(*quantize_fp8_ref(args[0])),))
+            mod.register_forward_pre_hook(
+                lambda mod, args: (dequantize_fp8_groups_ref(*quantize_fp8_groups_ref(args[0])),))
         elif isinstance(src.get(name), FP8Experts):
             e = src[name]
             mod.forward = (lambda e: lambda x, w, i: moe_experts_fp8_ref(

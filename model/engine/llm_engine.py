@@ -3,7 +3,8 @@
 One step = schedule (scheduler.py) -> copy-on-write block copies -> forward over the paged cache
 (model_runner.py) -> sample (sampler.py) -> append tokens, detokenize, check stops, free finished sequences.
 The step's only host sync is the read of the sampled tokens (with their log-probs, in the same transfer).
-A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks.
+A request with n samples is prefilled once and forked into n sequences sharing its prompt blocks; decode steps
+read those shared blocks once per group (cascade decode; `cascade=False` turns it off).
 `step()` is two halves: `compute_step()` (schedule, forward, sample: no tokenizer) and `process_step()`
 (bookkeeping, detokenization, stops); AsyncLLM (async_llm.py) runs the first in a worker thread.
 MoE models record, per fed token and MoE layer, the experts it was routed to (beside its K/V, on the device);
@@ -89,7 +90,7 @@ class LLM:
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
                  cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, record_routing: bool | None = None,
                  generation_config: str | None = "auto", logprobs_mode: str = "raw_logprobs", max_logprobs: int = 20,
-                 allow_long_max_model_len: bool = False, tensor_parallel_size: int = 1,
+                 allow_long_max_model_len: bool = False, cascade: bool = True, tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, enable_dp_attention: bool = False):
         """record_routing: keep each cached token's experts per MoE layer (needed by return_routing; None = on for
         models with MoE layers; costs L * top_k int16 per cache slot and one small write per MoE layer per step).
@@ -97,6 +98,7 @@ class LLM:
         None / "vllm" ignores it, or a path. logprobs_mode: the default distribution of returned log-probs
         (sampling_params.py). max_logprobs: the most top log-probs a request may ask for (-1: no limit).
         allow_long_max_model_len: accept a max_model_len beyond max_position_embeddings (with a warning).
+        cascade: decode steps read prompt blocks shared by several samples once per group (shared-prefix decode).
         tensor_parallel_size / enable_expert_parallel / enable_dp_attention: module docstring (model/parallel.py)."""
         _check_engine_args(num_blocks=num_blocks, block_size=block_size, gpu_memory_fraction=gpu_memory_fraction,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
@@ -133,7 +135,8 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                                  enforce_eager=enforce_eager, record_routing=self.record_routing)
+                                  enforce_eager=enforce_eager, record_routing=self.record_routing,
+                                  cascade=cascade)
         self.sampler = Sampler(seed)
         self.generation_defaults, generation_eos = _generation_config(generation_config, path)
         self.eos_ids = _eos_ids(cfg, self.tokenizer) | generation_eos

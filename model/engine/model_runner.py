@@ -2,11 +2,18 @@
 
 Metadata is built on the host with vectorised torch ops (no per-token Python loops) and copied to the device
 in one non-blocking transfer per tensor. Pure decode steps on CUDA replay a CUDA graph captured for the
-smallest captured batch size >= B (padding rows write nowhere: slot -1, and attend to one token of block 0);
-everything else runs eagerly. Capture is attempted once at start-up and silently falls back to eager mode if
-the model cannot be captured (e.g. an op that syncs with the host).
+smallest captured batch size >= B and the smallest context bucket >= the batch's longest sequence (padding rows
+write nowhere: slot -1, and attend to one token of block 0); everything else runs eagerly. Each bucket has its own
+split plan (plan_decode with the model's head counts), so small batches of short sequences still get split
+parallelism. Capture is attempted once at start-up and silently falls back to eager mode if the model cannot be
+captured (e.g. an op that syncs with the host).
 With record_routing (MoE models) the cache also holds each cached token's experts per MoE layer, written by the
 forward itself (eager and graphed alike), copied on copy-on-write, read per sequence by `gather_routing`.
+
+Shared-prefix (cascade) decode: on decode steps the runner finds rows whose block tables share leading full blocks
+(the n samples of a prompt share its blocks through the ref-counted block manager) with host integers only, and
+passes them as meta.cascade; attention then reads each shared prompt once per group, not once per sample. Graphs
+are captured with and without a cascade; the cascade's tensors are static buffers padded to the graph's size.
 """
 
 import dataclasses
@@ -22,10 +29,19 @@ log = logging.getLogger(__name__)
 # Optional ForwardMeta field: the longest query run of a prefill step, so paged_prefill needs no host sync.
 HAS_MAX_Q = "max_seqlen_q" in {f.name for f in dataclasses.fields(ForwardMeta)}
 
+HAS_CASCADE = "cascade" in {f.name for f in dataclasses.fields(ForwardMeta)}
+CTX_BUCKETS = (4096, 16384, 65536)  # graph plans per context-length bucket, and one for max_model_len
+
 try:  # split plan for decode attention, computed once per step from host integers (graph safe)
     from dsmath_kernels import plan_decode
 except ImportError:  # pragma: no cover - kernels package without attention
     plan_decode = None
+try:  # shared-prefix groups of a decode batch, from host block tables (no sync)
+    from dsmath_kernels import SharedPrefix, shared_prefix
+    from dsmath_kernels.cascade import max_tiles
+    from dsmath_kernels.mla_decode_triton import tile_shape
+except ImportError:  # pragma: no cover - kernels package without cascade decode
+    shared_prefix = None
 
 
 def _kv_heads(config) -> int:
@@ -53,25 +69,43 @@ def logits_indices(batch: Batch, cu: torch.Tensor) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
-                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False):
+                 kv_dtype: torch.dtype | None = None, enforce_eager: bool = False, record_routing: bool = False,
+                 cascade: bool = True):
         self.model = model
         self.device = torch.device(model.device)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_heads = _kv_heads(model.config)
+        self.q_heads = int(getattr(model.config, "num_attention_heads", self.kv_heads))
+        self.mla = bool(getattr(model.config, "is_mla", False))
+        self.cascade = bool(cascade) and shared_prefix is not None and HAS_CASCADE
+        self.kernel = "triton" if self.device.type == "cuda" else "cpu"  # whose tiling the cascade tensors follow
+        self.buckets = sorted({b for b in CTX_BUCKETS if b < max_model_len} | {max_model_len})
         extra = {"routing": True} if record_routing else {}  # models without MoE layers take no such argument
         self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device, **extra)
         self.routing = getattr(self.kv_cache, "routing", None)  # [S + 1, L, K] or None
         self.pin = self.device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.sizes: list[int] = []
         self.capture_error: str | None = None
         if self.device.type == "cuda" and not enforce_eager:
             self.capture(max_num_seqs)
 
     # ---- metadata ---------------------------------------------------------------------------------------------
     def _plan(self, B: int, max_len: int):
-        return plan_decode(B, max_len, num_kv_heads=self.kv_heads, device=self.device) if plan_decode else None
+        if plan_decode is None:
+            return None
+        return plan_decode(B, max_len, num_kv_heads=self.kv_heads, num_q_heads=self.q_heads, device=self.device,
+                           tiled=self.mla)
+
+    def _cascade(self, batch: Batch, tables: torch.Tensor, lens: torch.Tensor, *, pad_to: int | None = None,
+                 device=None):
+        """Shared-prefix groups of a decode batch from its host tables (no device sync), or None."""
+        if not (self.cascade and batch.is_decode and len(batch.seqs) > 1):
+            return None
+        return shared_prefix(tables, lens, self.block_size, num_q_heads=self.q_heads, num_kv_heads=self.kv_heads,
+                             device=device or self.device, pad_to=pad_to, kernel=self.kernel)
 
     def host_meta(self, batch: Batch) -> dict:
         """Host (CPU) tensors of the step's metadata."""
@@ -103,6 +137,8 @@ class ModelRunner:
         dev = {k: (v.pin_memory() if self.pin else v).to(self.device, non_blocking=True) for k, v in h.items()}
         plan = self._plan(len(batch.seqs), int(h["seq_lens"].max())) if batch.is_decode else None
         extra = {"max_seqlen_q": max(batch.num_new)} if HAS_MAX_Q else {}
+        if HAS_CASCADE:
+            extra["cascade"] = self._cascade(batch, h["block_tables"], h["seq_lens"])
         return ForwardMeta(**dev, is_decode=batch.is_decode, decode_plan=plan, **extra)
 
     # ---- running ------------------------------------------------------------------------------------------------
@@ -111,7 +147,7 @@ class ModelRunner:
         """Logits [M, V] float32: of each scheduled sequence's last new token (M = B), and of every new token of
         the sequences with batch.all_logits set (rows laid out by logits_starts)."""
         B = len(batch.seqs)
-        if batch.is_decode and self.graphs and B <= max(self.graphs):
+        if batch.is_decode and self.graphs and B <= self.sizes[-1]:
             return self._replay(batch)
         return self.model.forward_paged(self.prepare(batch), self.kv_cache)
 
@@ -157,19 +193,51 @@ class ModelRunner:
             "block_tables": torch.zeros(M, self.max_blocks, dtype=torch.int32, device=dev),
             "slot_mapping": torch.full((M,), -1, dtype=torch.int64, device=dev),
             "logits_indices": torch.arange(M, dtype=torch.int64, device=dev)}
+        if self.cascade:  # shared-prefix metadata, padded (empty tiles) to the graph's batch size
+            self.static_cascade = {
+                "prefix_lens": torch.zeros(M, dtype=torch.int32, device=dev),
+                "members": torch.zeros(M, dtype=torch.int32, device=dev),
+                "tiles": torch.zeros(self._max_tiles(M), 5, dtype=torch.int32, device=dev)}
 
-    def static_meta(self, bs: int) -> ForwardMeta:
-        """Decode metadata of the first bs static rows, with a split plan for max_model_len (fixed in the graph)."""
+    def _max_tiles(self, bs: int) -> int:
+        return max_tiles(bs, self.q_heads, self.kv_heads, self.kernel)
+
+    def static_meta(self, bs: int, bucket: int, cascade: bool = False) -> ForwardMeta:
+        """Decode metadata of the first bs static rows, with the split plan of the context bucket (fixed in the
+        graph) and, for cascade graphs, the static shared-prefix buffers."""
+        extra = {}
+        if cascade:
+            st = self.static_cascade
+            ht = tile_shape(self.q_heads, self.kv_heads, self.kernel)[0]
+            extra["cascade"] = SharedPrefix(st["prefix_lens"][:bs], st["members"][:bs],
+                                            st["tiles"][: self._max_tiles(bs)], ht, 0, 0)
         return ForwardMeta(**{k: v[: bs + 1] if k == "cu_seqlens_q" else v[:bs] for k, v in self.static.items()},
-                           is_decode=True, decode_plan=self._plan(bs, self.max_model_len))
+                           is_decode=True, decode_plan=self._plan(bs, bucket), **extra)
+
+    def graph_keys(self, max_num_seqs: int) -> dict[tuple[int, int, bool], tuple[int, int, bool]]:
+        """(batch size, context bucket, cascade) -> the key of the graph that serves it: buckets whose split plans
+        coincide share one graph (e.g. every bucket once a batch needs no splits)."""
+        keys = {}
+        for bs in self.graph_sizes(max_num_seqs):
+            for cascade in (False, True) if self.cascade and bs > 1 else (False,):
+                seen = {}
+                for bucket in self.buckets:
+                    p = self._plan(bs, bucket)
+                    if p is None:
+                        tag = None
+                    else:  # the tiled kernels use only num_splits; with one split the chunk does not matter
+                        tag = p.num_splits if (self.mla or p.num_splits == 1) else (p.num_splits, p.chunk)
+                    keys[(bs, bucket, cascade)] = seen.setdefault(tag, (bs, bucket, cascade))
+        return keys
 
     def capture(self, max_num_seqs: int) -> None:
-        sizes = self.graph_sizes(max_num_seqs)
-        self.alloc_static(sizes[-1])
+        self.sizes = self.graph_sizes(max_num_seqs)
+        self.alloc_static(self.sizes[-1])
+        keys = self.graph_keys(max_num_seqs)
         try:
-            pool = None
-            for bs in reversed(sizes):   # largest first, so smaller graphs reuse its memory pool
-                meta = self.static_meta(bs)
+            pool, done = None, {}
+            for key in sorted(set(keys.values()), reverse=True):  # largest first: smaller graphs reuse its pool
+                meta = self.static_meta(*key)
                 with torch.inference_mode():
                     self.model.forward_paged(meta, self.kv_cache)  # warm-up (lazy inits, autotuning)
                     torch.cuda.synchronize()
@@ -177,7 +245,8 @@ class ModelRunner:
                     with torch.cuda.graph(graph, pool=pool):
                         out = self.model.forward_paged(meta, self.kv_cache)
                 pool = graph.pool() if pool is None else pool
-                self.graphs[bs] = (graph, out)
+                done[key] = (graph, out)
+            self.graphs = {k: done[v] for k, v in keys.items()}
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run decode eagerly
             log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
@@ -187,14 +256,21 @@ class ModelRunner:
 
     def _replay(self, batch: Batch) -> torch.Tensor:
         B = len(batch.seqs)
-        bs = min(b for b in self.graphs if b >= B)
+        bs = min(b for b in self.sizes if b >= B)
         h, st = {k: v.pin_memory() if self.pin else v for k, v in self.host_meta(batch).items()}, self.static
+        bucket = min(b for b in self.buckets if b >= int(h["seq_lens"].max()))
+        cascade = self._cascade(batch, h["block_tables"], h["seq_lens"], pad_to=bs, device="cpu")
+        if cascade is not None:
+            sc = self.static_cascade
+            for k in ("prefix_lens", "members", "tiles"):
+                t = getattr(cascade, k)
+                sc[k][: t.shape[0]].copy_(t.pin_memory() if self.pin else t, non_blocking=True)
         for k in ("input_ids", "positions", "seq_lens", "slot_mapping"):
             st[k][:B].copy_(h[k], non_blocking=True)
         st["block_tables"][:B, : h["block_tables"].shape[1]].copy_(h["block_tables"], non_blocking=True)
         st["slot_mapping"][B:bs].fill_(-1)   # padding rows: write nowhere, read 1 token of block 0
         st["seq_lens"][B:bs].fill_(1)
         st["block_tables"][B:bs, 0].fill_(0)
-        graph, out = self.graphs[bs]
+        graph, out = self.graphs[(bs, bucket, cascade is not None)]
         graph.replay()
         return out[:B]

@@ -6,7 +6,7 @@ Two paths per module:
 - `forward_paged(x [N, H], cos, sin, meta, cache)`: the engine's path. It writes the new tokens into the paged
   cache (dsmath_kernels.cache_write / mla_cache_write) and attends with paged_decode / mla_decode on decode steps,
   paged_prefill / mla_prefill otherwise (queries are the last tokens of each sequence, so chunked prefill and
-  shared prompt blocks work).
+  shared prompt blocks work). Decode steps with meta.cascade read shared prompt blocks once per group of samples.
 
 MLA (DeepSeek-V2, arXiv 2405.04434): c = RMSNorm(W_DKV x) [Dc] and a shared rope key k_pe [Dr] per token;
 per head k_nope = W_UK c, v = W_UV c. Training expands K/V; the paged path caches only [c; k_pe] (Dc + Dr values
@@ -77,7 +77,7 @@ class GQAAttention(nn.Module):
         dk.cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             out = dk.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                  plan=meta.decode_plan)
+                                  plan=meta.decode_plan, cascade=getattr(meta, "cascade", None))
         else:
             out = dk.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
                                    self.scale, causal=True, max_seqlen_q=meta.max_seqlen_q)
@@ -145,7 +145,7 @@ class MLAttention(nn.Module):
         q = torch.cat((q_lat, q_pe), dim=-1)  # [N, Hq, Dc + Dr]
         if meta.is_decode:
             o_lat = dk.mla_decode(q, cache, meta.block_tables, meta.seq_lens, self.scale, v_head_dim=self.dc,
-                                  plan=meta.decode_plan)
+                                  plan=meta.decode_plan, cascade=getattr(meta, "cascade", None))
         else:
             o_lat = dk.mla_prefill(q, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
                                    v_head_dim=self.dc, max_seqlen_q=meta.max_seqlen_q)

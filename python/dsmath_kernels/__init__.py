@@ -15,6 +15,13 @@ from dsmath_kernels.attention import (  # noqa: E402
     paged_prefill,
     plan_decode,
 )
+from dsmath_kernels.cascade import (  # noqa: E402
+    SharedPrefix,
+    find_shared_prefixes,
+    mla_cache_write_fp8,
+    quantize_fp8,
+    shared_prefix,
+)
 from dsmath_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from dsmath_kernels.fp8 import (  # noqa: E402
     dequantize_fp8_blocks,
@@ -22,8 +29,8 @@ from dsmath_kernels.fp8 import (  # noqa: E402
     fp8_linear,
     grouped_gemm_fp8,
     moe_experts_fp8,
-    quantize_fp8,
     quantize_fp8_blocks,
+    quantize_fp8_groups,
 )
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
 from dsmath_kernels.hf import PatchReport, patch, patch_class, unpatch, unpatch_class  # noqa: E402
@@ -40,8 +47,10 @@ __all__ = [
     "DecodePlan", "plan_decode", "cache_write", "mla_cache_write", "paged_decode", "mla_decode", "paged_prefill",
     "mla_prefill",
     # FP8 block-scaled (DeepSeek-V3 checkpoints)
-    "quantize_fp8", "quantize_fp8_blocks", "dequantize_fp8_blocks", "fp8_gemm", "fp8_linear", "grouped_gemm_fp8",
-    "moe_experts_fp8",
+    "quantize_fp8_groups", "quantize_fp8_blocks", "dequantize_fp8_blocks", "fp8_gemm", "fp8_linear",
+    "grouped_gemm_fp8", "moe_experts_fp8",
+    # shared-prefix (cascade) decode, fp8 MLA cache
+    "SharedPrefix", "find_shared_prefixes", "shared_prefix", "quantize_fp8", "mla_cache_write_fp8",
     # GRPO
     "group_advantages", "token_logprobs", "grpo_loss",
     # losses

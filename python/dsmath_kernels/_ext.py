@@ -16,6 +16,7 @@ DTYPE_CODES = {
     torch.int32: 3,
     torch.int64: 4,
     torch.float64: 5,
+    torch.float8_e4m3fn: 6,  # caches only (attn::kFloat8E4M3)
 }
 
 

@@ -18,6 +18,9 @@ the sequence), only the work split.
 
 Decode backend on GPU: DSMATH_DECODE_BACKEND=auto (default: the CUDA kernel) | cuda | triton (tensor-core Triton
 split-KV kernel: heads of a kv head / MLA's query heads form the M dim of the MMA) | reference.
+MLA decode by default (auto) and every shared-prefix decode (`cascade=`, cascade.py) run the tiled kernels: on GPU
+mla_decode_triton.py (all heads of a sequence per KV tile, wgmma), on CPU csrc/attn_cascade_cpu.cpp (64-token x
+64-row tiles); DSMATH_DECODE_BACKEND=cuda | triton | cpu still picks the older kernels for plain MLA decode.
 
 Debug bounds checks: set DSMATH_CHECK_BOUNDS=1 (or pass check_bounds=True) and every op verifies — with a host
 sync — that seq_lens fit the block tables, that the block ids a sequence uses lie in [0, NB), that slot mappings
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmath_kernels import _ext
+from dsmath_kernels import cascade as _cascade
 from dsmath_kernels._checks import FLOAT_DTYPES, check_int, check_tensor
 from dsmath_kernels._registry import register_backend
 from dsmath_kernels.reference.attention import (
@@ -78,20 +82,29 @@ def _num_workers(device: torch.device) -> int:
 
 
 def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, num_q_heads: int | None = None,
-                device=None) -> DecodePlan:
+                device=None, tiled: bool = False) -> DecodePlan:
     """Split plan for one decode step (host integers only: no sync, CUDA-graph safe). Pass the model's head
-    counts (MLA: num_kv_heads=1, num_q_heads=H). Work items are (sequence, kv head, 4-head tile, split): enough
+    counts (MLA: num_kv_heads=1, num_q_heads=H). Work items are (sequence, kv head, head tile, split): enough
     to fill the device, with splits of at least 256 tokens x (G / 4) on GPU (2048 on CPU) so the partial
-    results (Hq x Dv floats per split, merged by log-sum-exp) stay a few percent of the KV bytes."""
+    results (Hq x Dv floats per split, merged by log-sum-exp) stay a few percent of the KV bytes.
+    tiled=True plans for the tiled kernels (MLA decode, cascade decode): head tiles of up to 64 heads, ~2 CTAs
+    per SM (165 KB of shared memory each), >= 256-token splits; they size each sequence's splits from its own
+    length (only num_splits is used), so a plan for a long context never starves a short one."""
     check_int("batch_size", batch_size, lo=0)
     check_int("max_seq_len", max_seq_len, lo=0)
     check_int("num_kv_heads", num_kv_heads, lo=1)
     G = 1 if num_q_heads is None else check_int("num_q_heads", num_q_heads, lo=num_kv_heads) // num_kv_heads
     device = torch.device(device) if device is not None else torch.device("cpu")
-    min_chunk = 256 * max(1, G // 4) if device.type == "cuda" else 2048
-    tiles = -(-G // 4) if device.type == "cuda" else 1  # the C++ kernel runs a whole head group per work item
+    workers = _num_workers(device)
+    if tiled:
+        min_chunk = 256
+        tiles = -(-G // 64)
+        workers = max(1, workers // 2) if device.type == "cuda" else workers
+    else:
+        min_chunk = 256 * max(1, G // 4) if device.type == "cuda" else 2048
+        tiles = -(-G // 4) if device.type == "cuda" else 1  # the C++ kernel runs a whole head group per work item
     items = max(1, batch_size * num_kv_heads * tiles)
-    want = max(1, -(-_num_workers(device) // items))
+    want = max(1, -(-workers // items))
     splits = max(1, min(want, -(-max_seq_len // min_chunk), MAX_SPLITS))
     chunk = max(1, -(-max_seq_len // splits))
     chunk = -(-chunk // 64) * 64  # whole 64-token runs per split
@@ -215,8 +228,17 @@ def _prefill_backend(device: torch.device) -> str:
     return "reference"
 
 
-for _op in ("paged_decode", "mla_decode"):
-    register_backend(_op, _decode_backend)
+def _mla_backend(device: torch.device) -> str:
+    """MLA decode: the tiled kernels (GPU Triton tensor cores / CPU C++) unless DSMATH_DECODE_BACKEND names one."""
+    forced = os.environ.get(DECODE_BACKEND_ENV, "auto")
+    if forced != "auto":
+        return _decode_backend(device)
+    tiled = _cascade._backend(device)
+    return {"triton": "triton-tc", "cpu": "cpu-tiled"}.get(tiled, _decode_backend(device))
+
+
+register_backend("paged_decode", _decode_backend)
+register_backend("mla_decode", _mla_backend)
 for _op in ("cache_write", "mla_cache_write"):
     register_backend(_op, _write_backend)
 for _op in ("paged_prefill", "mla_prefill"):
@@ -393,10 +415,10 @@ def _(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, chunk)
 
 
 def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int, num_q_heads: int,
-                  device) -> DecodePlan:
+                  device, tiled: bool = False) -> DecodePlan:
     if plan is None:
         return plan_decode(B, block_tables.shape[1] * block_size, num_kv_heads=num_kv_heads,
-                           num_q_heads=num_q_heads, device=device)
+                           num_q_heads=num_q_heads, device=device, tiled=tiled)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan: expected a DecodePlan from plan_decode(), got {type(plan).__name__}")
     if not (1 <= plan.num_splits <= MAX_SPLITS and plan.chunk >= 1 and (plan.num_splits + 1) * plan.chunk < 2**31):
@@ -407,41 +429,61 @@ def _resolve_plan(plan, B: int, block_tables, block_size: int, num_kv_heads: int
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, *, plan: DecodePlan | None = None,
-                 check_bounds: bool | None = None) -> torch.Tensor:
+                 check_bounds: bool | None = None, cascade=None) -> torch.Tensor:
     """One new token per sequence against the paged cache: q [B, Hq, D], k_cache [NB, BS, Hkv, D],
     v_cache [NB, BS, Hkv, Dv], block_tables [B, maxb] int32, seq_lens [B] int32 -> [B, Hq, Dv] in q's dtype.
     out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] cached tokens of kv head h // (Hq/Hkv).
-    The cache must already hold the new token. seq_lens[b] == 0 gives zeros."""
+    The cache must already hold the new token. seq_lens[b] == 0 gives zeros. cascade: a SharedPrefix
+    (dsmath_kernels.shared_prefix) of rows sharing leading blocks; their shared blocks are read once per group."""
     Hq, D, Hkv = _check_gqa_caches(q, k_cache, v_cache)
     B, dev = q.shape[0], q.device
     _check_tables(block_tables, seq_lens, B, dev)
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
         _bounds(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
-    p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, Hq, dev)
+    p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, Hq, dev, cascade is not None)
+    if cascade is not None:
+        if k_cache.dtype != q.dtype and q.dtype != torch.float64:
+            raise TypeError(f"k_cache: dtype {k_cache.dtype} differs from q's {q.dtype}")
+        return _cascade.gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, cascade,
+                                   _want_bounds(check_bounds))
     return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, p.chunk)
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                scale: float, *, v_head_dim: int = 512, plan: DecodePlan | None = None,
-               check_bounds: bool | None = None) -> torch.Tensor:
+               check_bounds: bool | None = None, kv_scale: torch.Tensor | None = None,
+               cascade=None) -> torch.Tensor:
     """Absorbed DeepSeek MLA decode: q [B, H, Dc + Dr] (q_nope absorbed through W_UK, then q_rope),
     kv_cache [NB, BS, Dc + Dr] (compressed kv, then rope key), Dc = v_head_dim -> [B, H, Dc]:
     softmax(scale * q . row) over whole latent rows, weighted sum of the rows' first Dc columns (apply W_UV after).
-    scale is the model's softmax scale (1 / sqrt(qk_nope + qk_rope head dim), times the YaRN mscale^2 if any)."""
+    scale is the model's softmax scale (1 / sqrt(qk_nope + qk_rope head dim), times the YaRN mscale^2 if any).
+    kv_cache may be float8_e4m3fn with kv_scale [NB, BS] float32 (row = fp8 * scale; cascade.mla_cache_write_fp8).
+    cascade: a SharedPrefix (dsmath_kernels.shared_prefix): shared prompt blocks are read once per group."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
-    _check_cache("kv_cache", kv_cache, 3, q.device)
+    fp8 = kv_cache.dtype == _cascade.FP8 if isinstance(kv_cache, torch.Tensor) else False
+    if fp8:
+        check_tensor("kv_cache", kv_cache, ndim=3, device=q.device)
+        if kv_cache.stride(-1) != 1 or not 1 <= kv_cache.shape[1] <= MAX_BLOCK_SIZE:
+            raise ValueError(f"kv_cache: needs a unit last stride and a block size in 1..{MAX_BLOCK_SIZE}")
+    else:
+        _check_cache("kv_cache", kv_cache, 3, q.device)
+    _cascade.check_kv_scale(kv_cache, kv_scale)
     B, _, D = q.shape
     if kv_cache.shape[2] != D:
         raise ValueError(f"kv_cache: row width {kv_cache.shape[2]} differs from q's {D} (Dc + Dr)")
     check_int("v_head_dim", v_head_dim, lo=1, hi=D)
-    if kv_cache.dtype != q.dtype and q.dtype != torch.float64:
+    if kv_cache.dtype != q.dtype and q.dtype != torch.float64 and not fp8:
         raise TypeError(f"kv_cache: dtype {kv_cache.dtype} differs from q's {q.dtype}")
     _check_tables(block_tables, seq_lens, B, q.device)
     scale = _check_scale(scale)
     if _want_bounds(check_bounds):
         _bounds(block_tables, seq_lens, kv_cache.shape[0], kv_cache.shape[1])
-    p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device)
+    tiled = fp8 or cascade is not None or _mla_backend(q.device) in ("triton-tc", "cpu-tiled")
+    p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device, tiled)
+    if tiled:
+        return _cascade.mla_decode(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, kv_scale,
+                                   cascade, _want_bounds(check_bounds))
     return _mla_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, p.chunk)
 
 

@@ -36,9 +36,9 @@ from dsmath_kernels.reference.fp8 import (
     BLOCK,
     FP8,
     dequantize_blocks_ref,
-    dequantize_fp8_ref,
+    dequantize_fp8_groups_ref,
     quantize_blocks_ref,
-    quantize_fp8_ref,
+    quantize_fp8_groups_ref,
 )
 
 ACTIVATIONS = ("auto", "fp8", "native")
@@ -71,7 +71,7 @@ def _describe(device: torch.device) -> str:
     return f"{b}, activations {resolve_activation('auto', device)}" if b == "torch" or device.type == "cuda" else b
 
 
-for _op in ("quantize_fp8", "fp8_gemm", "grouped_gemm_fp8", "moe_experts_fp8"):
+for _op in ("quantize_fp8_groups", "fp8_gemm", "grouped_gemm_fp8", "moe_experts_fp8"):
     register_backend(_op, _describe)
 
 
@@ -81,13 +81,13 @@ def _nb(n: int) -> int:
 
 # ---------------------------------------------------------------- activation quantisation
 
-@torch.library.custom_op("dsmath::quantize_fp8", mutates_args=())
+@torch.library.custom_op("dsmath::quantize_fp8_groups", mutates_args=())
 def _quantize_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _backend(x.device) == "triton":
         from dsmath_kernels import fp8_gemm_triton
 
         return fp8_gemm_triton.quantize(x)
-    q, s = quantize_fp8_ref(x)
+    q, s = quantize_fp8_groups_ref(x)
     return q, s.contiguous()
 
 
@@ -96,7 +96,7 @@ def _(x):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[0], _nb(x.shape[1]), dtype=torch.float32)
 
 
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (q [M, K] e4m3, scale [M, ceil(K/128)] fp32): per token per 128 channels,
     scale = max(amax, 1e-10) / 448, q = x / scale rounded to nearest even (x = q * scale up to e4m3 rounding)."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -144,7 +144,7 @@ def _out_dtype(a: torch.Tensor) -> torch.dtype:
 
 
 def _dequant_act(a, a_scale):
-    return a.float() if a_scale is None else dequantize_fp8_ref(a, a_scale)
+    return a.float() if a_scale is None else dequantize_fp8_groups_ref(a, a_scale)
 
 
 @torch.library.custom_op("dsmath::fp8_gemm", mutates_args=())
@@ -167,7 +167,7 @@ def fp8_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale
              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y [M, N] = A @ W.T with W = w * w_scale per 128 x 128 block (w [N, K] e4m3, w_scale [ceil(N/128),
     ceil(K/128)] fp32) and A = a (float [M, K]: weight-only) or a * a_scale (e4m3 [M, K] with a_scale
-    [M, ceil(K/128)] from quantize_fp8: W8A8). fp32 accumulation; output out_dtype (default: a's dtype, bf16 for
+    [M, ceil(K/128)] from quantize_fp8_groups: W8A8). fp32 accumulation; output out_dtype (default: a's dtype, bf16 for
     an e4m3 a)."""
     check_tensor("w", w, ndim=2, dtypes=(FP8,))
     _check_weight("w", "w_scale", w, w_scale, 2)
@@ -188,7 +188,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if resolve_activation(activation, x.device) == "fp8":
-        q, s = quantize_fp8(x2)
+        q, s = quantize_fp8_groups(x2)
         y = fp8_gemm(q, w, w_scale, a_scale=s, out_dtype=x.dtype)
     else:
         y = fp8_gemm(x2, w, w_scale)
@@ -256,7 +256,7 @@ def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activ
     offsets = offsets[: E + 1]
     act = resolve_activation(activation, x.device) if s_gate_up is not None else "native"
     if x_scale is not None and act != "fp8":
-        x, x_scale = dequantize_fp8_ref(x, x_scale).to(out_dtype), None
+        x, x_scale = dequantize_fp8_groups_ref(x, x_scale).to(out_dtype), None
     if s_gate_up is None:  # float experts (dsmath_kernels.moe's fused path)
         from dsmath_kernels import moe
 
@@ -274,7 +274,7 @@ def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activ
 
         rw = weights.reshape(-1).float()
         if act == "fp8":
-            xq, xs = (x, x_scale) if x_scale is not None else quantize_fp8(x)  # once per token, before the gather
+            xq, xs = (x, x_scale) if x_scale is not None else quantize_fp8_groups(x)  # once per token, then gathered
             aq, as_ = ft.gemm(xq, w_gate_up, s_gate_up, offsets, a_scale=xs, rows=order, topk=K, act=True,
                               up_blocks=nb, quant_out=True)  # SiLU(g) * u re-quantised in the epilogue
             y = ft.gemm(aq, w_down, s_down, offsets, a_scale=as_, rows=order, gather=False, route_w=rw,
@@ -284,7 +284,7 @@ def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activ
                         out_dtype=x.dtype)
             y = ft.gemm(a, w_down, s_down, offsets, rows=order, gather=False, route_w=rw, out_dtype=out_dtype)
         return _combine(y, None, inverse)
-    xf = dequantize_fp8_ref(x, x_scale) if x_scale is not None else x
+    xf = dequantize_fp8_groups_ref(x, x_scale) if x_scale is not None else x
     y = _experts_torch(xf, w_gate_up, s_gate_up, w_down, s_down, order, offsets, K, act == "fp8")
     return _combine(y.to(out_dtype), weights, inverse)
 
@@ -294,7 +294,7 @@ def _experts_torch(x, w_gate_up, s_gate_up, w_down, s_down, order, offsets, topk
     (activations quantised and dequantised per token per 128 first when quant). Returns y [R, H] unweighted."""
     R, H = order.shape[0], x.shape[1]
     inter, nb = w_gate_up.shape[1] // 2, s_gate_up.shape[1] // 2
-    q = (lambda t: dequantize_fp8_ref(*quantize_fp8_ref(t))) if quant else (lambda t: t.float())
+    q = (lambda t: dequantize_fp8_groups_ref(*quantize_fp8_groups_ref(t))) if quant else (lambda t: t.float())
     xq = q(x)  # [T, H] fp32
     y = torch.zeros(R, H, dtype=x.dtype, device=x.device)
     for e, s, t in _segments(offsets, R):

@@ -31,5 +31,6 @@ inline void check(int status, const char* op) {
 void bind_routing(py::module_& m);
 void bind_moe(py::module_& m);        // token permutation for the MoE expert layer
 void bind_attention(py::module_& m);  // paged KV cache: writes, decode, MLA decode
+void bind_cascade(py::module_& m);    // tiled and shared-prefix (cascade) decode on CPU
 
 }  // namespace dsmath

@@ -6,6 +6,7 @@
 #include "dsmath/common.h"
 #include "dsmath/routing.h"
 #include "dsmath/attention.h"
+#include "dsmath/cascade.h"
 
 namespace dsmath {
 
@@ -26,6 +27,12 @@ int paged_decode_cuda(const attn::DecodeParams& p, void* stream);
 // Copy N rows of `row` elements (src row stride src_s) into cache rows at slots (int32/int64 by slot_dtype).
 int cache_write_cuda(const void* src, int64_t src_s, void* cache, int64_t s_blk, int64_t s_tok, int block_size,
                      int64_t row, int dtype, const void* slots, int slot_dtype, int64_t N, void* stream);
+
+// ---- tiled / shared-prefix decode (attn_cascade_cpu.cpp; parameters in dsmath/cascade.h)
+int attend_cpu(const attn::AttendParams& p, int num_threads);
+// out [rows, Dv] (dtype) <- log-sum-exp merge of part_o [rows, nslot, Dv] / part_lse [rows, nslot]; -inf slots unread.
+int merge_partials_cpu(const float* part_o, const float* part_lse, void* out, int dtype, int64_t rows, int nslot,
+                       int Dv, int num_threads);
 
 // ---- moe (moe_permute_cpu.cpp, moe_permute.cu; layout in python/dsmath_kernels/moe.py, sizes in dsmath/moe.h)
 int moe_permute_cpu(const int32_t* ids, int64_t P, int E, int block_m, int32_t* order, int32_t* offsets,

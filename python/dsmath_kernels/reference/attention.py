@@ -81,6 +81,48 @@ def mla_decode_ref(q, kv_cache, block_tables, seq_lens, scale: float, v_head_dim
     return paged_decode_ref(q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale)
 
 
+def dequantize_fp8(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
+    """fp8-e4m3 cache [NB, BS, ...] with one scale per token kv_scale [NB, BS] -> float32 values fp8 * scale."""
+    s = kv_scale.float().reshape(*kv_scale.shape, *([1] * (cache.dim() - 2)))
+    return cache.float() * s
+
+
+def _attend_lse(q, k, v, scale):
+    """q [Hq, D], k [L, Hkv, D], v [L, Hkv, Dv] -> (o [Hq, Dv], lse [Hq]) in the acc dtype; L = 0: (0, -inf)."""
+    acc = _acc_dtype(q)
+    Hq, L, Hkv = q.shape[0], k.shape[0], k.shape[1]
+    if L == 0:
+        return q.new_zeros(Hq, v.shape[-1], dtype=acc), q.new_full((Hq,), float("-inf"), dtype=acc)
+    g = Hq // Hkv
+    s = torch.einsum("hd,lhd->hl", q.to(acc), k.to(acc).repeat_interleave(g, 1)) * scale  # [Hq, L]
+    lse = torch.logsumexp(s, -1)  # [Hq]
+    return torch.einsum("hl,lhd->hd", torch.exp(s - lse[:, None]), v.to(acc).repeat_interleave(g, 1)), lse
+
+
+def cascade_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale: float, prefix_lens,
+                       prefix_rows) -> torch.Tensor:
+    """Shared-prefix (cascade) decode, two levels merged by log-sum-exp; equals paged_decode_ref when the prefix
+    blocks really are shared. q [B, Hq, D], caches [NB, BS, Hkv, D|Dv]; prefix_lens [B]: sequence b's first
+    prefix_lens[b] tokens are read through block_tables[prefix_rows[b]] (its group's table), the rest through
+    its own row:
+        (o1, lse1) = attend(q[b], prefix),  (o2, lse2) = attend(q[b], own tokens after the prefix)
+        out[b] = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2)"""
+    B, Hq, _ = q.shape
+    out = q.new_zeros(B, Hq, v_cache.shape[-1])
+    for b in range(B):
+        L, P, r = int(seq_lens[b]), int(prefix_lens[b]), int(prefix_rows[b])
+        o1, lse1 = _attend_lse(q[b], gather_kv(k_cache, block_tables[r], P), gather_kv(v_cache, block_tables[r], P),
+                               scale)
+        k2 = gather_kv(k_cache, block_tables[b], L)[P:]
+        o2, lse2 = _attend_lse(q[b], k2, gather_kv(v_cache, block_tables[b], L)[P:], scale)
+        m = torch.maximum(lse1, lse2)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both empty: weights 0 -> zeros
+        w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)  # [Hq]
+        den = (w1 + w2).clamp_min(torch.finfo(w1.dtype).tiny)
+        out[b] = ((w1[:, None] * o1 + w2[:, None] * o2) / den[:, None]).to(q.dtype)
+    return out
+
+
 def paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale: float,
                       causal: bool = True) -> torch.Tensor:
     """q [Nq, Hq, D] -> [Nq, Hq, Dv]. The n_b = cu[b+1] - cu[b] queries of sequence b are its LAST n_b tokens,
@@ -139,3 +181,23 @@ def paginate_like(seqs: list[torch.Tensor], block_tables: torch.Tensor, num_bloc
         blocks = block_tables[b].to(s.device).long()[pos // block_size]
         cache[blocks, pos % block_size] = s
     return cache
+
+
+def fork_tables(prompt_len: int, seq_lens: list[int], block_size: int, *, spare_blocks: int = 2,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Test/bench helper: block tables of len(seq_lens) samples forked from one prompt of prompt_len tokens, as
+    the engine's block manager leaves them — the prompt's full blocks shared by every sample, the rest (the partial
+    last prompt block, copied on write, and each sample's own tokens) private; block ids randomly permuted, unused
+    entries 2**30. Returns (block_tables [n, max_blocks] int32, number of blocks); fill a cache with
+    paginate_like(rows, block_tables, num_blocks, block_size) where every rows[i] starts with the prompt's rows."""
+    full = prompt_len // block_size
+    need = [-(-L // block_size) - full for L in seq_lens]
+    nb = full + sum(need) + spare_blocks
+    perm = torch.randperm(nb, generator=generator).to(torch.int32)
+    tables = torch.full((len(seq_lens), max([1, *(full + k for k in need)])), 2**30, dtype=torch.int32)
+    at = full
+    for i, k in enumerate(need):
+        tables[i, :full] = perm[:full]
+        tables[i, full:full + k] = perm[at:at + k]
+        at += k
+    return tables, nb

@@ -25,7 +25,7 @@ def _blocks(n: int, b: int = BLOCK) -> int:
     return -(-n // b)
 
 
-def quantize_fp8_ref(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_groups_ref(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] float -> (q [..., K] e4m3, scale [..., ceil(K/group)] fp32): per token per `group` channels,
     scale = max(amax, EPS) / 448, q = round_to_nearest_even(x / scale)."""
     K = x.shape[-1]
@@ -36,7 +36,7 @@ def quantize_fp8_ref(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor,
     return q, scale
 
 
-def dequantize_fp8_ref(q: torch.Tensor, scale: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+def dequantize_fp8_groups_ref(q: torch.Tensor, scale: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
     """q [..., K] e4m3, scale [..., ceil(K/group)] -> [..., K] fp32 = q * scale[..., k // group]."""
     return q.float() * scale.repeat_interleave(group, dim=-1)[..., : q.shape[-1]]
 
@@ -64,7 +64,7 @@ def fp8_gemm_ref(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scal
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y [M, N] = A @ W.T in fp32, A = a (float, weight-only) or a * a_scale (e4m3 a, [M, ceil(K/128)] scales),
     W = w * w_scale per 128 x 128 block. Output dtype: out_dtype, else a's dtype (bf16 for an e4m3 a)."""
-    A = a.float() if a_scale is None else dequantize_fp8_ref(a, a_scale)
+    A = a.float() if a_scale is None else dequantize_fp8_groups_ref(a, a_scale)
     y = A @ dequantize_blocks_ref(w, w_scale).T  # [M, N]
     return y.to(out_dtype or (torch.bfloat16 if a.dtype == FP8 else a.dtype))
 
@@ -98,7 +98,10 @@ def moe_experts_fp8_ref(x: torch.Tensor, w_gate_up: torch.Tensor, s_gate_up: tor
     E, I2, _ = w_gate_up.shape
     inter = I2 // 2
     nb = _blocks(inter)
-    q = (lambda t: dequantize_fp8_ref(*quantize_fp8_ref(t))) if quantize_activations else (lambda t: t.float())
+
+    def q(t):  # the activation round trip (or none)
+        return dequantize_fp8_groups_ref(*quantize_fp8_groups_ref(t)) if quantize_activations else t.float()
+
     xq = q(x)  # [T, H]
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     for e in range(E):
