@@ -86,7 +86,8 @@ class Backbone(nn.Module):
 
 
 class KVCache:
-    """Paged cache, one entry per layer: MLA -> latent rows [NB, BS, Dc + Dr]; GQA -> (k, v) [NB, BS, Hkv, D].
+    """Paged cache, one entry per layer: MLA -> latent rows [NB, BS, Dc + Dr] (an fp8-e4m3 cache: (rows, per-token
+    scales [NB, BS] float32)); GQA -> (k, v) [NB, BS, Hkv, D].
     All layers live in one allocation ([L, NB, BS, ...]) so the engine can size it in one go.
     `routing` (routing=True, MoE models): [NB * BS + 1, L_moe, K] int16 expert ids of the token at each cache slot
     per MoE layer, written by forward_paged beside its K/V (the last row takes padding rows' writes)."""
@@ -98,10 +99,16 @@ class KVCache:
             self.routing = torch.zeros(num_blocks * block_size + 1, sum(cfg.moe_layers), cfg.num_experts_per_tok,
                                        dtype=routing_dtype(cfg), device=device)
         L = cfg.num_hidden_layers
+        self.scale = None
+        if dtype == torch.float8_e4m3fn and not cfg.is_mla:
+            raise ValueError("kv_cache_dtype: an fp8 cache is for MLA models (DeepSeek-V2/V3) only")
         if cfg.is_mla:
             self.data = torch.zeros(L, num_blocks, block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                     dtype=dtype, device=device)
             self.layers = [self.data[i] for i in range(L)]
+            if dtype == torch.float8_e4m3fn:  # e4m3 latent rows, one fp32 scale per token (row = fp8 * scale)
+                self.scale = torch.ones(L, num_blocks, block_size, dtype=torch.float32, device=device)
+                self.layers = [(self.data[i], self.scale[i]) for i in range(L)]
         else:
             self.data = torch.zeros(2, L, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
                                     dtype=dtype, device=device)
@@ -265,6 +272,8 @@ class MoEForCausalLM(nn.Module):
         c = self.config
         per_token = c.kv_lora_rank + c.qk_rope_head_dim if c.is_mla else 2 * c.num_key_value_heads * c.head_dim
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+        if dtype == torch.float8_e4m3fn:
+            per_token += 4  # its fp32 scale
         kv = c.num_hidden_layers * block_size * per_token * elem
         if routing and self.num_moe_layers:
             kv += block_size * self.num_moe_layers * c.num_experts_per_tok * routing_dtype(c).itemsize

@@ -220,10 +220,70 @@ def test_gpu_fp8_engine_graphs_match_eager(ckpts):
     from model import LLM, SamplingParams
 
     prompts, p = [[3, 17, 29, 5, 77], [9, 8, 7]], SamplingParams(max_tokens=8, temperature=0.0)
-    runs = []
-    for eager in (False, True):
-        llm = LLM(ckpts[1], dtype=torch.bfloat16, device="cuda", num_blocks=16, block_size=16, enforce_eager=eager)
-        assert llm.model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
-        assert eager or llm.runner.graphs, llm.runner.capture_error
-        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)])
-    assert runs[0] == runs[1]
+    for kv in ("auto", "fp8"):  # the fp8 latent cache too (write and decode kernels inside the graph)
+        runs = []
+        for eager in (False, True):
+            llm = LLM(ckpts[1], dtype=torch.bfloat16, device="cuda", num_blocks=16, block_size=16,
+                      enforce_eager=eager, kv_cache_dtype=kv)
+            assert llm.model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+            assert eager or llm.runner.graphs, llm.runner.capture_error
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)])
+        assert runs[0] == runs[1], kv
+
+
+# ---------------------------------------------------------------- fp8-e4m3 latent cache (LLM(kv_cache_dtype="fp8"))
+
+def test_fp8_kv_cache_equals_its_spec(monkeypatch):
+    """kv_cache_dtype="fp8": every latent row is stored e4m3 with a per-token scale (issue 16's kernels: the cache
+    write, decode with kv_scale; prefill and chunked prefill read dequantised blocks). Its spec is the float cache
+    holding exactly those rounded rows: with a writer that rounds each row the same way, greedy and seeded n = 2
+    sampling (copy-on-write of shared blocks), prefix-cache hits and their log-probs are equal."""
+    from tiny_models import make_model
+
+    from model import LLM, SamplingParams
+
+    m = make_model("tiny-v3")
+    prompts = [[3, 17, 29, 5, 77, 8, 9, 10, 11], [9, 8, 7]]
+    params = [SamplingParams(max_tokens=6, temperature=0.0, logprobs=0),
+              SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=2, logprobs=0)]
+
+    def run(**kw):
+        llm = LLM(m, num_blocks=64, block_size=4, max_num_batched_tokens=8, enable_prefix_caching=True, **kw)
+        out = []
+        for _ in range(2):  # the second pass hits the prefix cache (cached fp8 blocks read by prefill)
+            for p in params:
+                for r in llm.generate(prompts, p, use_tqdm=False):
+                    out += [(c.token_ids, [round(next(iter(x.values())).logprob, 4) for x in c.logprobs])
+                            for c in r.outputs]
+        return llm, out
+
+    fp8_llm, fp8 = run(kv_cache_dtype="fp8")
+    assert fp8_llm.runner.kv_cache.data.dtype == torch.float8_e4m3fn
+    write = dk.mla_cache_write
+
+    def rounded_write(kv, cache, slots):  # the spec: the same per-token e4m3 rounding, stored in fp32
+        q, s = dk.quantize_fp8(kv)
+        write((q.float() * s.reshape(-1, *([1] * (kv.dim() - 1)))).to(kv.dtype), cache, slots)
+
+    monkeypatch.setattr(dk, "mla_cache_write", rounded_write)
+    _, spec = run()
+    assert fp8 == spec
+    monkeypatch.setattr(dk, "mla_cache_write", write)
+    _, exact = run()
+    assert exact != fp8  # the fp8 cache really rounds (the tiny model's tokens move)
+
+
+def test_fp8_kv_cache_sizes_and_refusals():
+    from tiny_models import make_model
+
+    from model import LLM
+
+    m = make_model("tiny-v3")
+    c = m.config
+    f32, f8 = m.kv_cache_bytes_per_block(16), m.kv_cache_bytes_per_block(16, dtype=torch.float8_e4m3fn)
+    assert f32 == c.num_hidden_layers * 16 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+    assert f8 == c.num_hidden_layers * 16 * (c.kv_lora_rank + c.qk_rope_head_dim + 4)  # rows + one fp32 scale
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(make_model("tiny-qwen3"), num_blocks=8, block_size=4, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(m, num_blocks=8, block_size=4, kv_cache_dtype="int8")

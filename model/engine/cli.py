@@ -25,6 +25,8 @@ def parse(argv=None) -> argparse.Namespace:
     par.add_argument("--tensor-parallel-size", type=int, default=1)
     par.add_argument("--enable-expert-parallel", action="store_true")
     par.add_argument("--enable-dp-attention", action="store_true")
+    src.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                     help="fp8: e4m3 latent cache with per-token scales (MLA models)")
     gen = ap.add_argument_group("sampling")
     gen.add_argument("prompt", nargs="*", help="prompt text (needs a tokenizer)")
     gen.add_argument("--ids", help="prompt as comma-separated token ids")
@@ -48,7 +50,7 @@ def build(args):
     from . import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    kw = dict(num_blocks=args.num_blocks, block_size=args.block_size)
+    kw = dict(num_blocks=args.num_blocks, block_size=args.block_size, kv_cache_dtype=args.kv_cache_dtype)
     if args.model:
         return LLM(args.model, dtype=dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
                    enable_expert_parallel=args.enable_expert_parallel, enable_dp_attention=args.enable_dp_attention,

@@ -52,6 +52,7 @@ from .sequence import Sequence
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 HostRow = tuple[int, float, "int | None", list[int], list[float]]  # SamplerOutput.to_host() row
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -91,7 +92,8 @@ class LLM:
                  cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, record_routing: bool | None = None,
                  generation_config: str | None = "auto", logprobs_mode: str = "raw_logprobs", max_logprobs: int = 20,
                  allow_long_max_model_len: bool = False, cascade: bool = True, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, enable_dp_attention: bool = False):
+                 enable_expert_parallel: bool = False, enable_dp_attention: bool = False,
+                 kv_cache_dtype: str = "auto"):
         """record_routing: keep each cached token's experts per MoE layer (needed by return_routing; None = on for
         models with MoE layers; costs L * top_k int16 per cache slot and one small write per MoE layer per step).
         generation_config: "auto" reads the checkpoint's generation_config.json (default sampling values, EOS ids),
@@ -99,7 +101,12 @@ class LLM:
         (sampling_params.py). max_logprobs: the most top log-probs a request may ask for (-1: no limit).
         allow_long_max_model_len: accept a max_model_len beyond max_position_embeddings (with a warning).
         cascade: decode steps read prompt blocks shared by several samples once per group (shared-prefix decode).
-        tensor_parallel_size / enable_expert_parallel / enable_dp_attention: module docstring (model/parallel.py)."""
+        tensor_parallel_size / enable_expert_parallel / enable_dp_attention: module docstring (model/parallel.py).
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (MLA models: e4m3 latent rows with a per-token scale,
+        half the bytes of bf16: twice the tokens in the cache, half the KV bytes per decode step)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        self.kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
         _check_engine_args(num_blocks=num_blocks, block_size=block_size, gpu_memory_fraction=gpu_memory_fraction,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
                            cpu_kv_cache_gib=cpu_kv_cache_gib, logprobs_mode=logprobs_mode, max_logprobs=max_logprobs)
@@ -136,7 +143,7 @@ class LLM:
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   enforce_eager=enforce_eager, record_routing=self.record_routing,
-                                  cascade=cascade)
+                                  cascade=cascade, kv_dtype=self.kv_dtype)
         self.sampler = Sampler(seed)
         self.generation_defaults, generation_eos = _generation_config(generation_config, path)
         self.eos_ids = _eos_ids(cfg, self.tokenizer) | generation_eos
@@ -553,6 +560,8 @@ class LLM:
     def _auto_num_blocks(self, block_size: int, fraction: float, max_tokens: int, max_seqs: int,
                          cpu_gib: float) -> int:
         extra = {"routing": True} if self.record_routing else {}
+        if self.kv_dtype is not None:
+            extra["dtype"] = self.kv_dtype
         per_block = self.model.kv_cache_bytes_per_block(block_size, **extra)
         if self.device.type != "cuda":
             return max(1, int(cpu_gib * 2**30) // per_block)

@@ -139,15 +139,19 @@ class MLAttention(nn.Module):
         q_nope, q_pe = self._q(x)  # [N, Hq, Dn], [N, Hq, Dr]
         q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleaved)
         c, k_pe = self._latent(x, cos, sin)  # [N, Dc], [N, Dr]
-        dk.mla_cache_write(torch.cat((c, k_pe), dim=-1), cache, meta.slot_mapping)
+        cache, kv_scale = cache if isinstance(cache, tuple) else (cache, None)  # fp8 cache: rows, per-token scales
+        if kv_scale is None:
+            dk.mla_cache_write(torch.cat((c, k_pe), dim=-1), cache, meta.slot_mapping)
+        else:
+            dk.mla_cache_write_fp8(torch.cat((c, k_pe), dim=-1), cache, kv_scale, meta.slot_mapping)
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)  # [N, Hq, Dc]
         q = torch.cat((q_lat, q_pe), dim=-1)  # [N, Hq, Dc + Dr]
         if meta.is_decode:
             o_lat = dk.mla_decode(q, cache, meta.block_tables, meta.seq_lens, self.scale, v_head_dim=self.dc,
-                                  plan=meta.decode_plan, cascade=getattr(meta, "cascade", None))
+                                  plan=meta.decode_plan, cascade=getattr(meta, "cascade", None), kv_scale=kv_scale)
         else:
             o_lat = dk.mla_prefill(q, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                                   v_head_dim=self.dc, max_seqlen_q=meta.max_seqlen_q)
+                                   v_head_dim=self.dc, max_seqlen_q=meta.max_seqlen_q, kv_scale=kv_scale)
         out = torch.einsum("nhc,hvc->nhv", o_lat, w_uv)  # [N, Hq, Dv]
         return self.o_proj(out.reshape(x.shape[0], -1))

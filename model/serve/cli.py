@@ -65,6 +65,8 @@ def parse(argv=None) -> argparse.Namespace:
     eng.add_argument("--logprobs-mode", default="raw_logprobs",
                      choices=["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"])
     eng.add_argument("--max-logprobs", type=int, default=20)
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                     help="fp8: e4m3 latent cache with per-token scales (MLA models)")
     par = ap.add_argument_group("parallelism (under torchrun --nproc-per-node N; rank 0 serves HTTP)")
     par.add_argument("--tensor-parallel-size", type=int, default=1)
     par.add_argument("--enable-expert-parallel", action="store_true")
@@ -95,7 +97,8 @@ def build_engine(args):
               cpu_kv_cache_gib=args.cpu_kv_cache_gib, generation_config=args.generation_config,
               logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
               allow_long_max_model_len=args.allow_long_max_model_len,
-              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+              kv_cache_dtype=args.kv_cache_dtype)
     if llm.parallel is not None:
         from ..parallel import Leader
         if llm.parallel.rank != 0:
