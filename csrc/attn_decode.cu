@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int G = p.Hq / p.Hkv, tiles = (G + GT - 1) / GT;
   const int kvh = blockIdx.x / tiles, g0 = (blockIdx.x % tiles) * GT, nh = min(GT, G - g0);
   int64_t begin, end;
-  attn::split_range(s, p.num_splits, p.chunk, p.seq_lens[b], begin, end);
+  attn::split_range(s, p.num_splits, p.chunk, attn::checked_len(p, b), begin, end);
 
   float q[GT][DCH][8];
   const float qs = p.scale * attn::kLog2e;
@@ -104,18 +104,20 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int64_t kh = static_cast<int64_t>(kvh) * p.k_sh, vh = static_cast<int64_t>(kvh) * p.v_sh;
   for (int64_t base = begin + warp * TPW * U; base < end; base += kWarps * TPW * U) {
     Vec8<DT> kr[U][DCH], vr[U][VCH];
+    bool live[U];  // token in range with a valid block id (a bad id is an absent token and a flag)
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // issue every load of the U steps before any math
       const int64_t pos = base + u * TPW + sg;
-      const bool ok = pos < end;
+      bool ok = pos < end;
       int64_t ko = 0, vo = 0;
       if (ok) {
-        int64_t index, off;
-        div.split(pos, index, off);
-        const int64_t blk = bt[index];
+        int64_t off;
+        const int64_t blk = attn::token_block(bt, pos, div, off);
+        ok = attn::block_ok(blk, p);
         ko = blk * p.k_sblk + off * p.k_stok + kh;
         vo = blk * p.v_sblk + off * p.v_stok + vh;
       }
+      live[u] = ok;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         if (ok && c * W + sl * 8 < p.D) kr[u][c].load(p.k, ko + c * W + sl * 8);
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 #pragma unroll
         for (int off = LPT / 2; off > 0; off >>= 1) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
       }
-      if (base + u * TPW + sg >= end) {
+      if (!live[u]) {
 #pragma unroll
         for (int g = 0; g < GT; ++g) sc[u][g] = -INFINITY;
       }
@@ -282,24 +284,35 @@ int launch_dtype(const DecodeParams& p, cudaStream_t st) {
 }  // namespace
 
 int paged_decode_cuda(const DecodeParams& p, void* stream) {
-  if (p.B < 0 || p.Hkv < 1 || p.Hq % p.Hkv || p.D < 8 || p.Dv < 8 || p.D % 8 || p.Dv % 8 || p.block_size < 1 ||
-      p.block_size > attn::kMaxBlockSize || p.num_splits < 1 || p.num_splits > attn::kMaxSplits || p.chunk < 1 ||
-      p.B > 65535)
-    return kBadArgument;
-  if (p.num_splits > 1 && (!p.part_o || !p.part_lse)) return kBadArgument;
+  if (!attn::decode_params_ok(p) || p.D % 8 || p.Dv % 8) return kBadArgument;
   if (p.B == 0) return kOk;
-  if (p.Hq > 65535) return kUnsupported;
+  if (p.dtype != kFloat32 && p.dtype != kFloat16 && p.dtype != kBFloat16) return kUnsupported;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  int status = kUnsupported;
-  switch (p.dtype) {
-    case kFloat32: status = launch_dtype<kFloat32>(p, st); break;
-    case kFloat16: status = launch_dtype<kFloat16>(p, st); break;
-    case kBFloat16: status = launch_dtype<kBFloat16>(p, st); break;
-    default: return kUnsupported;
+  // The batch is grid.z: more than DSMATH_MAX_GRID_YZ sequences run as several launches on offset pointers.
+  const int64_t esize = p.dtype == kFloat32 ? 4 : 2;
+  for (int64_t b0 = 0; b0 < p.B; b0 += DSMATH_MAX_GRID_YZ) {
+    DecodeParams c = p;
+    c.B = static_cast<int>(p.B - b0 < DSMATH_MAX_GRID_YZ ? p.B - b0 : DSMATH_MAX_GRID_YZ);
+    c.q = static_cast<const char*>(p.q) + b0 * p.q_sb * esize;
+    c.block_tables = p.block_tables + b0 * p.bt_sb;
+    c.seq_lens = p.seq_lens + b0;
+    c.out = static_cast<char*>(p.out) + b0 * p.Hq * p.Dv * esize;
+    if (p.num_splits > 1) {
+      c.part_o = p.part_o + b0 * p.Hq * p.num_splits * p.Dv;
+      c.part_lse = p.part_lse + b0 * p.Hq * p.num_splits;
+    }
+    int status = kUnsupported;
+    switch (c.dtype) {
+      case kFloat32: status = launch_dtype<kFloat32>(c, st); break;
+      case kFloat16: status = launch_dtype<kFloat16>(c, st); break;
+      default: status = launch_dtype<kBFloat16>(c, st); break;
+    }
+    if (status != kOk) return status;
+    if (c.num_splits > 1)
+      merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(c.B) * c.Hq), kThreads, 0, st>>>(c);
+    if ((status = launch_status()) != kOk) return status;
   }
-  if (status != kOk) return status;
-  if (p.num_splits > 1) merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Hq), kThreads, 0, st>>>(p);
-  return launch_status();
+  return kOk;
 }
 
 }  // namespace dsmath

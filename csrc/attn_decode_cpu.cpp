@@ -43,12 +43,15 @@ void decode_item(const DecodeParams& p, int b, int kvh, int s, std::vector<float
     m[g] = -INFINITY;
   }
   int64_t begin, end;
-  attn::split_range(s, p.num_splits, p.chunk, p.seq_lens[b], begin, end);
+  attn::split_range(s, p.num_splits, p.chunk, attn::checked_len(p, b), begin, end);
   const int32_t* bt = p.block_tables + b * p.bt_sb;
   const attn::BlockDiv div(p.block_size);
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t ko = attn::token_offset(bt, t, div, p.k_sblk, p.k_stok) + kvh * p.k_sh;
-    const int64_t vo = attn::token_offset(bt, t, div, p.v_sblk, p.v_stok) + kvh * p.v_sh;
+    int64_t off;
+    const int64_t blk = attn::token_block(bt, t, div, off);
+    if (!attn::block_ok(blk, p)) continue;  // a bad id is an absent token (and a flag): never a wild read
+    const int64_t ko = blk * p.k_sblk + off * p.k_stok + kvh * p.k_sh;
+    const int64_t vo = blk * p.v_sblk + off * p.v_stok + kvh * p.v_sh;
     for (int d = 0; d < D; ++d) krow[d] = attn::load_t<DT>(p.k, ko + d);
     for (int d = 0; d < Dv; ++d) vrow[d] = attn::load_t<DT>(p.v, vo + d);
     for (int g = 0; g < G; ++g) {
@@ -114,19 +117,20 @@ void decode_all(const DecodeParams& p, int num_threads) {
 
 }  // namespace
 
-int paged_decode_cpu(const attn::DecodeParams& p, int num_threads) {
-  if (p.B < 0 || p.Hkv < 1 || p.Hq % p.Hkv || p.D < 1 || p.Dv < 1 || p.block_size < 1 ||
-      p.block_size > attn::kMaxBlockSize || p.num_splits < 1 || p.num_splits > attn::kMaxSplits || p.chunk < 1)
-    return kBadArgument;
-  if (p.num_splits > 1 && (!p.part_o || !p.part_lse)) return kBadArgument;
-  if (p.B == 0) return kOk;
+int paged_decode_cpu(const attn::DecodeParams& params, int num_threads) {
+  if (!attn::decode_params_ok(params)) return kBadArgument;
+  if (params.B == 0) return kOk;
+  int32_t flags = 0;  // this call's bounds flags: bad ids give kBadArgument (Python validates before calling)
+  attn::DecodeParams p = params;
+  p.flags = &flags;
   switch (p.dtype) {
     case kFloat32: decode_all<kFloat32>(p, num_threads); break;
     case kFloat16: decode_all<kFloat16>(p, num_threads); break;
     case kBFloat16: decode_all<kBFloat16>(p, num_threads); break;
     default: return kUnsupported;
   }
-  return kOk;
+  if (flags) set_flag(params.flags, flags);
+  return flags ? kBadArgument : kOk;
 }
 
 }  // namespace dsmath

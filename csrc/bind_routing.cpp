@@ -6,11 +6,6 @@ namespace dsmath {
 
 using routing::Params;
 
-static Params route_params(int64_t T, int E, int K, int n_group, int topk_group, int scoring, bool renormalize,
-                           float scale) {
-  return Params{T, E, K, n_group, topk_group, scoring, renormalize ? 1 : 0, scale};
-}
-
 void bind_routing(py::module_& m) {
   m.def(
       "route_topk_cpu",

@@ -6,7 +6,7 @@
 //  2. scatter: each block re-reads its chunk and places every pair at offsets[e] + base[chunk][e] + its rank
 //     among the earlier pairs of the same expert in the chunk (warp __match_any_sync + per-warp counts), so the
 //     result is stable, deterministic and identical to the CPU path.
-// Ids outside [0, E) are skipped (inverse = -1) so a bad id can never write out of bounds.
+// Ids outside [0, E) are skipped (inverse = -1, flag kBadExpertId) so a bad id can never write out of bounds.
 #include <cuda_runtime.h>
 
 #include "dsmath/launchers.h"
@@ -23,7 +23,7 @@ constexpr int kWarps = kThreads / 32;
 
 __global__ void __launch_bounds__(kThreads)
     permute_count_kernel(const int32_t* __restrict__ ids, int64_t P, int E, int block_m, int32_t* __restrict__ ws,
-                         int32_t* __restrict__ offsets) {
+                         int32_t* __restrict__ offsets, int32_t* flags) {
   extern __shared__ int32_t smem[];  // hist [E]
   __shared__ bool is_last;
   int32_t* hist = smem;
@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(kThreads)
     if (f < P) {
       const int32_t e = ids[f];
       if (e >= 0 && e < E) atomicAdd(&hist[e], 1);
+      else set_flag(flags, kBadExpertId);
     }
   }
   __syncthreads();
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 int moe_permute_cuda(const int32_t* ids, int64_t P, int E, int block_m, int32_t* order, int32_t* offsets,
-                     int32_t* inverse, int32_t* workspace, void* stream) {
+                     int32_t* inverse, int32_t* workspace, int32_t* flags, void* stream) {
   if (P < 0 || E < 1 || E > moe::kMaxExperts || block_m < 1) return kBadArgument;
   const int64_t R = moe::num_rows(P, E, block_m);
   if (R > INT32_MAX) return kUnsupported;
@@ -136,7 +137,7 @@ int moe_permute_cuda(const int32_t* ids, int64_t P, int E, int block_m, int32_t*
   if ((err = cudaMemsetAsync(order, 0xff, sizeof(int32_t) * R, s)) != cudaSuccess) return cuda_status(err);  // -1
   const size_t smem1 = sizeof(int32_t) * E, smem2 = sizeof(int32_t) * E * (1 + kWarps);
   permute_count_kernel<<<static_cast<unsigned>(chunks), kThreads, smem1, s>>>(ids, P, E, block_m, workspace,
-                                                                              offsets);
+                                                                              offsets, flags);
   if ((err = cudaGetLastError()) != cudaSuccess) return cuda_status(err);
   if (smem2 > 48 * 1024) {
     err = cudaFuncSetAttribute(permute_scatter_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

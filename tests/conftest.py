@@ -8,6 +8,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ.setdefault("DSMATH_STRICT", "1")  # GPU runs: a fallback from a kernel is an error, not a slow pass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -31,6 +33,29 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+class _Launches:
+    """What ran: dsmath_kernels' per-call backend counts since the fixture started (a GPU test proves its kernel ran,
+    not just that the registry names it)."""
+
+    def __init__(self):
+        from dsmath_kernels import _dispatch
+
+        self._d = _dispatch
+        _dispatch.reset(warned=False)
+
+    def counts(self) -> dict:
+        return self._d.launch_counts()
+
+    def assert_ran(self, op: str, backend: str) -> None:
+        n = self.counts().get((op, backend), 0)
+        assert n > 0, f"{op} never ran on {backend}; launches: {self.counts()}"
+
+
+@pytest.fixture
+def launches():
+    return _Launches()
 
 
 @pytest.fixture

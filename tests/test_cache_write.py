@@ -102,8 +102,9 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cache_write_cuda(dtype, slot_dtype):
+def test_cache_write_cuda(dtype, slot_dtype, launches):
     run_write("cuda", dtype, slot_dtype, bs=17)
+    launches.assert_ran("cache_write", "cuda")
 
 
 @pytest.mark.gpu

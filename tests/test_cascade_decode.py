@@ -248,8 +248,14 @@ def test_cpu_bad_block_ids_raise_by_name():
     bad[0, 2] = kc.shape[0] + 5
     with pytest.raises(ValueError, match=r"block_tables: entry \[0, 2\] = " + str(kc.shape[0] + 5)):
         dk.mla_decode(q, kc, bad, sl, 0.3, v_head_dim=16)
+    short = torch.tensor([16, 20], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"seq_lens: sequence 1 has 20 tokens, outside \[0, 16\]"):
+        dk.mla_decode(q, kc, bt[:, :2], short, 0.3, v_head_dim=16)  # the op's vectorised check, every CPU call
+    # the C++ kernel's own guard, behind that check (the custom op called directly)
+    with pytest.raises(ValueError, match=r"block_tables: entry \[0, 2\] = " + str(kc.shape[0] + 5)):
+        torch.ops.dsmath.mla_tiled_decode(q, kc, bad, sl, 0.3, 16, 1, None, None, None, None, 1)
     with pytest.raises(ValueError, match="seq_lens: sequence 1 reads block-table entry"):
-        dk.mla_decode(q, kc, bt[:, :2], torch.tensor([16, 20], dtype=torch.int32), 0.3, v_head_dim=16)
+        torch.ops.dsmath.mla_tiled_decode(q, kc, bt[:, :2], short, 0.3, 16, 1, None, None, None, None, 1)
 
 
 # ---------------------------------------------------------------------------------------------- fp8 cache

@@ -1,10 +1,6 @@
 """grouped_gemm: CPU path and the Triton kernels (interpreter without a GPU) vs the reference on odd shapes
 (M in {0, 1, 7, 131}, K/N in {40, 96, 200}), empty experts, one hot expert; gradients vs an fp64 reference."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -164,7 +160,7 @@ def test_triton_gather_act_scale_switches(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,K,E,N,Kd", [(1, 8, 256, 4096, 7168), (128, 6, 64, 2816, 2048), (4096, 8, 256, 7168, 2048),
                                         (8192, 6, 64, 2048, 1408)])
-def test_gpu_bf16_real_shapes(T, K, E, N, Kd):
+def test_gpu_bf16_real_shapes(T, K, E, N, Kd, launches):
     M = T * K
     x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(min(E, 64), N, Kd, device="cuda", dtype=torch.bfloat16) / Kd**0.5
@@ -173,6 +169,7 @@ def test_gpu_bf16_real_shapes(T, K, E, N, Kd):
     off = torch.zeros(E + 1, dtype=torch.int32, device="cuda")
     off[1:] = torch.cumsum(counts, 0)
     y = grouped_gemm(x, w, off)
+    launches.assert_ran("grouped_gemm", "triton")
     assert_close(y, grouped_gemm_ref(x, w, off), atol=3e-2, rtol=3e-2, name="y", max_global_rel=1e-2)
     xg, wg = x[:512].clone().requires_grad_(True), w.clone().requires_grad_(True)
     off2 = off.clamp(max=512)
@@ -183,23 +180,3 @@ def test_gpu_bf16_real_shapes(T, K, E, N, Kd):
     dx32, dw32 = torch.autograd.grad(grouped_gemm_ref(x32, w32, off2), (x32, w32), dy.float())
     assert_close(dx, dx32, atol=5e-2, rtol=5e-2, name="dx", max_global_rel=1e-2)
     assert_close(dw, dw32, atol=5e-1, rtol=5e-2, name="dw", max_global_rel=1e-2)
-
-
-
-def test_triton_kernels_compile_for_hopper():
-    """The interpreter never compiles: build the fused bf16 forward and the wgrad kernel for sm_90 (in a process
-    without TRITON_INTERPRET), as a launch would specialise them, and check for wgmma, a pipelined K loop
-    (cp.async) and shared memory within the 227 KB an H100/H200 block may use."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from dsmath_kernels.grouped_gemm_triton import hopper_compile_report as r; "
-            "print(json.dumps(r()))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode and "ptxas" in proc.stderr:
-        pytest.skip("no ptxas in this triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, r in report.items():
-        if name != "combine_bf16":
-            assert r["wgmma"] and r["cp_async"], (name, r)
-        assert r["shared"] <= 227 * 1024, (name, r)

@@ -121,7 +121,7 @@ def test_mla_opcheck():
 @pytest.mark.parametrize("backend,dtype", [("cuda", torch.bfloat16), ("cuda", torch.float16),
                                            ("triton", torch.bfloat16)])
 @pytest.mark.parametrize("H", [16, 128])
-def test_mla_cuda_deepseek_shapes(H, dtype, backend, monkeypatch):
+def test_mla_cuda_deepseek_shapes(H, dtype, backend, monkeypatch, launches):
     monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     lens = [1, 4097, 300]
     q, rows, kv, bt, sl = make_case(lens, H, 512, 64, 64, dtype, device="cuda")
@@ -130,3 +130,4 @@ def test_mla_cuda_deepseek_shapes(H, dtype, backend, monkeypatch):
     for plan in (None, dk.DecodePlan(1, 1 << 20, 4097), dk.DecodePlan(9, 512, 4097)):
         out = dk.mla_decode(q, kv, bt, sl, 576**-0.5, v_head_dim=512, plan=plan)
         assert_close(out, expect, atol=atol, rtol=rtol, name=f"mla_decode cuda H={H}")
+    launches.assert_ran("mla_decode", backend)

@@ -181,12 +181,13 @@ def test_triton_training_gradients(dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,H,Im,E,K", [(1, 2048, 1408, 64, 6), (256, 2048, 1408, 64, 6), (2048, 7168, 2048, 32, 8)])
-def test_gpu_bf16_forward_and_backward(T, H, Im, E, K):
+def test_gpu_bf16_forward_and_backward(T, H, Im, E, K, launches):
     x, wgu, wd, w, ids = _layer(T, H, Im, E, K, torch.bfloat16, device="cuda")
     ref_in = [t.float() for t in (x, wgu, wd)]
     with torch.no_grad():
         got = moe_experts(x, wgu, wd, w, ids)
         want = moe_experts_ref(*ref_in, w, ids)
+    launches.assert_ran("moe_experts", "permute cuda, gemm triton")
     assert_close(got, want, atol=5e-2, rtol=5e-2, name="out", max_global_rel=2e-2)
     ins = [t.clone().requires_grad_(True) for t in (x, wgu, wd, w)]
     out = moe_experts(*ins, ids)

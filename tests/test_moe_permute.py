@@ -93,10 +93,11 @@ def test_permute_rejects_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,K,E", [(1, 8, 256), (16, 6, 64), (32768, 8, 256), (8192, 6, 64), (300, 4, 1024)])
 @pytest.mark.parametrize("block_m", [1, 128])
-def test_permute_cuda_matches_reference(T, K, E, block_m):
+def test_permute_cuda_matches_reference(T, K, E, block_m, launches):
     for kind in ("uniform", "skew", "hot"):
         ids = _ids(T, K, E, kind).cuda()
         got = moe_permute(ids, E, block_m=block_m)
+        launches.assert_ran("moe_permute", "cuda")
         want = moe_permute_ref(ids, E, block_m)
         for name, a, b in zip(("order", "expert_offsets", "inverse"), got, want):
             assert torch.equal(a, b), f"{kind} {name}"

@@ -199,7 +199,7 @@ GPU_KINDS = [("cuda", torch.float32), ("cuda", torch.float16), ("cuda", torch.bf
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,dtype", GPU_KINDS, ids=[f"{b}-{str(d)[6:]}" for b, d in GPU_KINDS])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_decode_cuda(case, dtype, backend, monkeypatch):
+def test_decode_cuda(case, dtype, backend, monkeypatch, launches):
     monkeypatch.setenv("DSMATH_DECODE_BACKEND", backend)
     lens, Hq, Hkv, D, Dv, bs = case
     q, ks, vs, kc, vc, bt, sl = make_case(lens, Hq, Hkv, D, Dv, bs, dtype, device="cuda")
@@ -209,6 +209,7 @@ def test_decode_cuda(case, dtype, backend, monkeypatch):
     for plan in (None, dk.DecodePlan(1, 1 << 20, max(lens)), dk.DecodePlan(5, 256, max(lens))):
         out = dk.paged_decode(q, kc, vc, bt, sl, D**-0.5, plan=plan)
         assert_close(out, expect, atol=atol, rtol=rtol, name=f"paged_decode cuda plan={plan}")
+    launches.assert_ran("paged_decode", backend)
 
 
 @pytest.mark.gpu

@@ -119,13 +119,14 @@ def test_prefill_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(32, 8, 128, 128, 16), (8, 8, 64, 64, 1), (16, 2, 256, 256, 17), (4, 1, 96, 64, 64)])
-def test_prefill_cuda(dtype, shape):
+def test_prefill_cuda(dtype, shape, launches):
     Hq, Hkv, D, Dv, bs = shape
     lens, nq = [1000, 70, 5, 300], [1000, 33, 0, 1]
     q, ks, vs, kc, vc, bt, cu, sl = make_case(lens, nq, Hq, Hkv, D, Dv, bs, dtype, device="cuda")
     expect = sdpa_reference(q.cpu(), ks, vs, cu.cpu(), D**-0.5)
     atol, rtol = TOL[dtype]
     out = dk.paged_prefill(q, kc, vc, bt, cu, sl, D**-0.5)
+    launches.assert_ran("paged_prefill", "triton")
     assert_close(out, expect, atol=atol, rtol=rtol, name="paged_prefill cuda")
 
 

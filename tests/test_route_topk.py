@@ -349,9 +349,10 @@ def test_replay_opcheck_and_compile():
                                                                                           1, 1, False, 1.0)],
                          ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-{c[3]}-g{c[4]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_reference(case, dtype):
+def test_cuda_matches_reference(case, dtype, launches):
     assert _ext.has_cuda_kernels(torch.device("cuda")), "CUDA kernels not compiled for this GPU"
     (w, i), (wr, ir) = _run_both(*case, dtype=dtype, device="cuda")
+    launches.assert_ran("route_topk", "cuda")
     assert torch.equal(i, ir)
     assert_close(w, wr, atol=1e-6, rtol=1e-5)
 

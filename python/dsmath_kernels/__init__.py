@@ -1,10 +1,14 @@
 """dsmath_kernels — GPU kernels for DeepSeek-style MoE models and GRPO training, importable into any PyTorch
 project: top-k expert routing, grouped GEMM (bf16 and FP8 block-scaled), paged attention, fused GRPO loss. Each op
 is a torch custom op (`torch.ops.dsmath.*`) with a plain PyTorch reference in `dsmath_kernels.reference`.
-`python -m dsmath_kernels` reports the build and the backend each op will use."""
+`python -m dsmath_kernels` reports the build and the backend each op will use; `explain(op, *args, **kwargs)` the
+backend one call would take and why. A call that cannot take its device's kernel warns once (FallbackWarning);
+DSMATH_STRICT=1 makes that an error (FallbackError)."""
 
 __version__ = "0.1.0"
 
+from dsmath_kernels._dispatch import Choice, FallbackError, FallbackWarning, explain  # noqa: E402
+from dsmath_kernels._ext import raise_device_errors  # noqa: E402
 from dsmath_kernels.attention import (  # noqa: E402
     DecodePlan,
     cache_write,
@@ -57,4 +61,6 @@ __all__ = [
     "linear_cross_entropy",
     # transformers models (dsmath_kernels.hf; transformers is imported only when a patcher is called)
     "patch", "unpatch", "patch_class", "unpatch_class", "PatchReport",
+    # dispatch and bounds
+    "explain", "Choice", "FallbackWarning", "FallbackError", "raise_device_errors",
 ]

@@ -72,6 +72,64 @@ def has_cuda_kernels(device: torch.device | None = None) -> bool:
     return _device_arch_ok(index)
 
 
+def cuda_kernels_missing(device: torch.device | None = None) -> str | None:
+    """Why the compiled CUDA kernels cannot run on `device` (None when they can). Ignores DSMATH_FORCE_REFERENCE."""
+    if C() is None:
+        return "the compiled module dsmath_kernels._C is missing"
+    if not build_info()["cuda_compiled"]:
+        return "the CUDA kernels were not compiled (no nvcc when the package was built)"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    if not _device_arch_ok(index):
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"the CUDA kernels were compiled for {','.join(build_info()['cuda_archs'])}, not this GPU's "
+                f"sm_{major}{minor}")
+    return None
+
+
+# Device-side bounds flags (csrc/include/dsmath/common.h BoundsFlag): bit -> (argument, what was wrong)
+BOUNDS_FLAGS = {
+    1: ("block_tables", "an entry a sequence uses lies outside [0, num_blocks)"),
+    2: ("seq_lens", "a length is negative or beyond what its block-table row holds"),
+    4: ("slot_mapping", "a slot lies outside [-1, num_blocks * block_size)"),
+    8: ("ids", "an expert id lies outside [0, num_experts)"),
+    16: ("max_seqlen_q", "below the longest query run (the queries past it were not computed)"),
+}
+_FLAGS: dict[int, torch.Tensor] = {}
+
+
+def bounds_flags(device: torch.device) -> torch.Tensor:
+    """The int32 [1] flag word the CUDA kernels of `device` OR their bounds bits into (allocated on first use;
+    kernels never sync on it). Read and cleared by raise_device_errors."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    t = _FLAGS.get(index)
+    if t is None:
+        t = _FLAGS[index] = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", index))
+    return t
+
+
+def flags_message(bits: int) -> str:
+    return "; ".join(f"{arg}: {what} (seen on the GPU)" for bit, (arg, what) in BOUNDS_FLAGS.items() if bits & bit)
+
+
+def raise_device_errors(device=None) -> None:
+    """Raise ValueError naming the argument if a CUDA kernel on `device` (default: the current one) met an
+    out-of-range block id, sequence length, cache slot or expert id since the last call; clears the flags. Syncs
+    the device (call it at the end of a step, or set DSMATH_CHECK_BOUNDS=1 to check after every op)."""
+    if not torch.cuda.is_available():
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    t = _FLAGS.get(index)
+    if t is None:
+        return
+    bits = int(t.item())
+    if bits:
+        t.zero_()
+        raise ValueError(flags_message(bits))
+
+
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -22,9 +22,16 @@ MLA decode by default (auto) and every shared-prefix decode (`cascade=`, cascade
 mla_decode_triton.py (all heads of a sequence per KV tile, wgmma), on CPU csrc/attn_cascade_cpu.cpp (64-token x
 64-row tiles); DSMATH_DECODE_BACKEND=cuda | triton | cpu still picks the older kernels for plain MLA decode.
 
-Debug bounds checks: set DSMATH_CHECK_BOUNDS=1 (or pass check_bounds=True) and every op verifies — with a host
-sync — that seq_lens fit the block tables, that the block ids a sequence uses lie in [0, NB), that slot mappings
-lie in [-1, NB * BS), and raises ValueError naming the argument instead of reading/writing out of bounds.
+Bounds: a bad block id, length or slot never reads or writes out of bounds. On CPU every call checks (vectorised,
+no cost worth naming) that seq_lens lie in [0, max_blocks * BS], that the block ids a sequence uses lie in
+[0, NB), that slots lie in [-1, NB * BS) and that cu_seqlens_q rises from 0 to Nq with n_b <= seq_lens[b], and
+raises ValueError naming the argument. On CUDA the kernels guard every block-table read and slot: an id outside
+[0, NB) or a length beyond the table is treated as empty (zeros out, no write) and sets a device-side flag, with
+no host sync; DSMATH_CHECK_BOUNDS=1 (or check_bounds=True) reads the flag after the call and raises the same
+ValueError, and `dsmath_kernels.raise_device_errors()` checks it on demand (say once per step).
+max_seqlen_q (prefill) must be >= every sequence's query count: on GPU it sizes the grid, and a sequence with more
+queries leaves its rows past it unwritten and sets the device flag; in debug mode (DSMATH_CHECK_BOUNDS=1) and on
+CPU a value below the true maximum raises ValueError before anything runs.
 
 Block size: any 1..256 works. Recommended for the engine: 64 (DEFAULT_BLOCK_SIZE). The kernels look the block
 table up per token (an L1-cached int32 read, a shift for power-of-two sizes), so their speed barely depends on the
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsmath_kernels import _ext
+from dsmath_kernels import _dispatch, _ext
 from dsmath_kernels import cascade as _cascade
 from dsmath_kernels._checks import FLOAT_DTYPES, check_int, check_tensor
 from dsmath_kernels._registry import register_backend
@@ -93,7 +100,9 @@ def plan_decode(batch_size: int, max_seq_len: int, *, num_kv_heads: int = 1, num
     check_int("batch_size", batch_size, lo=0)
     check_int("max_seq_len", max_seq_len, lo=0)
     check_int("num_kv_heads", num_kv_heads, lo=1)
-    G = 1 if num_q_heads is None else check_int("num_q_heads", num_q_heads, lo=num_kv_heads) // num_kv_heads
+    if num_q_heads is not None and check_int("num_q_heads", num_q_heads, lo=num_kv_heads) % num_kv_heads:
+        raise ValueError(f"num_q_heads: {num_q_heads} is not a multiple of num_kv_heads = {num_kv_heads}")
+    G = 1 if num_q_heads is None else num_q_heads // num_kv_heads
     device = torch.device(device) if device is not None else torch.device("cpu")
     workers = _num_workers(device)
     if tiled:
@@ -123,8 +132,13 @@ def _check_cache(name: str, cache, ndim: int, device=None) -> None:
     check_tensor(name, cache, ndim=ndim, dtypes=FLOAT_DTYPES + (torch.float64,), device=device)
     if not 1 <= cache.shape[1] <= MAX_BLOCK_SIZE:
         raise ValueError(f"{name}: block size (dim 1) must be in 1..{MAX_BLOCK_SIZE}, got {cache.shape[1]}")
+    if any(n == 0 for n in cache.shape[2:]):
+        raise ValueError(f"{name}: heads and head dims must be >= 1, got shape {list(cache.shape)}")
     if cache.stride(-1) != 1:
         raise ValueError(f"{name}: last dim must be contiguous (stride 1), got strides {cache.stride()}")
+    if any(st == 0 and n > 1 for n, st in zip(cache.shape, cache.stride())):
+        raise ValueError(f"{name}: an expanded (stride-0) view, got strides {cache.stride()} for shape "
+                         f"{list(cache.shape)}; slots would alias (pass a real tensor)")
 
 
 def _check_gqa_caches(q, k_cache, v_cache) -> tuple[int, int, int]:
@@ -133,6 +147,8 @@ def _check_gqa_caches(q, k_cache, v_cache) -> tuple[int, int, int]:
     _check_cache("k_cache", k_cache, 4, q.device)
     _check_cache("v_cache", v_cache, 4, q.device)
     Hq, D, Hkv = q.shape[1], q.shape[2], k_cache.shape[2]
+    if Hq == 0 or D == 0:
+        raise ValueError(f"q: expected at least one head of at least one dim, got shape {list(q.shape)}")
     if k_cache.shape[3] != D:
         raise ValueError(f"k_cache: head dim {k_cache.shape[3]} differs from q's {D}")
     if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
@@ -154,15 +170,18 @@ def _check_tables(block_tables, seq_lens, B: int, device) -> None:
 
 
 def _bounds(block_tables, seq_lens, num_blocks: int, block_size: int) -> None:
-    """Debug check (host sync): seq_lens in [0, capacity], used block ids in [0, num_blocks)."""
+    """seq_lens in [0, capacity], used block ids in [0, num_blocks); ValueError naming the argument. Vectorised;
+    a host sync for device tensors (CPU calls run it always, CUDA ones in debug mode or after a flag)."""
     cap = block_tables.shape[1] * block_size
     sl = seq_lens.long().cpu()
-    if (sl < 0).any() or (sl > cap).any():
+    if sl.numel() and (int(sl.min()) < 0 or int(sl.max()) > cap):
         b = int(((sl < 0) | (sl > cap)).nonzero()[0])
         raise ValueError(f"seq_lens: sequence {b} has {int(sl[b])} tokens, outside [0, {cap}] "
                          f"(block_tables holds {block_tables.shape[1]} blocks of {block_size})")
+    bt = block_tables.cpu()
+    if bt.numel() == 0 or (int(bt.min()) >= 0 and int(bt.max()) < num_blocks):
+        return  # every entry in range (the common case: no mask needed)
     used = (sl + block_size - 1) // block_size  # [B]
-    bt = block_tables.long().cpu()
     mask = torch.arange(bt.shape[1])[None, :] < used[:, None]
     bad = mask & ((bt < 0) | (bt >= num_blocks))
     if bad.any():
@@ -172,11 +191,30 @@ def _bounds(block_tables, seq_lens, num_blocks: int, block_size: int) -> None:
 
 
 def _bounds_slots(slot_mapping, num_slots: int) -> None:
-    s = slot_mapping.long().cpu()
+    s = slot_mapping.cpu()
+    if s.numel() == 0 or (int(s.min()) >= -1 and int(s.max()) < num_slots):
+        return
     bad = (s < -1) | (s >= num_slots)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"slot_mapping: entry {i} = {int(s[i])} is outside [-1, {num_slots})")
+    i = int(bad.nonzero()[0])
+    raise ValueError(f"slot_mapping: entry {i} = {int(s[i])} is outside [-1, {num_slots}) (-1 skips a token)")
+
+
+def _flags_before(device: torch.device, debug: bool) -> None:
+    """CUDA, debug mode: clear the device's bounds flags so the check after the call sees this call's bits only."""
+    if debug:
+        _ext.bounds_flags(device).zero_()
+
+
+def _flags_after(device: torch.device, debug: bool, detail) -> None:
+    """CUDA, debug mode: read the kernels' bounds flag (a sync) and raise ValueError naming the argument; `detail()`
+    re-checks on the host first for a message with the exact entry."""
+    if not debug:
+        return
+    try:
+        _ext.raise_device_errors(device)
+    except ValueError:
+        detail()
+        raise
 
 
 def _check_scale(scale) -> float:
@@ -192,40 +230,104 @@ def _triton_ok() -> bool:
     return attention_triton.available()
 
 
+def _cuda_layout_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the CUDA decode kernel cannot read these tensors (None: it can). It loads 8-element (16-byte) vectors:
+    head dims and strides multiples of 8, 16-byte aligned pointers (q is copied when only q is off); row widths
+    max(D, Dv) <= 256, or D <= 768 and Dv <= 512 (MLA)."""
+    D, Dv = k.shape[-1], v.shape[-1]
+    if D % 8 or Dv % 8:
+        return f"head dims D = {D}, Dv = {Dv} are not multiples of 8"
+    if not (max(D, Dv) <= 256 or (D <= 768 and Dv <= 512)):
+        return f"head dims D = {D}, Dv = {Dv} exceed the kernel's (<= 256, or MLA's 768 / 512)"
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if any(st % 8 for st in t.stride()[:-1]):
+            return f"{name} strides {t.stride()} are not multiples of 8 elements"
+        if t.data_ptr() % 16:
+            return f"{name} data pointer is not 16-byte aligned (a view at an odd offset)"
+    return None
+
+
+def _choose_decode(op: str, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype,
+                   layout: str | None = None) -> _dispatch.Choice:
+    """Decode backend: on GPU the CUDA kernel (DSMATH_DECODE_BACKEND=triton: the tensor-core Triton kernel), the
+    Triton kernel when the CUDA one cannot take the call (`layout`: why, from _cuda_layout_problem); on CPU the C++
+    kernel; float64 runs the reference by design."""
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    env = os.environ.get(DECODE_BACKEND_ENV, "auto")
+    if env not in ("auto", "cuda", "triton", "cpu", "reference"):
+        raise ValueError(f"{DECODE_BACKEND_ENV}: expected auto, cuda, triton, cpu or reference, got {env!r}")
+    if env == "reference":
+        return _dispatch.by_design(op, "reference", f"{DECODE_BACKEND_ENV}=reference")
+    if dtype == torch.float64:
+        return _dispatch.by_design(op, "reference", "float64 runs the reference (the kernels take fp32/fp16/bf16)")
+    if cache_dtype != dtype:
+        return _dispatch.fallback(op, "reference", f"q is {dtype} but the cache is {cache_dtype}",
+                                  "pass q in the cache's dtype")
+    if device.type != "cuda":
+        return _dispatch.device_kernel(op, device, cuda=False)
+    triton = _triton_ok()
+    if env == "triton":
+        if triton:
+            return _dispatch.by_design(op, "triton", f"{DECODE_BACKEND_ENV}=triton")
+        return _dispatch.fallback(op, "reference", "triton is not installed", "pip install triton")
+    base = _dispatch.device_kernel(op, device)
+    if base.fallback:
+        return _dispatch.fallback(op, "triton" if triton else "reference", base.reason, base.fix)
+    if layout is not None:
+        return _dispatch.fallback(op, "triton" if triton else "reference", layout,
+                                  "keep the cache contiguous per token row and 16-byte aligned, head dims multiples "
+                                  "of 8")
+    return base
+
+
 def _decode_backend(device: torch.device) -> str:
-    """cuda (CUDA-core split-KV kernel) by default on GPU; DSMATH_DECODE_BACKEND=triton picks the tensor-core
-    Triton kernel (also the fallback when the CUDA kernels are not compiled); =reference forces PyTorch."""
-    forced = os.environ.get(DECODE_BACKEND_ENV, "auto")
-    if forced not in ("auto", "cuda", "triton", "cpu", "reference"):
-        raise ValueError(f"{DECODE_BACKEND_ENV}: expected auto, cuda, triton, cpu or reference, got {forced!r}")
-    c = _ext.C()
-    if forced == "reference":
-        return "reference"
-    if device.type == "cuda":
-        cuda_ok = _ext.has_cuda_kernels(device) and hasattr(c, "paged_decode_cuda")
-        if (forced == "triton" or not cuda_ok) and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1" \
-                and _triton_ok():
-            return "triton"
-        return "cuda" if cuda_ok else "reference"
-    if device.type == "cpu":
-        return "cpu" if _ext.has_cpu_kernels() and hasattr(c, "paged_decode_cpu") else "reference"
-    return "reference"
+    """Registry entry (`python -m dsmath_kernels`): the backend of a default-shaped bf16 call on `device`."""
+    return _choose_decode("paged_decode", device, torch.bfloat16, torch.bfloat16).backend
+
+
+def _choose_write(op: str, device: torch.device, caches=()) -> _dispatch.Choice:
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    if device.type != "cuda":
+        return _dispatch.by_design(op, "torch", "CPU design: an indexed copy")
+    base = _dispatch.device_kernel(op, device)
+    if base.fallback:
+        return base
+    for name, c in caches:
+        if not _rows_contiguous(c):
+            return _dispatch.fallback(op, "reference", f"{name} rows are not contiguous (strides {c.stride()})",
+                                      "allocate the cache with each token's row contiguous")
+    return base
 
 
 def _write_backend(device: torch.device) -> str:
-    if device.type == "cuda" and _ext.has_cuda_kernels(device) and hasattr(_ext.C(), "cache_write_cuda"):
-        return "cuda"
-    return "reference"
+    return _choose_write("cache_write", device).backend
+
+
+def _choose_prefill(op: str, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype) -> _dispatch.Choice:
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    if device.type == "cpu":
+        return _dispatch.by_design(op, "cpu-sdpa", "CPU design: torch SDPA per sequence on its gathered KV")
+    if dtype == torch.float64:
+        return _dispatch.by_design(op, "reference", "float64 runs the reference (the kernel takes fp32/fp16/bf16)")
+    if device.type != "cuda":
+        return _dispatch.fallback(op, "reference", f"no kernel for device type {device.type!r}",
+                                  "use a CUDA or CPU tensor")
+    if not _triton_ok():
+        return _dispatch.fallback(op, "reference", "triton is not installed", "pip install triton")
+    if cache_dtype != dtype:
+        return _dispatch.fallback(op, "reference", f"q is {dtype} but the cache is {cache_dtype}",
+                                  "pass q in the cache's dtype")
+    return _dispatch.kernel(op, "triton")
 
 
 def _prefill_backend(device: torch.device) -> str:
-    if device.type == "cuda" and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1":
-        from dsmath_kernels import attention_triton
-
-        return "triton" if attention_triton.available() else "reference"
-    if device.type == "cpu" and os.environ.get("DSMATH_FORCE_REFERENCE", "0") != "1":
-        return "cpu-sdpa"
-    return "reference"
+    return _choose_prefill("paged_prefill", device, torch.bfloat16, torch.bfloat16).backend
 
 
 def _mla_backend(device: torch.device) -> str:
@@ -245,19 +347,10 @@ for _op in ("paged_prefill", "mla_prefill"):
     register_backend(_op, _prefill_backend)
 
 
-def _cuda_kernel_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The CUDA decode kernel reads 8-element (16-byte) vectors: head dims and strides multiples of 8, pointers
-    16-byte aligned; row widths max(D, Dv) <= 256, or D <= 768 and Dv <= 512 (MLA). Otherwise: reference."""
-    for t in (q, k, v):
-        if t.shape[-1] % 8 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-            return False
-    D, Dv = k.shape[-1], v.shape[-1]
-    return max(D, Dv) <= 256 or (D <= 768 and Dv <= 512)
-
-
 # ---------------------------------------------------------------------------------------------- cache writes
 def _write_rows(src: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """CUDA: copy src [N, R...] rows into cache rows (flattened [NB * BS, R...]) at slots; -1 skips."""
+    """CUDA: copy src [N, R...] rows into cache rows (flattened [NB * BS, R...]) at slots; -1 skips, a slot outside
+    [-1, NB * BS) is skipped and flagged (dsmath_kernels.raise_device_errors)."""
     n = src.shape[0]
     if n == 0:
         return
@@ -268,7 +361,8 @@ def _write_rows(src: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> 
     with torch.cuda.device(cache.device):
         _ext.C().cache_write_cuda(_ext.ptr(s), s.stride(0), _ext.ptr(cache), cache.stride(0), cache.stride(1),
                                   cache.shape[1], s.shape[1], _ext.dtype_code(cache), _ext.ptr(slots),
-                                  _ext.dtype_code(slots), n, _ext.stream_of(cache))
+                                  _ext.dtype_code(slots), n, cache.shape[0] * cache.shape[1],
+                                  _ext.ptr(_ext.bounds_flags(cache.device)), _ext.stream_of(cache))
 
 
 def _rows_contiguous(cache: torch.Tensor) -> bool:
@@ -281,31 +375,41 @@ def _rows_contiguous(cache: torch.Tensor) -> bool:
     return True
 
 
+def _write(op: str, pairs, slot_mapping: torch.Tensor, debug: bool, ref) -> None:
+    """pairs: [(src [N, ...], cache [NB, BS, ...], name)]; ref: the reference write (the CPU path). Slots are
+    checked on CPU always (the indexed copy would wrap negative ones), on CUDA by the kernel."""
+    cache0 = pairs[0][1]
+    num_slots = cache0.shape[0] * cache0.shape[1]
+    choice = _dispatch.take(_choose_write(op, cache0.device, [(name, c) for _, c, name in pairs]))
+    if choice.backend == "cuda":
+        _flags_before(cache0.device, debug)
+        for src, cache, _ in pairs:
+            _write_rows(src, cache, slot_mapping)
+        _flags_after(cache0.device, debug, lambda: _bounds_slots(slot_mapping, num_slots))
+        return
+    _bounds_slots(slot_mapping, num_slots)
+    ref(*[p[0] for p in pairs], *[p[1] for p in pairs], slot_mapping)
+
+
 @torch.library.custom_op("dsmath::cache_write", mutates_args=("k_cache", "v_cache"))
 def _cache_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    if _write_backend(k.device) == "cuda" and _rows_contiguous(k_cache) and _rows_contiguous(v_cache):
-        _write_rows(k, k_cache, slot_mapping)
-        _write_rows(v, v_cache, slot_mapping)
-    else:
-        cache_write_ref(k, v, k_cache, v_cache, slot_mapping)
+                    slot_mapping: torch.Tensor, debug: bool = False) -> None:
+    _write("cache_write", [(k, k_cache, "k_cache"), (v, v_cache, "v_cache")], slot_mapping, debug, cache_write_ref)
 
 
 @_cache_write_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
+def _(k, v, k_cache, v_cache, slot_mapping, debug=False):
     return None
 
 
 @torch.library.custom_op("dsmath::mla_cache_write", mutates_args=("kv_cache",))
-def _mla_cache_write_op(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    if _write_backend(kv.device) == "cuda" and _rows_contiguous(kv_cache):
-        _write_rows(kv, kv_cache, slot_mapping)
-    else:
-        mla_cache_write_ref(kv, kv_cache, slot_mapping)
+def _mla_cache_write_op(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        debug: bool = False) -> None:
+    _write("mla_cache_write", [(kv, kv_cache, "kv_cache")], slot_mapping, debug, mla_cache_write_ref)
 
 
 @_mla_cache_write_op.register_fake
-def _(kv, kv_cache, slot_mapping):
+def _(kv, kv_cache, slot_mapping, debug=False):
     return None
 
 
@@ -329,9 +433,7 @@ def cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
         raise ValueError(f"v_cache: blocks {list(v_cache.shape[:2])} differ from k_cache {list(k_cache.shape[:2])}")
     if slot_mapping.shape[0] != N:
         raise ValueError(f"slot_mapping: expected shape [{N}], got {list(slot_mapping.shape)}")
-    if _want_bounds(check_bounds):
-        _bounds_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
-    _cache_write_op(k, v, k_cache, v_cache, slot_mapping)
+    _cache_write_op(k, v, k_cache, v_cache, slot_mapping, _want_bounds(check_bounds))
 
 
 def mla_cache_write(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
@@ -345,31 +447,37 @@ def mla_cache_write(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torc
         raise ValueError(f"kv_cache: row width {kv_cache.shape[2]} differs from kv's {kv.shape[1]}")
     if slot_mapping.shape[0] != kv.shape[0]:
         raise ValueError(f"slot_mapping: expected shape [{kv.shape[0]}], got {list(slot_mapping.shape)}")
-    if _want_bounds(check_bounds):
-        _bounds_slots(slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
-    _mla_cache_write_op(kv, kv_cache, slot_mapping)
+    _mla_cache_write_op(kv, kv_cache, slot_mapping, _want_bounds(check_bounds))
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, chunk) -> torch.Tensor:
+def _decode_run(op, q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, chunk,
+                debug=False) -> torch.Tensor:
     """q [B, Hq, D], k_cache [NB, BS, Hkv, D], v_cache [NB, BS, Hkv, Dv] (possibly a strided view) -> [B, Hq, Dv]."""
     B, Hq, D = q.shape
     Dv = v_cache.shape[-1]
-    backend = _decode_backend(q.device)
-    if backend == "cuda" and not _cuda_kernel_ok(q, k_cache, v_cache):
-        q = q.clone(memory_format=torch.contiguous_format)  # fresh, contiguous, 16-byte aligned
-        if not _cuda_kernel_ok(q, k_cache, v_cache):
-            backend = "reference"
-    if backend == "reference" or q.dtype == torch.float64 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype \
-            or (backend != "cpu" and B > 65535):  # GPU grids put the batch in gridDim.z
+    NB, BS = k_cache.shape[0], k_cache.shape[1]
+    layout = None
+    if q.device.type == "cuda":
+        if q.stride(-1) != 1 or any(st % 8 for st in q.stride()[:-1]) or q.data_ptr() % 16:
+            q = q.clone(memory_format=torch.contiguous_format)  # fresh, contiguous, 16-byte aligned
+        layout = _cuda_layout_problem(q, k_cache, v_cache)
+    choice = _dispatch.take(_choose_decode(op, q.device, q.dtype, k_cache.dtype, layout))
+    backend = choice.backend
+    if backend == "reference" or q.device.type == "cpu":
+        _bounds(block_tables, seq_lens, NB, BS)  # CPU: always (vectorised); the reference path syncs anyway
+    if backend == "reference":
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if backend == "triton":
         from dsmath_kernels import attention_triton
 
-        return attention_triton.paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
-                                                    chunk)
+        _flags_before(q.device, debug)
+        out = attention_triton.paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
+                                                   chunk, _ext.bounds_flags(q.device))
+        _flags_after(q.device, debug, lambda: _bounds(block_tables, seq_lens, NB, BS))
+        return out
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
-    if B == 0 or Hq == 0:
+    if B == 0:
         return out
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, Dv, dtype=torch.float32, device=q.device)
@@ -379,13 +487,17 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     q = q if q.stride(2) == 1 else q.contiguous()
     seq_lens = seq_lens.contiguous()
+    flags = _ext.bounds_flags(q.device) if backend == "cuda" else None
     args = (_ext.ptr(q), q.stride(0), q.stride(1), _ext.ptr(k_cache), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), _ext.ptr(v_cache), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             _ext.ptr(bt), bt.stride(0), _ext.ptr(seq_lens), _ext.ptr(out), _ext.ptr(part_o), _ext.ptr(part_lse),
-            _ext.dtype_code(q), B, Hq, k_cache.shape[2], D, Dv, k_cache.shape[1], float(scale), num_splits, chunk)
+            _ext.dtype_code(q), B, Hq, k_cache.shape[2], D, Dv, BS, float(scale), num_splits, chunk, bt.shape[1], NB,
+            _ext.ptr(flags))
     if backend == "cuda":
+        _flags_before(q.device, debug)
         with torch.cuda.device(q.device):
             _ext.C().paged_decode_cuda(*args, _ext.stream_of(q))
+        _flags_after(q.device, debug, lambda: _bounds(block_tables, seq_lens, NB, BS))
     else:
         _ext.C().paged_decode_cpu(*args, torch.get_num_threads())
     return out
@@ -393,24 +505,26 @@ def _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, 
 
 @torch.library.custom_op("dsmath::paged_decode", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, num_splits: int, chunk: int) -> torch.Tensor:
-    return _decode_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, chunk)
+                     seq_lens: torch.Tensor, scale: float, num_splits: int, chunk: int,
+                     debug: bool = False) -> torch.Tensor:
+    return _decode_run("paged_decode", q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, chunk, debug)
 
 
 @_paged_decode_op.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, chunk):
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, chunk, debug=False):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
 @torch.library.custom_op("dsmath::mla_decode", mutates_args=())
 def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   scale: float, v_head_dim: int, num_splits: int, chunk: int) -> torch.Tensor:
+                   scale: float, v_head_dim: int, num_splits: int, chunk: int, debug: bool = False) -> torch.Tensor:
     kv = kv_cache.unsqueeze(2)  # [NB, BS, 1, Dc + Dr]: MQA with one kv head
-    return _decode_run(q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale, num_splits, chunk)
+    return _decode_run("mla_decode", q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale, num_splits, chunk,
+                       debug)
 
 
 @_mla_decode_op.register_fake
-def _(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, chunk):
+def _(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, chunk, debug=False):
     return q.new_empty(q.shape[0], q.shape[1], v_head_dim)
 
 
@@ -439,15 +553,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     B, dev = q.shape[0], q.device
     _check_tables(block_tables, seq_lens, B, dev)
     scale = _check_scale(scale)
-    if _want_bounds(check_bounds):
-        _bounds(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
     p = _resolve_plan(plan, B, block_tables, k_cache.shape[1], Hkv, Hq, dev, cascade is not None)
     if cascade is not None:
         if k_cache.dtype != q.dtype and q.dtype != torch.float64:
             raise TypeError(f"k_cache: dtype {k_cache.dtype} differs from q's {q.dtype}")
         return _cascade.gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, cascade,
                                    _want_bounds(check_bounds))
-    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, p.chunk)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, p.num_splits, p.chunk,
+                            _want_bounds(check_bounds))
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -469,7 +582,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     else:
         _check_cache("kv_cache", kv_cache, 3, q.device)
     _cascade.check_kv_scale(kv_cache, kv_scale)
-    B, _, D = q.shape
+    B, H, D = q.shape
+    if H == 0:
+        raise ValueError(f"q: expected at least one head, got shape {list(q.shape)}")
     if kv_cache.shape[2] != D:
         raise ValueError(f"kv_cache: row width {kv_cache.shape[2]} differs from q's {D} (Dc + Dr)")
     check_int("v_head_dim", v_head_dim, lo=1, hi=D)
@@ -477,14 +592,13 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         raise TypeError(f"kv_cache: dtype {kv_cache.dtype} differs from q's {q.dtype}")
     _check_tables(block_tables, seq_lens, B, q.device)
     scale = _check_scale(scale)
-    if _want_bounds(check_bounds):
-        _bounds(block_tables, seq_lens, kv_cache.shape[0], kv_cache.shape[1])
     tiled = fp8 or cascade is not None or _mla_backend(q.device) in ("triton-tc", "cpu-tiled")
     p = _resolve_plan(plan, B, block_tables, kv_cache.shape[1], 1, q.shape[1], q.device, tiled)
     if tiled:
         return _cascade.mla_decode(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, kv_scale,
                                    cascade, _want_bounds(check_bounds))
-    return _mla_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, p.chunk)
+    return _mla_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, p.num_splits, p.chunk,
+                          _want_bounds(check_bounds))
 
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -508,14 +622,40 @@ def _prefill_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, sca
     return out
 
 
-def _prefill_run(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q) -> torch.Tensor:
-    backend = _prefill_backend(q.device)
-    if backend == "triton" and q.dtype != torch.float64:
+def _bounds_prefill(q, block_tables, cu_seqlens_q, seq_lens, num_blocks: int, block_size: int,
+                    max_q: int | None = None) -> None:
+    """Host check of a prefill call's tables (CPU always, CUDA in debug mode): _bounds, then cu_seqlens_q rising
+    from 0 to Nq with n_b <= seq_lens[b], and max_seqlen_q >= the longest run."""
+    _bounds(block_tables, seq_lens, num_blocks, block_size)
+    cu = cu_seqlens_q.long().cpu()
+    n = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or (n < 0).any():
+        raise ValueError(f"cu_seqlens_q: must rise from 0 to Nq = {q.shape[0]}, got {cu.tolist()[:16]}")
+    sl = seq_lens.long().cpu()
+    if (n > sl).any():
+        b = int((n > sl).nonzero()[0])
+        raise ValueError(f"seq_lens: sequence {b} has {int(sl[b])} tokens but {int(n[b])} queries")
+    if max_q is not None and n.numel() and int(n.max()) > max_q:
+        raise ValueError(f"max_seqlen_q: {max_q} is below the longest query run, {int(n.max())}")
+
+
+def _prefill_run(op, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q,
+                 debug=False) -> torch.Tensor:
+    NB, BS = k_cache.shape[0], k_cache.shape[1]
+    choice = _dispatch.take(_choose_prefill(op, q.device, q.dtype, k_cache.dtype))
+    if choice.backend != "triton":  # CPU always; the CUDA reference path syncs anyway
+        _bounds_prefill(q, block_tables, cu_seqlens_q, seq_lens, NB, BS, max_q)
+    if choice.backend == "triton":
         from dsmath_kernels import attention_triton
 
-        return attention_triton.paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                                     scale, causal, max_q)
-    if backend == "cpu-sdpa":
+        if debug:
+            _bounds_prefill(q, block_tables, cu_seqlens_q, seq_lens, NB, BS, max_q)
+        _flags_before(q.device, debug)
+        out = attention_triton.paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                                    scale, causal, max_q, _ext.bounds_flags(q.device))
+        _flags_after(q.device, debug, lambda: _bounds(block_tables, seq_lens, NB, BS))
+        return out
+    if choice.backend == "cpu-sdpa":
         return _prefill_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal)
     return paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal)
 
@@ -523,44 +663,37 @@ def _prefill_run(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scal
 @torch.library.custom_op("dsmath::paged_prefill", mutates_args=())
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool,
-                      max_q: int) -> torch.Tensor:
-    return _prefill_run(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q)
+                      max_q: int, debug: bool = False) -> torch.Tensor:
+    return _prefill_run("paged_prefill", q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal,
+                        max_q, debug)
 
 
 @_paged_prefill_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q, debug=False):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
 @torch.library.custom_op("dsmath::mla_prefill", mutates_args=())
 def _mla_prefill_op(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float, v_head_dim: int, causal: bool, max_q: int) -> torch.Tensor:
+                    seq_lens: torch.Tensor, scale: float, v_head_dim: int, causal: bool, max_q: int,
+                    debug: bool = False) -> torch.Tensor:
     kv = kv_cache.unsqueeze(2)
-    return _prefill_run(q, kv, kv[..., :v_head_dim], block_tables, cu_seqlens_q, seq_lens, scale, causal, max_q)
+    return _prefill_run("mla_prefill", q, kv, kv[..., :v_head_dim], block_tables, cu_seqlens_q, seq_lens, scale,
+                        causal, max_q, debug)
 
 
 @_mla_prefill_op.register_fake
-def _(q, kv_cache, block_tables, cu_seqlens_q, seq_lens, scale, v_head_dim, causal, max_q):
+def _(q, kv_cache, block_tables, cu_seqlens_q, seq_lens, scale, v_head_dim, causal, max_q, debug=False):
     return q.new_empty(q.shape[0], q.shape[1], v_head_dim)
 
 
-def _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, block_size, num_blocks, check_bounds, max_seqlen_q):
-    """Shared prefill checks; returns the longest query run (host sync only if max_seqlen_q is None)."""
+def _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q):
+    """Shared prefill checks; returns the longest query run (a host sync only if max_seqlen_q is None)."""
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=q.device)
     B = cu_seqlens_q.shape[0] - 1
     if B < 0:
         raise ValueError("cu_seqlens_q: expected shape [B + 1], got an empty tensor")
     _check_tables(block_tables, seq_lens, B, q.device)
-    debug = _want_bounds(check_bounds)
-    if debug:
-        _bounds(block_tables, seq_lens, num_blocks, block_size)
-        cu = cu_seqlens_q.long().cpu()
-        n = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or (n < 0).any():
-            raise ValueError(f"cu_seqlens_q: must rise from 0 to Nq = {q.shape[0]}, got {cu.tolist()}")
-        if (n > seq_lens.long().cpu()).any():
-            b = int((n > seq_lens.long().cpu()).nonzero()[0])
-            raise ValueError(f"seq_lens: sequence {b} has {int(seq_lens[b])} tokens but {int(n[b])} queries")
     if max_seqlen_q is None:
         return int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B > 0 else 0
     return check_int("max_seqlen_q", max_seqlen_q, lo=0)
@@ -572,12 +705,14 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Varlen prefill against the paged cache: q [Nq, Hq, D] -> [Nq, Hq, Dv]. Sequence b's queries are
     q[cu[b]:cu[b+1]], its LAST n_b = cu[b+1] - cu[b] tokens (positions seq_lens[b] - n_b ..); the cache already
     holds all seq_lens[b] tokens, new ones included (write the cache first). Causal: query at position i sees
-    keys at positions <= i. cu_seqlens_q [B + 1] int32; pass max_seqlen_q (max n_b) to avoid a host sync."""
+    keys at positions <= i. cu_seqlens_q [B + 1] int32; pass max_seqlen_q (max n_b) to avoid a host sync. It must
+    be >= every n_b: a smaller value raises ValueError on CPU and in debug mode (DSMATH_CHECK_BOUNDS=1); on GPU
+    without debug mode the rows past it are not computed and the device flag is set (raise_device_errors)."""
     Hq, D, Hkv = _check_gqa_caches(q, k_cache, v_cache)
     scale = _check_scale(scale)
-    max_q = _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, k_cache.shape[1], k_cache.shape[0],
-                           check_bounds, max_seqlen_q)
-    return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, bool(causal), max_q)
+    max_q = _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q)
+    return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, bool(causal), max_q,
+                             _want_bounds(check_bounds))
 
 
 def mla_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -597,10 +732,20 @@ def mla_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
     elif kv_scale is not None:
         _cascade.check_kv_scale(kv_cache, kv_scale)  # refuses scales for a float cache, by name
     _check_cache("kv_cache", kv_cache, 3, q.device)
+    if q.shape[1] == 0:
+        raise ValueError(f"q: expected at least one head, got shape {list(q.shape)}")
     if kv_cache.shape[2] != q.shape[2]:
         raise ValueError(f"kv_cache: row width {kv_cache.shape[2]} differs from q's {q.shape[2]} (Dc + Dr)")
     check_int("v_head_dim", v_head_dim, lo=1, hi=q.shape[2])
     scale = _check_scale(scale)
-    max_q = _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, kv_cache.shape[1], kv_cache.shape[0],
-                           check_bounds, max_seqlen_q)
-    return _mla_prefill_op(q, kv_cache, block_tables, cu_seqlens_q, seq_lens, scale, v_head_dim, bool(causal), max_q)
+    max_q = _check_prefill(q, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q)
+    return _mla_prefill_op(q, kv_cache, block_tables, cu_seqlens_q, seq_lens, scale, v_head_dim, bool(causal), max_q,
+                           _want_bounds(check_bounds))
+
+
+def _explain_plan(*args, **kwargs) -> _dispatch.Choice:
+    plan_decode(*args, **kwargs)  # the checks of a real call
+    return _dispatch.by_design("plan_decode", "host", "integer arithmetic on the host (no kernel, no sync)")
+
+
+_dispatch.register_explain("plan_decode", _explain_plan)

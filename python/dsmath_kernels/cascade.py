@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsmath_kernels import _ext
+from dsmath_kernels import _dispatch, _ext
 from dsmath_kernels._checks import check_int, check_tensor
 from dsmath_kernels.reference.attention import cascade_decode_ref, dequantize_fp8, paged_decode_ref
 
@@ -311,19 +311,33 @@ def mla_cache_write_fp8(kv: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torc
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-def _backend(device: torch.device) -> str:
-    """triton (GPU, tensor cores) | cpu (C++ tiled kernel) | reference."""
-    import os
-
-    if os.environ.get("DSMATH_FORCE_REFERENCE", "0") == "1":
-        return "reference"
+def choose(op: str, device: torch.device, dtype: torch.dtype) -> _dispatch.Choice:
+    """The tiled kernels' backend for a call of `op` (mla_decode / paged_decode): triton-tc (GPU, tensor cores) |
+    cpu-tiled (C++ tiled kernel) | reference (float64, DSMATH_FORCE_REFERENCE, or a fallback that says why)."""
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    if dtype == torch.float64:
+        return _dispatch.by_design(op, "reference", "float64 runs the reference (the kernels take fp32/fp16/bf16)")
     if device.type == "cuda":
         from dsmath_kernels import mla_decode_triton
 
-        return "triton" if mla_decode_triton.available() else "reference"
-    if device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(_ext.C(), "attend_cpu"):
-        return "cpu"
-    return "reference"
+        if mla_decode_triton.available():
+            return _dispatch.kernel(op, "triton-tc")
+        return _dispatch.fallback(op, "reference", "triton is not installed", "pip install triton")
+    if device.type == "cpu":
+        if _ext.has_cpu_kernels() and hasattr(_ext.C(), "attend_cpu"):
+            return _dispatch.kernel(op, "cpu-tiled")
+        return _dispatch.fallback(op, "reference", "the compiled module has no attend_cpu kernel",
+                                  "reinstall dsmath_kernels (pip install .)")
+    return _dispatch.fallback(op, "reference", f"no kernel for device type {device.type!r}",
+                              "use a CUDA or CPU tensor")
+
+
+def _backend(device: torch.device) -> str:
+    """Registry entry: the tiled kernels' backend for a default-shaped bf16 call on `device` (no policy applied)."""
+    return {"triton-tc": "triton", "cpu-tiled": "cpu"}.get(choose("mla_decode", device, torch.bfloat16).backend,
+                                                           "reference")
 
 
 def _cpu_pass(params: dict, bad: torch.Tensor, threads: int) -> None:
@@ -403,16 +417,16 @@ def _kv_code(k: torch.Tensor) -> int:
     return FP8_CODE if k.dtype == FP8 else _ext.dtype_code(k)
 
 
-def tiled_run(q, k, v, block_tables, seq_lens, scale: float, num_splits: int, kv_scale=None,
+def tiled_run(op: str, q, k, v, block_tables, seq_lens, scale: float, num_splits: int, kv_scale=None,
               cascade: SharedPrefix | None = None, shared_v: bool = False) -> torch.Tensor:
     """q [B, Hq, D], k [NB, BS, Hkv, D], v [NB, BS, Hkv, Dv] (v may be a view of k: MLA), fp8 caches with
     kv_scale [NB, BS] -> [B, Hq, Dv] in q's dtype. Arguments checked by the public ops."""
     B, Hq, _ = q.shape
+    backend = _dispatch.take(choose(op, q.device, q.dtype)).backend
     out = torch.empty(B, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0:
         return out
-    backend = _backend(q.device)
-    if backend == "reference" or q.dtype == torch.float64:
+    if backend == "reference":
         kk, vv = (dequantize_fp8(k, kv_scale), dequantize_fp8(v, kv_scale)) if kv_scale is not None else (k, v)
         if cascade is None:
             return paged_decode_ref(q, kk.to(q.dtype), vv.to(q.dtype), block_tables, seq_lens, scale)
@@ -421,7 +435,7 @@ def tiled_run(q, k, v, block_tables, seq_lens, scale: float, num_splits: int, kv
     q = q if q.stride(2) == 1 else q.contiguous()
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     sl = seq_lens.contiguous()
-    if backend == "cpu":
+    if backend == "cpu-tiled":
         _run_cpu(q, k, v, bt, sl, scale, num_splits, kv_scale, cascade, out)
     else:
         _run_gpu(q, k, v, bt, sl, scale, num_splits, kv_scale, cascade, out, shared_v)
@@ -434,7 +448,7 @@ def _tiled_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, scale: float, num_splits: int, prefix_lens: torch.Tensor | None,
                      members: torch.Tensor | None, tiles: torch.Tensor | None, heads_per_tile: int) -> torch.Tensor:
     sp = None if tiles is None else SharedPrefix(prefix_lens, members, tiles, heads_per_tile, 0, 0)
-    return tiled_run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, None, sp)
+    return tiled_run("paged_decode", q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, None, sp)
 
 
 @_tiled_decode_op.register_fake
@@ -450,8 +464,8 @@ def _mla_tiled_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          heads_per_tile: int) -> torch.Tensor:
     kv = kv_cache.unsqueeze(2)  # [NB, BS, 1, Dc + Dr]: one latent kv head; values = its first Dc columns
     sp = None if tiles is None else SharedPrefix(prefix_lens, members, tiles, heads_per_tile, 0, 0)
-    return tiled_run(q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale, num_splits, kv_scale, sp,
-                     shared_v=True)
+    return tiled_run("mla_decode", q, kv, kv[..., :v_head_dim], block_tables, seq_lens, scale, num_splits, kv_scale,
+                     sp, shared_v=True)
 
 
 @_mla_tiled_decode_op.register_fake
@@ -466,9 +480,19 @@ def _parts(cascade: SharedPrefix | None) -> tuple:
     return cascade.prefix_lens, cascade.members, cascade.tiles, cascade.heads_per_tile
 
 
+def _check_ids(block_tables, seq_lens, cache: torch.Tensor, debug: bool) -> None:
+    """Block ids and lengths, as every decode call checks them (attention._bounds: ValueError naming the argument):
+    on CPU always (vectorised), on GPU in debug mode (a host sync); the GPU kernels treat bad ids as empty."""
+    if debug or cache.device.type != "cuda":
+        from dsmath_kernels.attention import _bounds
+
+        _bounds(block_tables, seq_lens, cache.shape[0], cache.shape[1])
+
+
 def gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float, num_splits: int,
                cascade: SharedPrefix | None, debug: bool = False) -> torch.Tensor:
     """paged_decode through the tiled kernels (attention.paged_decode checked the arguments)."""
+    _check_ids(block_tables, seq_lens, k_cache, debug)
     if cascade is not None:
         _check_cascade(cascade, q.shape[0], k_cache.shape[1], seq_lens, q.device, debug)
     return _tiled_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, *_parts(cascade))
@@ -477,6 +501,7 @@ def gqa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float, num_sp
 def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, v_head_dim: int, num_splits: int,
                kv_scale: torch.Tensor | None, cascade: SharedPrefix | None, debug: bool = False) -> torch.Tensor:
     """mla_decode through the tiled kernels (attention.mla_decode checked the arguments)."""
+    _check_ids(block_tables, seq_lens, kv_cache, debug)
     if cascade is not None:
         _check_cascade(cascade, q.shape[0], kv_cache.shape[1], seq_lens, q.device, debug)
     return _mla_tiled_decode_op(q, kv_cache, block_tables, seq_lens, scale, v_head_dim, num_splits, kv_scale,

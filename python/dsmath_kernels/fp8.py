@@ -22,30 +22,23 @@ import os
 
 import torch
 
+from dsmath_kernels import _dispatch
 from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_shape, check_tensor
 from dsmath_kernels._registry import register_backend
-from dsmath_kernels.moe import (
-    _check_offsets,
-    _check_routing,
-    _combine,
-    _gemm_backend,
-    _permute_impl,
-    _segments,
-)
+from dsmath_kernels.moe import _check_offsets, _check_routing, _combine, _permute_impl, _segments, _triton_ok
 from dsmath_kernels.reference.fp8 import (
     BLOCK,
     FP8,
     dequantize_blocks_ref,
     dequantize_fp8_groups_ref,
+    fp8_gemm_ref,
+    grouped_gemm_fp8_ref,
+    moe_experts_fp8_ref,
     quantize_blocks_ref,
     quantize_fp8_groups_ref,
 )
 
 ACTIVATIONS = ("auto", "fp8", "native")
-
-
-def _backend(device: torch.device) -> str:
-    return _gemm_backend(device, "DSMATH_FP8_GEMM")
 
 
 def _fp8_dot(device: torch.device) -> bool:
@@ -54,21 +47,51 @@ def _fp8_dot(device: torch.device) -> bool:
     return fp8_dot_supported(device)
 
 
+def _choose(op: str, device: torch.device, activation: str = "native") -> _dispatch.Choice:
+    """Triton on CUDA (W8A8 needs FP8 MMA: sm_89+), dequantise-and-matmul on CPU (its design), the reference when
+    forced; DSMATH_FP8_GEMM=torch|triton overrides (triton on CPU runs the interpreter, for tests). activation: the
+    resolved one ("fp8" or "native")."""
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    env = os.environ.get("DSMATH_FP8_GEMM", "")
+    if env in ("torch", "triton"):
+        if env == "torch" or _triton_ok():
+            return _dispatch.by_design(op, env, f"DSMATH_FP8_GEMM={env}")
+        return _dispatch.fallback(op, "torch", "DSMATH_FP8_GEMM=triton but triton is not installed",
+                                  "pip install triton")
+    if device.type == "cuda":
+        if not _triton_ok():
+            return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
+        if activation == "fp8" and not _fp8_dot(device):
+            cc = "".join(map(str, torch.cuda.get_device_capability(device)))
+            return _dispatch.fallback(op, "torch", f"FP8 activations need FP8 MMA (sm_89 or newer), this GPU is "
+                                      f"sm_{cc}", "activation='native' (weight-only: the sm_80 Triton kernel)")
+        return _dispatch.kernel(op, "triton", f"activations {activation}")
+    if device.type == "cpu":
+        return _dispatch.by_design(op, "torch", "CPU design: dequantise one matrix (one expert) at a time, matmul")
+    return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+
+
+def _backend(device: torch.device, activation: str = "native") -> str:
+    return _choose("fp8_gemm", device, activation).backend
+
+
 def resolve_activation(activation: str, device: torch.device) -> str:
-    """"auto" -> "fp8" (W8A8) where the backend has FP8 MMA (sm_89+), else "native" (weight-only);
-    DSMATH_FP8_ACT=fp8|native overrides "auto"."""
+    """"auto" -> "fp8" (W8A8) where the device has FP8 MMA (sm_89+) and the Triton kernels run, else "native"
+    (weight-only); DSMATH_FP8_ACT=fp8|native overrides "auto"."""
     check_choice("activation", activation, ACTIVATIONS)
     if activation != "auto":
         return activation
     env = os.environ.get("DSMATH_FP8_ACT", "")
     if env in ("fp8", "native"):
         return env
-    return "fp8" if _backend(device) == "triton" and device.type == "cuda" and _fp8_dot(device) else "native"
+    return "fp8" if device.type == "cuda" and _triton_ok() and _fp8_dot(device) else "native"
 
 
 def _describe(device: torch.device) -> str:
-    b = _backend(device)
-    return f"{b}, activations {resolve_activation('auto', device)}" if b == "torch" or device.type == "cuda" else b
+    act = resolve_activation("auto", device)
+    return f"{_choose('fp8_gemm', device, act).backend}, activations {act}"
 
 
 for _op in ("quantize_fp8_groups", "fp8_gemm", "grouped_gemm_fp8", "moe_experts_fp8"):
@@ -83,7 +106,7 @@ def _nb(n: int) -> int:
 
 @torch.library.custom_op("dsmath::quantize_fp8_groups", mutates_args=())
 def _quantize_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend(x.device) == "triton":
+    if _dispatch.take(_choose("quantize_fp8_groups", x.device)).backend == "triton":
         from dsmath_kernels import fp8_gemm_triton
 
         return fp8_gemm_triton.quantize(x)
@@ -111,13 +134,19 @@ def quantize_fp8_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tens
         raise ValueError(f"w: expected a matrix (or a stack of them), got shape {list(w.shape)}")
     if block != BLOCK:
         raise ValueError(f"block: only {BLOCK} x {BLOCK} blocks are supported (DeepSeek-V3 / DeepGEMM), got {block}")
+    _dispatch.take(_offline("quantize_fp8_blocks"))
     return quantize_blocks_ref(w, block)
 
 
 def dequantize_fp8_blocks(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """q [..., N, K] e4m3, scale_inv [..., ceil(N/128), ceil(K/128)] -> [..., N, K] fp32."""
     _check_weight("q", "scale_inv", q, scale_inv, q.dim())
+    _dispatch.take(_offline("dequantize_fp8_blocks"))
     return dequantize_blocks_ref(q, scale_inv)
+
+
+def _offline(op: str) -> _dispatch.Choice:
+    return _dispatch.forced(op) or _dispatch.by_design(op, "torch", "offline weight (de)quantisation in PyTorch")
 
 
 # ---------------------------------------------------------------- dense GEMM
@@ -150,10 +179,13 @@ def _dequant_act(a, a_scale):
 @torch.library.custom_op("dsmath::fp8_gemm", mutates_args=())
 def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    if _backend(a.device) == "triton":
+    backend = _dispatch.take(_choose("fp8_gemm", a.device, "native" if a_scale is None else "fp8")).backend
+    if backend == "triton":
         from dsmath_kernels import fp8_gemm_triton
 
         return fp8_gemm_triton.gemm(a, w[None], w_scale[None], a_scale=a_scale, out_dtype=out_dtype)
+    if backend == "reference":
+        return fp8_gemm_ref(a, w, w_scale, a_scale, out_dtype=out_dtype)
     y = _dequant_act(a, a_scale) @ dequantize_blocks_ref(w, w_scale).T  # [M, N] fp32
     return y.to(out_dtype)
 
@@ -197,6 +229,15 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     return y.view(*lead, w.shape[0])
 
 
+def _explain_linear(x, w, w_scale, bias=None, *, activation: str = "auto") -> _dispatch.Choice:
+    """fp8_linear is quantize_fp8_groups (W8A8) then fp8_gemm: its choice is the GEMM's."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    return _choose("fp8_gemm", x.device, resolve_activation(activation, x.device))
+
+
+_dispatch.register_explain("fp8_linear", _explain_linear)
+
+
 # ---------------------------------------------------------------- grouped GEMM
 
 def _grouped_torch(a, a_scale, w, w_scale, offsets, out_dtype):
@@ -212,10 +253,14 @@ def _grouped_torch(a, a_scale, w, w_scale, offsets, out_dtype):
 @torch.library.custom_op("dsmath::grouped_gemm_fp8", mutates_args=())
 def _grouped_op(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
                 expert_offsets: torch.Tensor) -> torch.Tensor:
-    if _backend(a.device) == "triton":
+    act = "native" if a_scale is None else "fp8"
+    backend = _dispatch.take(_choose("grouped_gemm_fp8", a.device, act)).backend
+    if backend == "triton":
         from dsmath_kernels import fp8_gemm_triton
 
         return fp8_gemm_triton.gemm(a, w, w_scale, expert_offsets, a_scale=a_scale, out_dtype=_out_dtype(a))
+    if backend == "reference":
+        return grouped_gemm_fp8_ref(a, w, w_scale, expert_offsets, a_scale)
     return _grouped_torch(a, a_scale, w, w_scale, expert_offsets, _out_dtype(a))
 
 
@@ -269,7 +314,7 @@ def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activ
         y = moe._gemm_impl(moe._silu_mul(h), w_down, offsets)  # [R, H]
         return _combine(y, weights, inverse)
     nb = s_gate_up.shape[1] // 2  # gate blocks, then up blocks
-    if _backend(x.device) == "triton":
+    if _backend(x.device, act) == "triton":
         from dsmath_kernels import fp8_gemm_triton as ft
 
         rw = weights.reshape(-1).float()
@@ -311,7 +356,10 @@ def _experts_torch(x, w_gate_up, s_gate_up, w_down, s_down, order, offsets, topk
 def _moe_experts_fp8_op(x: torch.Tensor, w_gate_up: torch.Tensor, s_gate_up: torch.Tensor, w_down: torch.Tensor,
                         s_down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                         activation: str) -> torch.Tensor:
-    return experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activation)
+    act = resolve_activation(activation, x.device)
+    if _dispatch.take(_choose("moe_experts_fp8", x.device, act)).backend == "reference":
+        return moe_experts_fp8_ref(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, act == "fp8")
+    return experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, act)
 
 
 @_moe_experts_fp8_op.register_fake

@@ -220,13 +220,14 @@ def _num_programs(device: torch.device) -> int:
 # ---------------------------------------------------------------- launchers
 
 def gemm(a, w, w_scale, offsets=None, *, a_scale=None, rows=None, topk=1, gather=True, act=False, up_blocks=0,
-         route_w=None, quant_out=False, out_dtype=torch.bfloat16, w_bits=None):
+         route_w=None, quant_out=False, out_dtype=torch.bfloat16, w_bits=None, native=None):
     """y [R, N] for a [M, K] (e4m3 with a_scale [M, ceil(K/128)], or float: weight-only), w [E, N(*2), K] e4m3
     with w_scale [E, *, ceil(K/128)] (any strides). offsets None: dense (E = 1, all M rows); else [E+1] segments.
     rows [R] int32 pair indices (-1 = padding): with gather, A row r = a[rows[r] // topk]; route_w [P] fp32 scales
     row r by route_w[rows[r]]. act: SwiGLU epilogue (w has 2N rows; the up rows' scales start at block row
     up_blocks). quant_out: returns (q [R, N] e4m3, s [R, ceil(N/128)] fp32) instead of y. w_bits: pass the weight
-    as bytes decoded in-kernel (default: where the device has no fp8 type, i.e. before sm_89)."""
+    as bytes decoded in-kernel (default: where the device has no fp8 type, i.e. before sm_89). native: whether the
+    target has FP8 MMA (default: the device's; the compile sweep passes it for meta tensors)."""
     E, NW, K = w.shape
     N = NW // 2 if act else NW
     R = rows.shape[0] if rows is not None and gather else a.shape[0]
@@ -244,7 +245,7 @@ def gemm(a, w, w_scale, offsets=None, *, a_scale=None, rows=None, topk=1, gather
         if quant_out:
             ys.fill_(EPS / FP8_MAX)
         return out
-    native = fp8_dot_supported(dev)
+    native = fp8_dot_supported(dev) if native is None else native
     if (a_fp8 or quant_out) and not native:
         raise ValueError("activation: FP8 activations need FP8 MMA (sm_89 or newer); use the weight-only path "
                          f"(activation='native') on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}")

@@ -132,10 +132,21 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-_GEMM_CONFIGS = [  # two per rows-per-expert bucket, so a new shape compiles and times at most two
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4),  # decode: weight-bandwidth bound, small M tiles
+# Configs per rows-per-expert bucket (decode <= 16, small prefill <= 64, prefill / training), two per bucket so a new
+# shape compiles and times at most two. 16-bit operands run on tensor cores (wgmma for BM >= 64, mma.sync below);
+# fp32 operands use exact IEEE dots (FMA, no tensor cores), so they get their own small tiles: the 16-bit tiles
+# need up to 408 KB of shared memory and spill tens of KB per thread in fp32. Every config a launch can select is
+# compiled for sm_90 by `python -m dsmath_kernels.compile_report` in CI: it must fit (<= 227 KB shared memory) and a
+# 16-bit launch must not spill.
+_GEMM_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 8, 4),  # decode: weight-bandwidth bound, small M tiles
     _cfg(32, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),  # small prefill
     _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),  # prefill / training (wgmma 64xN per warpgroup)
+]
+_GEMM_CONFIGS_FP32 = [
+    _cfg(16, 64, 32, 4, 3), _cfg(16, 32, 64, 4, 3),
+    _cfg(32, 64, 32, 4, 3), _cfg(64, 32, 32, 4, 3),
+    _cfg(128, 32, 32, 8, 3), _cfg(128, 64, 32, 8, 3),
 ]
 _WGRAD_CONFIGS = [_cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 8, 3)]
 
@@ -146,10 +157,36 @@ def _bucket(rows: int, experts: int) -> int:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
+    """The configs one launch may take: by bucket and operand dtype, then narrowed for the register-heavy epilogues
+    (sm_90 compile figures in bench/RESULTS.md): SwiGLU (ACT, two accumulators) and its backward (DACT, three
+    outputs) take BN <= 128 (fp32: 32 at BM 128) and 8 warps at BM 64 (4 sat at 255 registers); storing the
+    pre-activations (STORE_H) also takes BN 64 at BM 128; DACT takes BN 64, BM <= 64 and 8 warps from BM 64 (BM 128
+    with BN 64 sits at 255 registers)."""
     b = named_args["mbucket"]
+    flag = lambda k: bool(kwargs.get(k, named_args.get(k, False)))  # noqa: E731
     bms = (16,) if b <= 16 else (32, 64) if b <= 64 else (128,)
-    wide = any(kwargs.get(k, named_args.get(k, False)) for k in ("ACT", "DACT"))  # 2 B tiles / 3 outputs: BN <= 128
-    return [c for c in configs if c.kwargs["BM"] in bms and not (wide and c.kwargs["BN"] > 128)]
+    if named_args["x_ptr"].dtype == torch.float32:
+        wide = flag("ACT") or flag("DACT")
+        return [c for c in _GEMM_CONFIGS_FP32 if c.kwargs["BM"] in bms and not (wide and c.kwargs["BN"] > 32 and
+                                                                                 c.kwargs["BM"] == 128)]
+    out = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        warps, stages = c.num_warps, c.num_stages
+        if bm not in bms or ((flag("ACT") or flag("DACT")) and bn > 128):
+            continue
+        if flag("STORE_H") and bm >= 64:
+            bn, warps = (64, 8) if bm == 128 else (bn, 8)
+        elif flag("ACT") and bm == 64:
+            warps = 8
+        if flag("DACT"):
+            bn = min(bn, 64)
+            if bm >= 64:
+                bm, warps = 64, 8
+        cfg = _cfg(bm, bn, bk, warps, stages)
+        if all(cfg.kwargs != o.kwargs or cfg.num_warps != o.num_warps or cfg.num_stages != o.num_stages for o in out):
+            out.append(cfg)
+    return out
 
 
 _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "E", "mbucket", "ACT", "GATHER", "STORE_H", "DACT"],
@@ -294,45 +331,3 @@ def combine(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None
     _combine_kernel[(T, triton.cdiv(H, BH))](y, inv, w, out, H, y.stride(0), out.stride(0), TOPK=K,
                                                WEIGHTED=weights is not None, BH=BH)
     return out
-
-
-# ---------------------------------------------------------------- compile check (no GPU needed)
-
-def hopper_compile_report() -> dict:
-    """Compile the fused bf16 forward (gather + SwiGLU, 128x128x64, 4 stages) and the gathered wgrad kernel for
-    sm_90 the way a launch specialises them (unit strides constexpr, 16-divisible sizes and pointers) and report
-    wgmma / cp.async counts and shared memory. Needs ptxas (bundled with triton), not a GPU; not under the
-    interpreter."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    def build(fn, ptrs, ints, consts, div16, warps, stages):
-        types = {**dict(ptrs), **{n: "i32" for n in ints}, **{k: "constexpr" for k in consts}}
-        sig = {n: types[n] for n in fn.arg_names}  # kernel argument order
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-        ptx = k.asm["ptx"]
-        return {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"), "shared": k.metadata.shared}
-
-    bf = "*bf16"
-    ptrs = [("x_ptr", bf), ("w_ptr", bf), ("y_ptr", bf), ("off_ptr", "*i32"), ("rows_ptr", "*i32"),
-            ("scale_ptr", "*fp32"), ("h_ptr", bf), ("a_ptr", bf)]
-    ints = ["M", "N", "K", "E", "mbucket", "topk", "sxm", "swe", "swn", "sym", "shm", "sam"]
-    div = [n for n, _ in ptrs] + ["N", "K", "sxm", "swe", "swn", "sym", "shm", "sam"]
-    fixed = {"sxk": 1, "swk": 1, "syn": 1, "SCALE": False, "UPCAST": False, "IEEE": False, "EP": 512, "BM": 128,
-             "BN": 128, "BK": 64}
-    fwd = build(_gemm_kernel, ptrs, ints, {**fixed, "GATHER": True, "ACT": True, "STORE_H": True, "DACT": False},
-                div, 8, 4)
-    dact = build(_gemm_kernel, ptrs, ints, {**fixed, "GATHER": False, "ACT": False, "STORE_H": False, "DACT": True},
-                 div, 8, 4)
-    wgrad = build(_wgrad_kernel, [("dy_ptr", bf), ("x_ptr", bf), ("dw_ptr", bf), ("off_ptr", "*i32"),
-                                  ("rows_ptr", "*i32")],
-                  ["M", "N", "K", "mbucket", "topk", "sdym", "sxm", "swe", "swn"],
-                  {"sdyn": 1, "sxk": 1, "swk": 1, "GATHER": True, "UPCAST": False, "IEEE": False, "BM": 64, "BN": 128,
-                   "BK": 64},
-                  ["dy_ptr", "x_ptr", "dw_ptr", "off_ptr", "rows_ptr", "N", "K", "sdym", "sxm", "swe", "swn"], 4, 4)
-    comb = build(_combine_kernel, [("y_ptr", bf), ("inv_ptr", "*i32"), ("w_ptr", "*fp32"), ("out_ptr", bf)],
-                 ["H", "sy", "so"], {"TOPK": 8, "WEIGHTED": True, "BH": 1024},
-                 ["y_ptr", "inv_ptr", "w_ptr", "out_ptr", "H", "sy", "so"], 4, 1)
-    return {"gemm_swiglu_train_bf16": fwd, "gemm_swiglu_bwd_bf16": dact, "wgrad_bf16": wgrad, "combine_bf16": comb}

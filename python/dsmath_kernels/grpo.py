@@ -19,7 +19,9 @@ import math
 
 import torch
 
+from dsmath_kernels import _dispatch
 from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_int, check_shape, check_tensor
+from dsmath_kernels._linalg import mm_f32 as _mm_f32
 from dsmath_kernels._registry import register_backend
 from dsmath_kernels.reference.grpo import (
     LOSS_TYPES,
@@ -28,7 +30,11 @@ from dsmath_kernels.reference.grpo import (
     log_ratio_metrics_ref,
     masked_mean_ref,
     per_token_loss_ref,
+    token_entropy_ref,
+    token_logprobs_ref,
 )
+
+MIN_TEMPERATURE = 1e-6  # below it 1 / temperature times a logit overflows fp32 long before anything useful
 
 BACKENDS = ("triton", "torch")
 CHUNK_ELEMS = 1 << 21  # torch path: fp32 elements of one [N, Vc] logits chunk (8 MiB)
@@ -46,8 +52,24 @@ def _has_triton() -> bool:
     return True
 
 
+def _choose(op: str, device: torch.device, backend: str | None = None) -> _dispatch.Choice:
+    """Triton on GPU, the chunked torch path on CPU (its design); the reference (full logits) when forced."""
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    if backend is not None:
+        return _dispatch.by_design(op, backend, f"backend={backend!r} argument")
+    if device.type == "cuda":
+        if _has_triton():
+            return _dispatch.kernel(op, "triton")
+        return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
+    if device.type == "cpu":
+        return _dispatch.by_design(op, "torch", "CPU design: the chunked torch path")
+    return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+
+
 def _auto_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and _has_triton() else "torch"
+    return _choose("token_logprobs", device).backend
 
 
 register_backend("grpo_loss", _auto_backend)
@@ -58,19 +80,6 @@ register_backend("token_logprobs", _auto_backend)
 def _vocab_chunk(N: int, V: int, device: torch.device) -> int:
     budget = CUDA_CHUNK_ELEMS if device.type == "cuda" else CHUNK_ELEMS
     return max(MIN_CHUNK, min(V, budget // max(N, 1)))
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as fp32. Half-precision CUDA operands: one GEMM with fp32 output (torch.mm out_dtype) where available,
-    else (and on CPU) an fp32 GEMM of the upcast operands — never a result rounded to half precision."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return a.float() @ b.float()
 
 
 def _torch_fwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, inv_temp: float):
@@ -200,9 +209,9 @@ def _check_lm_inputs(hidden, weight, targets, temperature, backend):
     if V == 0:
         raise ValueError("weight: vocab size is 0")
     check_shape("targets", targets, [B, T])
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
-            or not math.isfinite(temperature):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
+            or not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature: expected a finite float >= {MIN_TEMPERATURE}, got {temperature!r}")
     if backend is not None:
         check_choice("backend", backend, BACKENDS)
         if backend == "triton" and not _has_triton():
@@ -237,21 +246,27 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, normalize: str =
     """rewards [B*G] (each prompt's G completions contiguous) -> advantages [B*G] float32:
     r - mean(group), divided by std(group) + eps when normalize="std" (DeepSeekMath, TRL `scale_rewards`),
     left undivided when "none" (Dr. GRPO). std is torch.std, the unbiased (G - 1) estimator, as TRL.
-    Groups whose rewards are all equal (and every group when G == 1) get exactly 0."""
+    Groups whose rewards are all equal (and every group when G == 1) get exactly 0. Computed in float64 (any finite
+    fp32 rewards work); NaN / inf rewards raise ValueError (a host sync on GPU: rewards are a small vector)."""
     check_tensor("rewards", rewards, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,) + INDEX_DTYPES + (torch.bool,))
     check_int("group_size", group_size, lo=1)
     check_choice("normalize", normalize, ("std", "none"))
     _check_float("eps", eps, lo=0.0)
     if rewards.numel() % group_size:
         raise ValueError(f"rewards: {rewards.numel()} rewards do not split into groups of group_size={group_size}")
-    if rewards.dtype in (torch.bool,) + INDEX_DTYPES:
-        rewards = rewards.float()
-    return group_advantages_ref(rewards, group_size, normalize=normalize, eps=eps).float()
+    if rewards.dtype.is_floating_point and not bool(rewards.isfinite().all()):
+        i = int((~rewards.isfinite()).nonzero()[0])
+        raise ValueError(f"rewards: entry {i} is {rewards[i].item()} (rewards must be finite)")
+    # float64 inside: differences and squares of fp32 rewards near 3e38 would overflow
+    return group_advantages_ref(rewards.double(), group_size, normalize=normalize, eps=eps).float()
 
 
-def _logprobs(hidden, weight, targets, temperature, backend):
+def _logprobs(op, hidden, weight, targets, temperature, backend):
     B, T, H = hidden.shape
-    backend = backend or _auto_backend(hidden.device)
+    backend = _dispatch.take(_choose(op, hidden.device, backend)).backend
+    if backend == "reference":  # DSMATH_FORCE_REFERENCE: full [B, T, V] logits
+        return (token_logprobs_ref(hidden, weight, targets, temperature=temperature).float(),
+                token_entropy_ref(hidden, weight, temperature=temperature).float())
     logp, _, ent = _fwd_op(hidden.reshape(B * T, H), weight, targets.reshape(B * T), float(temperature), backend)
     return logp.view(B, T), ent.view(B, T)
 
@@ -262,7 +277,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     log softmax(hidden @ weight.T / temperature)[targets], in vocab chunks (never [B*T, V]).
     Differentiable w.r.t. hidden and weight. backend: None (auto), "triton" or "torch"."""
     _check_lm_inputs(hidden, weight, targets, temperature, backend)
-    return _logprobs(hidden, weight, targets, temperature, backend)[0]
+    return _logprobs("token_logprobs", hidden, weight, targets, temperature, backend)[0]
 
 
 def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -287,6 +302,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     sampler's log-probs on an on-policy pass).
     Exact formulas: reference/grpo.py."""
     B, T, _, _ = _check_lm_inputs(hidden, weight, targets, temperature, backend)
+    if B == 0:
+        raise ValueError("hidden: no sequences (B = 0); the loss of an empty batch is undefined")
     check_tensor("mask", mask, ndim=2, dtypes=(torch.bool, torch.uint8) + INDEX_DTYPES, device=hidden.device)
     check_shape("mask", mask, [B, T])
     check_tensor("advantages", advantages, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), device=hidden.device)
@@ -300,7 +317,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     check_choice("loss_type", loss_type, LOSS_TYPES)
     mask = mask.bool()
 
-    logp, ent = _logprobs(hidden, weight, targets, temperature, backend)  # [B, T] fp32
+    logp, ent = _logprobs("grpo_loss", hidden, weight, targets, temperature, backend)  # [B, T] fp32
     adv = advantages.float()
     if old is not None:  # masked-out positions may hold padding (even inf/nan): make them inert
         old = torch.where(mask, old, logp.detach())
@@ -318,3 +335,11 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         metrics = {k: masked_mean_ref(v, mask) for k, v in metrics.items()}
         metrics.update(log_ratio_metrics_ref(logp, logp if old is None else old, mask))
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _explain_advantages(*args, **kwargs) -> _dispatch.Choice:
+    group_advantages(*args, **kwargs)  # the checks of a real call
+    return _dispatch.by_design("group_advantages", "torch", "a few vector ops on [B*G] rewards (no kernel)")
+
+
+_dispatch.register_explain("group_advantages", _explain_advantages)

@@ -34,10 +34,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dsmath_kernels import _ext
+from dsmath_kernels import _dispatch, _ext
 from dsmath_kernels._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 from dsmath_kernels._registry import register_backend
-from dsmath_kernels.reference.moe import moe_permute_ref
+from dsmath_kernels.reference.moe import grouped_gemm_ref, moe_experts_ref, moe_permute_ref
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -50,12 +50,23 @@ class MoePermutation(NamedTuple):
 
 # ---------------------------------------------------------------- backends
 
+MAX_EXPERTS = 1 << 16  # num_experts above this is refused (expert_offsets alone would be huge)
+
+
+def _choose_permute(device: torch.device, E: int = 256) -> _dispatch.Choice:
+    forced = _dispatch.forced("moe_permute")
+    if forced:
+        return forced
+    choice = _dispatch.device_kernel("moe_permute", device)
+    if choice.backend == "cuda" and E > _ext.C().moe_max_experts_cuda:
+        lim = _ext.C().moe_max_experts_cuda
+        return _dispatch.fallback("moe_permute", "reference", f"E = {E} exceeds the CUDA kernel's {lim} experts "
+                                  "(per-warp histograms in shared memory)", f"use at most {lim} experts per rank")
+    return choice
+
+
 def _permute_backend(device: torch.device, E: int = 256) -> str:
-    if device.type == "cuda" and _ext.has_cuda_kernels(device) and hasattr(_ext.C(), "moe_permute_cuda"):
-        return "cuda" if E <= _ext.C().moe_max_experts_cuda else "reference"
-    if device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(_ext.C(), "moe_permute_cpu"):
-        return "cpu"
-    return "reference"
+    return _choose_permute(device, E).backend
 
 
 def _triton_ok() -> bool:
@@ -66,17 +77,45 @@ def _triton_ok() -> bool:
     return True
 
 
-def _gemm_backend(device: torch.device, env: str = "DSMATH_GROUPED_GEMM") -> str:
-    """"triton" on CUDA, "torch" elsewhere; the environment variable `env` = torch|triton forces one."""
-    forced = os.environ.get(env, "")
-    if forced in ("torch", "triton"):
-        return forced if forced == "torch" or _triton_ok() else "torch"
-    return "triton" if device.type == "cuda" and _triton_ok() else "torch"
+def _choose_gemm(op: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> _dispatch.Choice:
+    """Grouped GEMM backend: Triton on GPU, torch.matmul per segment on CPU (its design), the reference when
+    forced; DSMATH_GROUPED_GEMM=torch|triton overrides (triton on CPU runs the interpreter, for tests)."""
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    env = os.environ.get("DSMATH_GROUPED_GEMM", "")
+    if env in ("torch", "triton"):
+        if env == "torch" or _triton_ok():
+            return _dispatch.by_design(op, env, f"DSMATH_GROUPED_GEMM={env}")
+        return _dispatch.fallback(op, "torch", "DSMATH_GROUPED_GEMM=triton but triton is not installed",
+                                  "pip install triton")
+    if dtype == torch.float64:
+        return _dispatch.by_design(op, "torch", "float64: torch.matmul per segment")
+    if device.type == "cuda":
+        if _triton_ok():
+            return _dispatch.kernel(op, "triton")
+        return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
+    if device.type == "cpu":
+        return _dispatch.by_design(op, "torch", "CPU design: torch.matmul per expert segment")
+    return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+
+
+def _gemm_backend(device: torch.device) -> str:
+    return _choose_gemm("grouped_gemm", device).backend
+
+
+def _choose_experts(device: torch.device, dtype: torch.dtype, E: int) -> _dispatch.Choice:
+    p, g = _choose_permute(device, E), _choose_gemm("moe_experts", device, dtype)
+    if p.backend == "reference" and g.backend == "reference":
+        return _dispatch.Choice("moe_experts", "reference", p.reason)
+    bad = p if p.fallback else g
+    return _dispatch.Choice("moe_experts", f"permute {p.backend}, gemm {g.backend}", bad.reason, bad.fix,
+                            p.fallback or g.fallback)
 
 
 register_backend("moe_permute", lambda d: _permute_backend(d))
 register_backend("grouped_gemm", _gemm_backend)
-register_backend("moe_experts", lambda d: f"permute {_permute_backend(d)}, gemm {_gemm_backend(d)}")
+register_backend("moe_experts", lambda d: _choose_experts(d, torch.bfloat16, 256).backend)
 
 
 def _check_values(device: torch.device) -> bool:
@@ -91,9 +130,10 @@ def _num_rows(P: int, E: int, block_m: int) -> int:
 
 # ---------------------------------------------------------------- permutation
 
-def _permute_impl(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _permute_impl(ids: torch.Tensor, E: int, block_m: int,
+                  choice: _dispatch.Choice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, K = ids.shape
-    backend = _permute_backend(ids.device, E)
+    backend = (choice or _choose_permute(ids.device, E)).backend
     if backend == "reference":
         return moe_permute_ref(ids, E, block_m)
     ids = ids.to(torch.int32).contiguous()
@@ -107,14 +147,16 @@ def _permute_impl(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor
         ws = torch.empty(_ext.C().moe_permute_workspace(P, E), dtype=torch.int32, device=ids.device)
         with torch.cuda.device(ids.device):
             _ext.C().moe_permute_cuda(_ext.ptr(ids), P, E, block_m, _ext.ptr(order), _ext.ptr(offsets),
-                                      _ext.ptr(inverse), _ext.ptr(ws), _ext.stream_of(ids))
+                                      _ext.ptr(inverse), _ext.ptr(ws), _ext.ptr(_ext.bounds_flags(ids.device)),
+                                      _ext.stream_of(ids))
     return order, offsets, inverse
 
 
 @torch.library.custom_op("dsmath::moe_permute", mutates_args=())
 def _moe_permute_op(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
-    return _permute_impl(ids, num_experts, block_m)
+    choice = _dispatch.take(_choose_permute(ids.device, num_experts))
+    return _permute_impl(ids, num_experts, block_m, choice)
 
 
 @_moe_permute_op.register_fake
@@ -136,7 +178,7 @@ def moe_permute(ids: torch.Tensor, num_experts: int, *, block_m: int = 1) -> Moe
     """ids [T, K] int32/int64 -> MoePermutation(order [R] int32, expert_offsets [E+1] int32, inverse [T, K] int32)
     in the contiguous-segment layout of the module docstring (segments padded to multiples of block_m)."""
     check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES)
-    check_int("num_experts", num_experts, lo=1, hi=2**31 - 1)
+    check_int("num_experts", num_experts, lo=1, hi=MAX_EXPERTS)
     check_int("block_m", block_m, lo=1, hi=4096)
     _check_ids(ids, num_experts)
     return MoePermutation(*_moe_permute_op(ids, num_experts, block_m))
@@ -150,7 +192,7 @@ def _segments(expert_offsets: torch.Tensor, M: int) -> list[tuple[int, int, int]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return _gemm_backend(x.device) == "triton" and x.dtype != torch.float64
+    return _choose_gemm("grouped_gemm", x.device, x.dtype).backend == "triton"
 
 
 def _gemm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows=None, topk: int = 1) -> torch.Tensor:
@@ -198,6 +240,7 @@ def _gather(x: torch.Tensor, rows: torch.Tensor, topk: int = 1) -> torch.Tensor:
 
 @torch.library.custom_op("dsmath::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    _dispatch.take(_choose_gemm("grouped_gemm", x.device, x.dtype))
     return _gemm_impl(x, w, expert_offsets)
 
 
@@ -255,6 +298,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     if expert_offsets.device != x.device:
         raise ValueError(f"expert_offsets: on device {expert_offsets.device}, expected {x.device}")
     _check_offsets(expert_offsets, w.shape[0], x.shape[0])
+    if _dispatch.force_reference():
+        _dispatch.take(_choose_gemm("grouped_gemm", x.device, x.dtype))
+        return grouped_gemm_ref(x, w, expert_offsets)
     return _grouped_gemm_op(x, w, expert_offsets)
 
 
@@ -332,7 +378,8 @@ def _row_dots(dout: torch.Tensor, y: torch.Tensor, inverse: torch.Tensor) -> tor
 @torch.library.custom_op("dsmath::moe_experts", mutates_args=())
 def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
                     ids: torch.Tensor) -> torch.Tensor:
-    if _gemm_backend(x.device) == "triton":
+    _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
+    if _use_triton(x):
         from dsmath_kernels import grouped_gemm_triton
 
         order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
@@ -374,6 +421,7 @@ def _moe_train_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                               torch.Tensor]:
     """Training forward: also returns what backward needs (h, y, order, offsets, inverse)."""
+    _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
     h, y, order, offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
     return _combine(y, weights, inverse), h, y, order, offsets, inverse
 
@@ -446,6 +494,9 @@ def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     Differentiable w.r.t. x, w_gate_up, w_down and weights. Without gradients (inference) the fused path runs:
     the gather is folded into the gate-up GEMM, SiLU-and-mul into its epilogue."""
     _check_experts(x, w_gate_up, w_down, weights, ids)
+    if _dispatch.force_reference():
+        _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
+        return moe_experts_ref(x, w_gate_up, w_down, weights, ids)
     ids = ids.to(torch.int32)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights))
     if needs_grad:

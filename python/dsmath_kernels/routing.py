@@ -6,9 +6,11 @@ Spec: reference/routing.py."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from dsmath_kernels import _ext
+from dsmath_kernels import _dispatch, _ext
 from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_int, check_tensor
 from dsmath_kernels._registry import register_backend
 from dsmath_kernels.moe import _check_ids
@@ -19,17 +21,52 @@ _SCORING = {"softmax": 0, "sigmoid": 1}
 ID_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 
+def _choose(device: torch.device, E: int = 256, K: int = 8, n_group: int = 1,
+            op: str = "route_topk") -> _dispatch.Choice:
+    """Backend of one call: the device's kernel (CUDA, or C++ on CPU) within its limits, else the reference."""
+    forced = _dispatch.forced(op)
+    if forced:
+        return forced
+    choice = _dispatch.device_kernel(op, device)
+    if choice.fallback:
+        return choice
+    for what, v, lim in (("E", E, MAX_EXPERTS), ("top_k", K, MAX_TOPK), ("n_group", n_group, MAX_GROUPS)):
+        if v > lim:
+            return _dispatch.fallback(op, "reference", f"{what} = {v} exceeds the {choice.backend} "
+                                      f"kernel's limit of {lim}",
+                                      f"the kernels take E <= {MAX_EXPERTS}, top_k <= {MAX_TOPK}, n_group <= "
+                                      f"{MAX_GROUPS}; beyond that only the PyTorch reference exists")
+    return choice
+
+
 def _backend(device: torch.device, E: int = 256, K: int = 8, n_group: int = 1) -> str:
-    if E > MAX_EXPERTS or K > MAX_TOPK or n_group > MAX_GROUPS:
-        return "reference"
-    if device.type == "cuda":
-        return "cuda" if _ext.has_cuda_kernels(device) else "reference"
-    if device.type == "cpu":
-        return "cpu" if _ext.has_cpu_kernels() else "reference"
-    return "reference"
+    return _choose(device, E, K, n_group).backend
 
 
 register_backend("route_topk", lambda device: _backend(device))
+
+
+def _check_args(T: int, E: int, top_k, scoring, n_group, topk_group, routed_scaling_factor) -> None:
+    """Checks on the integers and scalars of a call (the public op and the raw torch.ops.dsmath.route_topk both
+    run them: a bad top_k or group split must never reach a kernel)."""
+    check_choice("scoring", scoring, tuple(_SCORING))
+    check_int("top_k", top_k, lo=1, hi=max(E, 1))
+    check_int("n_group", n_group, lo=1)
+    check_int("topk_group", topk_group, lo=1, hi=n_group)
+    if E % n_group:
+        raise ValueError(f"n_group: {E} experts are not divisible into {n_group} groups")
+    if n_group > 1 and scoring == "sigmoid" and E // n_group < 2:
+        raise ValueError(f"n_group: sigmoid group scores sum each group's top-2, but groups have {E // n_group} expert")
+    if top_k > topk_group * (E // n_group):
+        raise ValueError(f"top_k: {top_k} exceeds the {topk_group * (E // n_group)} experts left after keeping "
+                         f"{topk_group} of {n_group} groups")
+    _check_scale(routed_scaling_factor)
+
+
+def _check_scale(routed_scaling_factor) -> None:
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)) \
+            or not math.isfinite(routed_scaling_factor):
+        raise ValueError(f"routed_scaling_factor: expected a finite float, got {routed_scaling_factor!r}")
 
 
 @torch.library.custom_op("dsmath::route_topk", mutates_args=())
@@ -37,7 +74,8 @@ def _route_topk_op(logits: torch.Tensor, top_k: int, scoring: str, bias: torch.T
                    topk_group: int, renormalize: bool,
                    routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     T, E = logits.shape
-    backend = _backend(logits.device, E, top_k, n_group)
+    _check_args(T, E, top_k, scoring, n_group, topk_group, routed_scaling_factor)
+    backend = _dispatch.take(_choose(logits.device, E, top_k, n_group)).backend
     if backend == "reference":
         w, i = route_topk_ref(logits, top_k, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group,
                               renormalize=renormalize, routed_scaling_factor=routed_scaling_factor)
@@ -127,17 +165,9 @@ def route_topk(
     Differentiable w.r.t. logits through weights."""
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     T, E = logits.shape
-    check_choice("scoring", scoring, tuple(_SCORING))
-    check_int("top_k", top_k, lo=1, hi=E)
-    check_int("n_group", n_group, lo=1)
-    check_int("topk_group", topk_group, lo=1, hi=n_group)
-    if E % n_group:
-        raise ValueError(f"n_group: {E} experts are not divisible into {n_group} groups")
-    if n_group > 1 and scoring == "sigmoid" and E // n_group < 2:
-        raise ValueError(f"n_group: sigmoid group scores sum each group's top-2, but groups have {E // n_group} expert")
-    if top_k > topk_group * (E // n_group):
-        raise ValueError(f"top_k: {top_k} exceeds the {topk_group * (E // n_group)} experts left after keeping "
-                         f"{topk_group} of {n_group} groups")
+    if E == 0:
+        raise ValueError("logits: expected at least one expert (dim 1), got 0")
+    _check_args(T, E, top_k, scoring, n_group, topk_group, routed_scaling_factor)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), device=logits.device)
         if bias.shape[0] != E:
@@ -154,7 +184,7 @@ def _route_weights_op(logits: torch.Tensor, ids: torch.Tensor, scoring: str, ren
                       routed_scaling_factor: float) -> torch.Tensor:
     T, E = logits.shape
     K = ids.shape[1]
-    backend = _backend(logits.device, E, K)
+    backend = _dispatch.take(_choose(logits.device, E, K, op="route_topk_weights")).backend
     if backend == "reference":
         w = route_topk_weights_ref(logits, ids, scoring=scoring, renormalize=renormalize,
                                    routed_scaling_factor=routed_scaling_factor)
@@ -216,5 +246,6 @@ def route_topk_weights(
     if ids.shape[0] != T:
         raise ValueError(f"ids: expected shape [{T}, K] (one row per logits row), got {list(ids.shape)}")
     check_int("ids.shape[1]", ids.shape[1], lo=1, hi=E)
+    _check_scale(routed_scaling_factor)
     _check_ids(ids, E)  # the policy of moe_experts: CPU always, CUDA under DSMATH_CHECK_IDS=1
     return _route_weights_op(logits, ids, scoring, bool(renormalize), float(routed_scaling_factor))

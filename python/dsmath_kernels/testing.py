@@ -39,3 +39,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 
             f"{name}: {n_bad}/{a.numel()} elements outside atol={atol} rtol={rtol}; worst at {idx}: "
             f"actual {a[idx].item():.8g} expected {e[idx].item():.8g} (abs err {err[idx].item():.3g}); "
             f"max abs err {err.max().item():.3g}; global relative error {global_rel:.3g}")
+
+
+def assert_names_argument(exc: BaseException, fn, extra: tuple[str, ...] = ()) -> None:
+    """A bad-input error must be a TypeError / ValueError whose message starts with the name of the argument at
+    fault (a parameter of `fn`, or one of `extra`), followed by a colon."""
+    import inspect
+
+    names = set(inspect.signature(fn).parameters) | set(extra)
+    if not isinstance(exc, (TypeError, ValueError)):
+        raise AssertionError(f"{fn.__name__}: expected TypeError/ValueError naming an argument, got "
+                             f"{type(exc).__name__}: {exc}")
+    head = str(exc).split(":", 1)[0].strip()
+    if head not in names:
+        raise AssertionError(f"{fn.__name__}: error does not start with an argument name ({sorted(names)}): {exc}")

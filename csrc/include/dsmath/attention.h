@@ -26,9 +26,9 @@ struct DecodeParams {
   int64_t k_sblk, k_stok, k_sh;
   const void* v;  // [NB, BS, Hkv, Dv] (may alias k: MLA values are the first Dv columns of the latent row)
   int64_t v_sblk, v_stok, v_sh;
-  const int32_t* block_tables;  // [B, maxb]
+  const int32_t* block_tables;  // [B, max_blocks]
   int64_t bt_sb;
-  const int32_t* seq_lens;  // [B]
+  const int32_t* seq_lens;  // [B], each in [0, max_blocks * block_size]
   void* out;                // [B, Hq, Dv] contiguous, dtype of q
   float* part_o;            // [B, Hq, S, Dv] when num_splits > 1
   float* part_lse;          // [B, Hq, S]
@@ -36,7 +36,36 @@ struct DecodeParams {
   int B, Hq, Hkv, D, Dv, block_size;
   float scale;
   int num_splits, chunk;
+  int max_blocks;  // entries per block-table row
+  int num_blocks;  // NB: block ids must lie in [0, NB)
+  int32_t* flags;  // BoundsFlag bits set on bad ids / lengths (may be null)
 };
+
+// Launcher-level checks shared by the CPU and CUDA decode launchers (the CUDA one adds its vector-width rules).
+inline bool decode_params_ok(const DecodeParams& p) {
+  if (p.B < 0 || p.Hkv < 1 || p.Hq < 1 || p.Hq % p.Hkv || p.D < 1 || p.Dv < 1 || p.block_size < 1 ||
+      p.block_size > kMaxBlockSize || p.num_splits < 1 || p.num_splits > kMaxSplits || p.chunk < 1 ||
+      p.max_blocks < 0 || p.num_blocks < 0 || (p.B > 0 && (!p.seq_lens || !p.block_tables)))
+    return false;
+  return p.num_splits == 1 || (p.part_o && p.part_lse);
+}
+
+// Length of sequence b, or 0 (flag kBadSeqLen) when it is negative or beyond its block-table row.
+DSM_HD int64_t checked_len(const DecodeParams& p, int64_t b) {
+  const int64_t len = p.seq_lens[b];
+  if (len < 0 || len > static_cast<int64_t>(p.max_blocks) * p.block_size) {
+    set_flag(p.flags, kBadSeqLen);
+    return 0;
+  }
+  return len;
+}
+
+// True when block id `blk` lies in [0, NB); else flags kBadBlockId (the token is then treated as absent).
+DSM_HD bool block_ok(int64_t blk, const DecodeParams& p) {
+  if (blk >= 0 && blk < p.num_blocks) return true;
+  set_flag(p.flags, kBadBlockId);
+  return false;
+}
 
 DSM_HD float exp2_(float x) {
 #if defined(__CUDA_ARCH__)
@@ -87,11 +116,11 @@ struct BlockDiv {
   }
 };
 
-// Element offset of token `pos` (head 0, dim 0) of a sequence whose block-table row is `bt_row`.
-DSM_HD int64_t token_offset(const int32_t* bt_row, int64_t pos, const BlockDiv& div, int64_t s_blk, int64_t s_tok) {
-  int64_t index, offset;
+// Block id of token `pos` of a sequence whose block-table row is `bt_row`, and its offset in the block.
+DSM_HD int64_t token_block(const int32_t* bt_row, int64_t pos, const BlockDiv& div, int64_t& offset) {
+  int64_t index;
   div.split(pos, index, offset);
-  return static_cast<int64_t>(bt_row[index]) * s_blk + offset * s_tok;
+  return bt_row[index];
 }
 
 // Online softmax step over U new scores s[U] (log2 domain): returns the factor `alpha` for the old accumulator

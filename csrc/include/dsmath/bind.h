@@ -6,16 +6,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "dsmath/flat.h"
 #include "dsmath/launchers.h"
 
 namespace py = pybind11;
 
 namespace dsmath {
-
-template <typename T>
-inline T* as_ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 // Turn a launcher status into a Python RuntimeError naming the op.
 inline void check(int status, const char* op) {

@@ -18,6 +18,26 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64
 // Status codes returned by launchers; Python turns non-zero codes into exceptions.
 enum Status : int { kOk = 0, kBadArgument = 1, kUnsupported = 2, kCudaError = 3 };
 
+// Device-side bounds flags (bits of an int32 the caller passes; python/dsmath_kernels/_ext.py names them). A kernel
+// that meets an out-of-range block id / length / slot / expert id treats it as empty, sets its bit and goes on:
+// no trap, no host sync. DSMATH_CHECK_BOUNDS=1 makes Python read the flag after the call and raise.
+enum BoundsFlag : int { kBadBlockId = 1, kBadSeqLen = 2, kBadSlot = 4, kBadExpertId = 8, kBadMaxSeqlenQ = 16 };
+
+// Largest grid.y / grid.z of a launch (CUDA's limit); launchers split larger batches into several launches. The CPU
+// emulation of the CUDA files (tools/cuda_emu) lowers it to test the split.
+#ifndef DSMATH_MAX_GRID_YZ
+#define DSMATH_MAX_GRID_YZ 65535
+#endif
+
+DSM_HD void set_flag(int32_t* flags, int bit) {
+  if (!flags) return;
+#if defined(__CUDA_ARCH__)
+  atomicOr(flags, bit);
+#else
+  __atomic_fetch_or(flags, bit, __ATOMIC_RELAXED);
+#endif
+}
+
 DSM_HD float bits_to_float(uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(b);

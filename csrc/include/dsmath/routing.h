@@ -35,9 +35,16 @@ struct Params {
   float scale;          // routed_scaling_factor
 };
 
-// Sizes the kernels handle (launchers refuse others with kBadArgument).
+// Launcher checks (CPU and CUDA, selection and replay): the sizes the kernels handle, whole groups, and top_k within
+// the experts of the kept groups (a larger top_k would make the selection index past the eligible experts). Replay
+// passes n_group = topk_group = 1.
 DSM_HD bool params_ok(const Params& p) {
-  return p.E >= 1 && p.E <= kMaxExperts && p.K >= 1 && p.K <= kMaxTopK && p.n_group >= 1 && p.n_group <= kMaxGroups;
+  if (p.T < 0 || p.E < 1 || p.E > kMaxExperts || p.K < 1 || p.K > kMaxTopK || p.n_group < 1 ||
+      p.n_group > kMaxGroups || p.E % p.n_group || p.topk_group < 1 || p.topk_group > p.n_group)
+    return false;
+  if (p.scoring != kSoftmax && p.scoring != kSigmoid) return false;
+  if (p.n_group > 1 && p.scoring == kSigmoid && p.E / p.n_group < 2) return false;
+  return p.K <= p.topk_group * (p.E / p.n_group);
 }
 
 // NaN ranks lowest: map it below -inf by treating it as -inf and relying on the index tie-break.

@@ -20,8 +20,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _check_slots(slot_mapping, num_slots: int) -> None:
+    if slot_mapping.numel() and (int(slot_mapping.min()) < -1 or int(slot_mapping.max()) >= num_slots):
+        raise ValueError(f"slot_mapping: values {int(slot_mapping.min())}..{int(slot_mapping.max())}, outside "
+                         f"[-1, {num_slots}) (-1 skips a token)")
+
+
 def cache_write_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """k [N, Hkv, D], v [N, Hkv, Dv] -> k_cache/v_cache [NB, BS, Hkv, *] at slot_mapping [N] (-1 = skip), in place."""
+    """k [N, Hkv, D], v [N, Hkv, Dv] -> k_cache/v_cache [NB, BS, Hkv, *] at slot_mapping [N] (-1 = skip), in place.
+    Slots outside [-1, NB * BS): ValueError."""
+    _check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
     keep = slot_mapping >= 0  # [N]
     slots = slot_mapping[keep].long()  # [N']
     bs = k_cache.shape[1]
@@ -31,6 +39,7 @@ def cache_write_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def mla_cache_write_ref(kv, kv_cache, slot_mapping) -> None:
     """kv [N, Dc + Dr] -> kv_cache [NB, BS, Dc + Dr] at slot_mapping [N] (-1 = skip), in place."""
+    _check_slots(slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     bs = kv_cache.shape[1]
@@ -38,10 +47,17 @@ def mla_cache_write_ref(kv, kv_cache, slot_mapping) -> None:
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len tokens of one sequence as a dense tensor: cache [NB, BS, ...] -> [seq_len, ...]."""
+    """The first seq_len tokens of one sequence as a dense tensor: cache [NB, BS, ...] -> [seq_len, ...].
+    Block ids must lie in [0, NB) (never read from the end) and seq_len within the row: else ValueError."""
     bs = cache.shape[1]
+    if not 0 <= seq_len <= block_table.shape[0] * bs:
+        raise ValueError(f"seq_lens: {seq_len} tokens, outside [0, {block_table.shape[0] * bs}] (block table row of "
+                         f"{block_table.shape[0]} blocks of {bs})")
     pos = torch.arange(seq_len, device=cache.device)  # [L]
     blocks = block_table.long()[pos // bs]  # [L]
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= cache.shape[0]):
+        raise ValueError(f"block_tables: ids {int(blocks.min())}..{int(blocks.max())} used, outside the cache's "
+                         f"[0, {cache.shape[0]})")
     return cache[blocks, pos % bs]  # [L, ...]
 
 
