@@ -181,27 +181,52 @@ def test_skipped_slots_contribute_nothing():
     assert_close(out, ref, atol=1e-5, rtol=1e-5, name="out")
 
 
-def test_bad_input_is_refused_by_name():
+def test_backend_choice_is_told(monkeypatch):
+    """No silent fallback (dsmath_kernels._dispatch): explain names each FP8 op's backend and why; a call that cannot
+    take its kernel warns once with the reason and the fix and runs the torch path; DSMATH_STRICT=1 raises instead
+    (also in experts_forward, the expert-parallel layer's entry); DSMATH_FORCE_REFERENCE=1 runs the reference."""
+    from dsmath_kernels import _dispatch, fp8
+
+    for var in ("DSMATH_STRICT", "DSMATH_FORCE_REFERENCE", "DSMATH_FP8_GEMM", "DSMATH_FP8_ACT"):
+        monkeypatch.delenv(var, raising=False)
+    _dispatch.reset()
     w, ws = _weights(256, 128)
     a = torch.randn(3, 128)
-    with pytest.raises(ValueError, match="w_scale"):
-        dk.fp8_gemm(a, w, ws[:1])  # a missing block row
-    with pytest.raises(TypeError, match="w:"):
-        dk.fp8_gemm(a, w.float(), ws)
-    with pytest.raises(ValueError, match="a:"):
-        dk.fp8_gemm(torch.randn(3, 64), w, ws)
-    aq, as_ = dk.quantize_fp8_groups(a)
-    with pytest.raises(ValueError, match="a_scale"):
-        dk.fp8_gemm(aq, w, ws, a_scale=as_[:, :0])
-    with pytest.raises(ValueError, match="block"):
-        dk.quantize_fp8_blocks(torch.randn(4, 4), block=64)
-    x, w13, s13, w2, s2, weights, ids = _moe_data(4, 4, 128, 128, 2)
-    with pytest.raises(ValueError, match="s_gate_up"):
-        dk.moe_experts_fp8(x, w13, s13[:, :1], w2, s2, weights, ids)
-    with pytest.raises(ValueError, match="ids"):
-        dk.moe_experts_fp8(x, w13, s13, w2, s2, weights, ids + 4)
-    with pytest.raises(ValueError, match="activation"):
-        dk.moe_experts_fp8(x, w13, s13, w2, s2, weights, ids, activation="int8")
+    moe = _moe_data(5, 4, 128, 128, 2)
+    c = dk.explain("fp8_gemm", a, w, ws)
+    assert (c.backend, c.fallback) == ("torch", False) and "CPU design" in c.reason
+    assert dk.explain("fp8_linear", a, w, ws).backend == "torch"
+    assert dk.explain("moe_experts_fp8", *moe).backend == "torch"
+    # a GPU without FP8 MMA (sm_80) asked for W8A8, and a GPU without Triton: told fallbacks (decided from the device)
+    monkeypatch.setattr(fp8, "_fp8_dot", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(fp8, "_triton_ok", lambda: True)
+    c = fp8._choose("fp8_gemm", torch.device("cuda"), "fp8")
+    assert c.fallback and c.backend == "torch" and "sm_80" in c.reason and "native" in c.fix
+    assert not fp8._choose("fp8_gemm", torch.device("cuda"), "native").fallback  # weight-only: the sm_80 kernel
+    assert fp8._choose("quantize_fp8_groups", torch.device("cuda"), "fp8").fallback  # e4m3 output: sm_89+
+    assert fp8.resolve_activation("auto", torch.device("cuda")) == "native"
+    monkeypatch.setattr(fp8, "_triton_ok", lambda: False)
+    assert fp8._choose("moe_experts_fp8", torch.device("cuda"), "native").fallback
+    # a real call that falls back (DSMATH_FP8_GEMM=triton without triton): warns once, runs torch, strict raises
+    monkeypatch.setenv("DSMATH_FP8_GEMM", "triton")
+    with pytest.warns(dk.FallbackWarning, match="fp8_gemm fell back to torch: DSMATH_FP8_GEMM=triton but triton"):
+        y = dk.fp8_gemm(a, w, ws)
+    assert_close(y, fp8_gemm_ref(a, w, ws), atol=1e-5, rtol=1e-5, name="y")
+    assert _dispatch.launch_counts()[("fp8_gemm", "torch")] == 1
+    monkeypatch.setenv("DSMATH_STRICT", "1")
+    for call in (lambda: dk.fp8_gemm(a, w, ws), lambda: dk.quantize_fp8_groups(a),
+                 lambda: dk.grouped_gemm_fp8(a, *_weights(2, 256, 128), torch.tensor([0, 1, 3], dtype=torch.int32)),
+                 lambda: dk.moe_experts_fp8(*moe), lambda: fp8.experts_forward(*moe, "auto")):
+        with pytest.raises(dk.FallbackError, match="triton is not installed"):
+            call()
+    monkeypatch.delenv("DSMATH_STRICT")
+    monkeypatch.setenv("DSMATH_FORCE_REFERENCE", "1")  # a choice, not a fallback: no warning, the reference runs
+    _dispatch.reset()
+    out = dk.moe_experts_fp8(*moe)
+    assert_close(out, moe_experts_fp8_ref(*moe, quantize_activations=False), atol=1e-6, rtol=1e-6, name="out")
+    assert _dispatch.launch_counts() == {("moe_experts_fp8", "reference"): 1}
+    _dispatch.reset()
 
 
 def test_custom_op_opcheck(monkeypatch):

@@ -65,16 +65,13 @@ def _choose(op: str, device: torch.device, activation: str = "native") -> _dispa
             return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
         if activation == "fp8" and not _fp8_dot(device):
             cc = "".join(map(str, torch.cuda.get_device_capability(device)))
-            return _dispatch.fallback(op, "torch", f"FP8 activations need FP8 MMA (sm_89 or newer), this GPU is "
-                                      f"sm_{cc}", "activation='native' (weight-only: the sm_80 Triton kernel)")
+            return _dispatch.fallback(op, "torch", f"e4m3 activations need FP8 MMA and conversions (sm_89 or newer), "
+                                      f"this GPU is sm_{cc}", "activation='native' (weight-only: the sm_80 Triton "
+                                      "kernel)")
         return _dispatch.kernel(op, "triton", f"activations {activation}")
     if device.type == "cpu":
         return _dispatch.by_design(op, "torch", "CPU design: dequantise one matrix (one expert) at a time, matmul")
     return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
-
-
-def _backend(device: torch.device, activation: str = "native") -> str:
-    return _choose("fp8_gemm", device, activation).backend
 
 
 def resolve_activation(activation: str, device: torch.device) -> str:
@@ -106,7 +103,7 @@ def _nb(n: int) -> int:
 
 @torch.library.custom_op("dsmath::quantize_fp8_groups", mutates_args=())
 def _quantize_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _dispatch.take(_choose("quantize_fp8_groups", x.device)).backend == "triton":
+    if _dispatch.take(_choose("quantize_fp8_groups", x.device, "fp8")).backend == "triton":  # e4m3 out: sm_89+
         from dsmath_kernels import fp8_gemm_triton
 
         return fp8_gemm_triton.quantize(x)
@@ -286,20 +283,28 @@ def grouped_gemm_fp8(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, ex
 # ---------------------------------------------------------------- routed-expert layer
 
 def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activation: str, x_scale=None,
-                    out_dtype=None) -> torch.Tensor:
+                    out_dtype=None, backend: str | None = None) -> torch.Tensor:
     """The routed-expert layer without checks (callers validated): FP8 experts when s_gate_up is given, else the
     float experts of dsmath_kernels.moe. ids [T, K] may hold -1 = "skip this slot" (expert parallelism: the
     expert lives on another rank); those slots go to a virtual last group that is never computed. x may arrive
     already quantised (e4m3 with x_scale [T, ceil(H/128)], e.g. dispatched across ranks in FP8); out_dtype is then
-    the output's dtype (else x's)."""
+    the output's dtype (else x's). backend: the FP8 choice the caller took; None (model.parallel's expert-parallel
+    layer) takes it here, through _dispatch like the public ops (moe_experts_fp8 / moe_experts): a fallback warns,
+    strict mode raises, a forced reference runs the dequantise-and-matmul path (the reference's semantics)."""
     E, I2, _ = w_gate_up.shape
     T, K = ids.shape
     out_dtype = out_dtype or x.dtype
+    act = resolve_activation(activation, x.device) if s_gate_up is not None else "native"
+    if backend is None:
+        from dsmath_kernels import moe
+
+        choice = (_choose("moe_experts_fp8", x.device, act) if s_gate_up is not None
+                  else moe._choose_experts(x.device, x.dtype, E))
+        backend = _dispatch.take(choice).backend
     skip = ids < 0
     ids = torch.where(skip, E, ids).to(torch.int32)  # virtual group E: its rows are past off[E], written as zeros
     order, offsets, inverse = _permute_impl(ids, E + 1, 1)
     offsets = offsets[: E + 1]
-    act = resolve_activation(activation, x.device) if s_gate_up is not None else "native"
     if x_scale is not None and act != "fp8":
         x, x_scale = dequantize_fp8_groups_ref(x, x_scale).to(out_dtype), None
     if s_gate_up is None:  # float experts (dsmath_kernels.moe's fused path)
@@ -314,7 +319,7 @@ def experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, activ
         y = moe._gemm_impl(moe._silu_mul(h), w_down, offsets)  # [R, H]
         return _combine(y, weights, inverse)
     nb = s_gate_up.shape[1] // 2  # gate blocks, then up blocks
-    if _backend(x.device, act) == "triton":
+    if backend == "triton":
         from dsmath_kernels import fp8_gemm_triton as ft
 
         rw = weights.reshape(-1).float()
@@ -357,9 +362,10 @@ def _moe_experts_fp8_op(x: torch.Tensor, w_gate_up: torch.Tensor, s_gate_up: tor
                         s_down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                         activation: str) -> torch.Tensor:
     act = resolve_activation(activation, x.device)
-    if _dispatch.take(_choose("moe_experts_fp8", x.device, act)).backend == "reference":
+    backend = _dispatch.take(_choose("moe_experts_fp8", x.device, act)).backend
+    if backend == "reference":
         return moe_experts_fp8_ref(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, act == "fp8")
-    return experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, act)
+    return experts_forward(x, w_gate_up, s_gate_up, w_down, s_down, weights, ids, act, backend=backend)
 
 
 @_moe_experts_fp8_op.register_fake

@@ -167,7 +167,8 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sqm, ssm, EXACT: tl.constexpr,
 # (decode, weight-bandwidth bound), BM 64 / 128 wgmma on e4m3. The SwiGLU epilogue keeps four fp32 tiles live (gate,
 # up and their partial products): at BM = 128 it spills (708 bytes on sm_90), so it runs BM = 64 over 8 warps.
 # Weight-only (bf16 A, e4m3 B converted in registers): BK = 64 — the conversion's registers spill at BK = 128 on
-# sm_80. Every entry compiles without spills (hopper_compile_report).
+# sm_80. Every entry compiles without spills (`python -m dsmath_kernels.compile_report --only fp8
+# --target all`, in CI for sm_90).
 _TABLES = {
     ("w8a8", False): {16: [(16, 64, 4, 4, 128), (16, 128, 4, 4, 128)], 64: [(64, 128, 4, 4, 128), (64, 64, 4, 4, 128)],
                       128: [(128, 128, 8, 3, 128), (128, 128, 8, 4, 128)]},
@@ -291,89 +292,3 @@ def quantize(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Ten
     _quant_kernel[(triton.cdiv(M, BM), s.shape[1])](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
                                                      EXACT=INTERPRET, BM=BM, G=group)
     return q, s
-
-
-# ---------------------------------------------------------------- compile check (no GPU needed)
-
-def _ptxas(arch: int) -> str:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
-
-        return get_ptxas(arch).path
-    except (ImportError, AttributeError):
-        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
-def _compile(fn, ptrs, ints, consts, div16, warps, stages, arch=90) -> dict:
-    """Compile one specialisation for sm_<arch> and read its resources: wgmma / mma.sync counts (and e4m3 operands)
-    from the PTX, registers and spills from ptxas -v, shared memory from triton."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    types = {**dict(ptrs), **{n: "i32" for n in ints}, **{k: "constexpr" for k in consts}}
-    sig = {n: types[n] for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-    ptx = k.asm["ptx"]
-    wg = re.findall(r"wgmma\.mma_async\S*", ptx)
-    mma = re.findall(r"mma\.sync\S*", ptx)
-    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
-        f.write(ptx)
-        f.flush()
-        log = subprocess.run([_ptxas(arch), f"-arch=sm_{arch}a" if arch == 90 else f"-arch=sm_{arch}", "-v", f.name,
-                              "-o", os.devnull], capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
-    return {"wgmma": len(wg), "wgmma_e4m3": sum("e4m3" in x for x in wg), "mma_sync": len(mma),
-            "mma_sync_e4m3": sum("e4m3" in x for x in mma), "registers": int(regs.group(1)) if regs else None,
-            "spill_bytes": int(spill.group(1)) if spill else None, "shared": k.metadata.shared, "warps": warps,
-            "stages": stages}
-
-
-def hopper_compile_report() -> dict:
-    """Compile every FP8 kernel configuration a launch can pick (configs_for, all row buckets) as a launch
-    specialises it (unit k strides constexpr, 16-divisible sizes and pointers): W8A8 for sm_90 (expect wgmma on
-    e4m3 operands from BM = 64 up), the weight-only variant for sm_90 (activation="native") and sm_80 (its
-    target: bf16 mma.sync, weights as bytes), the quantiser.
-    Needs ptxas (bundled with triton), not a GPU; not under the interpreter. -> {name: resources}."""
-    f8 = "*fp8e4nv"
-    ints = ["M", "N", "K", "E", "topk", "UPB", "mbucket", "sam", "sasm", "sask", "sbe", "sbn", "sbse", "sbsn", "sbsk",
-            "sym", "sysm"]
-    base = {"sak": 1, "sbk": 1, "syn": 1, "W_BITS": False, "UPCAST": False, "IEEE": False, "GATHER": False,
-            "ACT": False, "SCALE": False, "QUANT_OUT": False, "EP": 512}
-    modes = {  # name: (flags, a dtype, y dtype, arch)
-        "dense_w8a8": ({"DENSE": True, "A_FP8": True}, f8, "*bf16", 90),
-        "moe_gate_up_swiglu_quant_w8a8": ({"DENSE": False, "A_FP8": True, "GATHER": True, "ACT": True,
-                                           "QUANT_OUT": True}, f8, f8, 90),
-        "moe_down_routed_w8a8": ({"DENSE": False, "A_FP8": True, "SCALE": True}, f8, "*bf16", 90),
-        "dense_w8a16_sm90": ({"DENSE": True, "A_FP8": False}, "*bf16", "*bf16", 90),
-        "moe_gate_up_swiglu_w8a16_sm90": ({"DENSE": False, "A_FP8": False, "GATHER": True, "ACT": True}, "*bf16",
-                                          "*bf16", 90),
-        "moe_down_routed_w8a16_sm90": ({"DENSE": False, "A_FP8": False, "SCALE": True}, "*bf16", "*bf16", 90),
-        "dense_w8a16_sm80": ({"DENSE": True, "A_FP8": False, "W_BITS": True}, "*bf16", "*bf16", 80),
-        "moe_gate_up_swiglu_w8a16_sm80": ({"DENSE": False, "A_FP8": False, "W_BITS": True, "GATHER": True,
-                                           "ACT": True}, "*bf16", "*bf16", 80),
-        "moe_down_routed_w8a16_sm80": ({"DENSE": False, "A_FP8": False, "W_BITS": True, "SCALE": True}, "*bf16",
-                                       "*bf16", 80),
-    }
-    out = {}
-    for mode, (flags, a_ty, y_ty, arch) in modes.items():
-        b_ty = "*u8" if flags.get("W_BITS") else f8
-        ptrs = [("a_ptr", a_ty), ("as_ptr", "*fp32"), ("b_ptr", b_ty), ("bs_ptr", "*fp32"), ("y_ptr", y_ty),
-                ("ys_ptr", "*fp32"), ("off_ptr", "*i32"), ("rows_ptr", "*i32"), ("rw_ptr", "*fp32")]
-        div = [n for n, _ in ptrs] + ["N", "K", "sam", "sbe", "sbn", "sym"]
-        cfgs = sorted({c for b in (16, 64, 128) for c in configs_for(b, flags["A_FP8"], flags.get("ACT", False),
-                                                                   flags.get("QUANT_OUT", False))})
-        for bm, bn, warps, stages, bk in cfgs:
-            consts = {**base, **flags, "BM": bm, "BN": bn, "BK": bk}
-            out[f"{mode}_{bm}x{bn}_w{warps}s{stages}"] = _compile(_fp8_gemm_kernel, ptrs, ints, consts, div, warps,
-                                                                 stages, arch)
-    out["quantize_1x128"] = _compile(_quant_kernel, [("x_ptr", "*bf16"), ("q_ptr", f8), ("s_ptr", "*fp32")],
-                                     ["M", "K", "sxm", "sqm", "ssm"], {"EXACT": False, "BM": 32, "G": 128},
-                                     ["x_ptr", "q_ptr", "s_ptr", "K", "sxm", "sqm"], 4, 1)
-    return out
