@@ -25,7 +25,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-# Worst case (every step hitting its limit) is 480 s; expected ~5-6 min on an H200 with 16 cores.
+# Worst case (every step hitting its limit) is 540 s; expected ~6-7 min on an H200 with 16 cores.
 step build 110 pip install --no-build-isolation --no-deps -v .
 step env 10 python -m dsmath_kernels --preset v2-lite
 step ops_smoke 60 python bench/ops_smoke.py
@@ -39,5 +39,8 @@ step bench_moe 25 python bench/bench_moe.py --tokens 1,128,8192 --backward-max-t
 step bench_grpo_loss 20 python bench/bench_grpo_loss.py --tokens 8192
 step bench_fp8 20 python bench/bench_fp8.py --tokens 1,4096 --reps 3
 step bench_model 25 python bench/bench_model.py --tokens 4096 --layers 2 --reps 1
+# GRPO at scale on one GPU: a V2-Lite-shaped step (2 layers, random weights) under torchrun/FSDP2/NCCL, bf16 mixed
+# precision, CUDA graphs in the rollout, sleep/wake_up; its peak_mem_gib checked against --plan-memory
+step grpo_plan 60 python bench/grpo_plan_check.py --layers 2 --steps 2
 echo "total ${SECONDS}s" >> "$SUMMARY"
 cat "$SUMMARY"

@@ -18,6 +18,7 @@ than one) in the per-expert layout, which transformers loads.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -88,10 +89,10 @@ class _Targets:
             return True
         return name == "lm_head.weight" and self.cfg.tie_word_embeddings
 
-    def dest(self, name: str):
-        """-> (destination view, whether this rank holds it (else the view is another expert's: same shape and
-        dtype), checkpoint slices or None for the whole tensor, the checkpoint tensor's expected shape, the
-        required names it covers), or None for an unknown name."""
+    def region(self, name: str) -> tuple[str, tuple, list[str]] | None:
+        """-> (state key, index into that full (unsharded) tensor, the required names it covers), or None for an
+        unknown name. A per-expert tensor is one expert's rows of the fused tensor: (e, slice(0, I)) of gate_up_proj
+        [E, 2I, H] (its weight_scale_inv: that expert's gate or up scale blocks of gate_up_proj_scale_inv)."""
         m = _EXPERT.match(name)
         if m:
             p, e, w, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
@@ -100,24 +101,39 @@ class _Targets:
             t = self.state.get(key)
             if t is None or e >= self.cfg.num_experts:
                 return None
-            first, count = self.marks[key][1] or (0, t.shape[0])
-            local = e - first
-            data = t.data[min(max(local, 0), t.shape[0] - 1)]  # same shape for every expert (shape check)
-            if w != "down_proj":
-                half = data.shape[0] // 2
-                data = data[:half] if w == "gate_proj" else data[half:]
-            return data, 0 <= local < count, *self._slice(self.marks[key][0], data), [name]
+            if w == "down_proj":
+                return key, (e,), [name]
+            half = t.shape[1] // 2  # gate rows (or scale blocks), then up
+            return key, (e, slice(0, half) if w == "gate_proj" else slice(half, 2 * half)), [name]
         t = self.state.get(name)
         if t is None:
             return None
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
-            if self.sharded:
-                raise ValueError(f"{name}: fused expert tensors cannot be split across ranks; save the checkpoint "
-                                 "per expert (save_pretrained or model.quantize do)")
             p = name.rsplit(".", 1)[0]
             parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
-            return t.data, True, None, tuple(t.shape), [f"{p}.{e}.{w}.weight" for e in range(t.shape[0]) for w in parts]
-        return t.data, True, *self._slice(self.marks[name][0], t.data), [name]
+            return name, (), [f"{p}.{e}.{w}.weight" for e in range(t.shape[0]) for w in parts]
+        return name, (), [name]
+
+    def dest(self, name: str):
+        """-> (destination view on this rank, whether this rank holds it (else the view is another expert's: same
+        shape and dtype), checkpoint slices or None for the whole tensor, the checkpoint tensor's expected shape,
+        the required names it covers), or None for an unknown name."""
+        r = self.region(name)
+        if r is None:
+            return None
+        key, index, covers = r
+        t, (tp, ep) = self.state[key], self.marks[key]
+        if not index:
+            if len(covers) > 1 or covers[0] != name:  # a fused expert tensor
+                if self.sharded:
+                    raise ValueError(f"{name}: fused expert tensors cannot be split across ranks; save the "
+                                     "checkpoint per expert (save_pretrained or model.quantize do)")
+                return t.data, True, None, tuple(t.shape), covers
+            return t.data, True, *self._slice(tp, t.data), covers
+        first, count = ep or (0, t.shape[0])
+        local = index[0] - first
+        data = t.data[min(max(local, 0), t.shape[0] - 1)][index[1:]]  # same shape for every expert (shape check)
+        return data, 0 <= local < count, *self._slice(tp, data), covers
 
     @staticmethod
     def _slice(tp, data):
@@ -230,77 +246,95 @@ def load_pretrained(cls, path: str, dtype=None, device=None, shard=None):
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(_scale_inv)?$")
 
 
+def hf_split(key: str, t: torch.Tensor):
+    """One state-dict tensor -> (checkpoint name, view) in the per-expert layout transformers reads (the fused
+    experts.gate_up_proj [E, 2I, H] -> E gate_proj and up_proj [I, H]; down_proj [E, H, I] -> E [H, I]; an FP8
+    model's gate_up_proj_scale_inv / down_proj_scale_inv likewise, as each expert's weight_scale_inv)."""
+    m = _FUSED.match(key)
+    if not m:
+        yield key, t
+        return
+    p, w, kind = m.group(1), m.group(2), "weight_scale_inv" if m.group(3) else "weight"
+    half = t.shape[1] // 2  # gate rows (or gate scale blocks), then up
+    for e in range(t.shape[0]):
+        if w == "down_proj":
+            yield f"{p}.{e}.down_proj.{kind}", t[e]
+        else:
+            yield f"{p}.{e}.gate_proj.{kind}", t[e, :half]
+            yield f"{p}.{e}.up_proj.{kind}", t[e, half:]
+
+
 def _hf_tensors(model):
-    """Yields (checkpoint name, CPU tensor) in the per-expert layout, one tensor at a time (FP8 experts with
-    their per-expert weight_scale_inv)."""
-    state = model.state_dict()
+    """Yields (checkpoint name, tensor view) in the per-expert layout, one tensor at a time."""
     tied = model.config.tie_word_embeddings
-    for k, t in state.items():
-        if tied and k == "lm_head.weight":
-            continue
-        m = _FUSED.match(k)
-        if not m:
-            yield k, t
-            continue
-        p, w, kind = m.group(1), m.group(2), "weight_scale_inv" if m.group(3) else "weight"
-        half = t.shape[1] // 2  # gate rows (or gate scale blocks), then up
-        for e in range(t.shape[0]):
-            if w == "down_proj":
-                yield f"{p}.{e}.down_proj.{kind}", t[e]
-            else:
-                yield f"{p}.{e}.gate_proj.{kind}", t[e, :half]
-                yield f"{p}.{e}.up_proj.{kind}", t[e, half:]
+    for k, t in model.state_dict().items():
+        if not (tied and k == "lm_head.weight"):
+            yield from hf_split(k, t)
 
 
-def _write_shard(tensors: dict, path: str) -> None:
-    from safetensors.torch import save_file
-    save_file(tensors, path, metadata={"format": "pt"})
+_ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+             torch.float8_e4m3fn: "F8_E4M3"}
+HF_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def write_hf_checkpoint(path: str, config: dict, plan: list, tensors, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write a Hugging Face checkpoint: config.json, safetensors shards (model.safetensors, or
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json). `plan` lists (name, shape, dtype) in the
+    order the iterator `tensors` yields (name, tensor); each tensor is cast to its planned dtype. Shards are laid
+    out from the plan and written header first, then tensor by tensor: host memory ~ one tensor, never a shard."""
+    import struct
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    shards, cur, size = [], [], 0
+    for name, shape, dtype in plan:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, tuple(shape), dtype, nbytes))
+        size += nbytes
+    shards.append(cur)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    it = iter(tensors)
+    for fname, shard in zip(names, shards):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype, nbytes in shard:
+            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        tmp = os.path.join(path, fname + ".partial")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for name, shape, dtype, _ in shard:
+                got, t = next(it)
+                if got != name or tuple(t.shape) != shape:
+                    raise RuntimeError(f"write_hf_checkpoint: expected {name} {list(shape)}, got {got} "
+                                       f"{list(t.shape)}")
+                f.write(t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(tmp, os.path.join(path, fname))
+    if n > 1:
+        total = sum(nb for shard in shards for *_, nb in shard)
+        weight_map = {name: fname for fname, shard in zip(names, shards) for name, *_ in shard}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def hf_config(model_config, dtype: torch.dtype) -> dict:
+    """config.json for a checkpoint in `dtype`: the original fields, architectures, and the dtype under both
+    names (transformers >= 4.56 reads `dtype`, older ones `torch_dtype`)."""
+    cfg = model_config.to_dict()
+    cfg["dtype"] = cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg.setdefault("architectures", [HF_ARCHITECTURES[model_config.model_type]])
+    return cfg
 
 
 @torch.no_grad()
 def save_pretrained(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
-    os.makedirs(path, exist_ok=True)
-    cfg = model.config.to_dict()
-    cfg["dtype"] = str(model.dtype).replace("torch.", "")
-    cfg.pop("torch_dtype", None)
-    arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM"}[model.config.model_type]
-    cfg.setdefault("architectures", [arch])
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-
-    write_shards(path, _hf_tensors(model), max_shard_bytes)
-
-
-def write_shards(path: str, tensors, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write (name, tensor) pairs as safetensors shards of at most max_shard_bytes (model.safetensors when one fits,
-    else model-0000i-of-0000n.safetensors + model.safetensors.index.json); each shard is written as soon as it is
-    full, so host memory stays about one shard."""
-    files, weight_map, cur, size, total = [], {}, {}, 0, 0
-
-    def flush():
-        nonlocal cur, size
-        fname = f"model-{len(files) + 1:05d}.partial.safetensors"
-        _write_shard(cur, os.path.join(path, fname))
-        files.append(fname)
-        weight_map.update({n: fname for n in cur})
-        cur, size = {}, 0
-
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            flush()
-        cur[name] = t.detach().to("cpu").contiguous()
-        size += nbytes
-        total += nbytes
-    if cur or not files:
-        flush()
-    if len(files) == 1:
-        os.replace(os.path.join(path, files[0]), os.path.join(path, "model.safetensors"))
-        return
-    final = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
-    for f, g in final.items():
-        os.replace(os.path.join(path, f), os.path.join(path, g))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": {n: final[v] for n, v in weight_map.items()}},
-                  f, indent=2)
+    plan = [(n, t.shape, t.dtype) for n, t in _hf_tensors(model)]
+    write_hf_checkpoint(path, hf_config(model.config, model.dtype), plan, _hf_tensors(model), max_shard_bytes)

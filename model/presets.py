@@ -3,6 +3,7 @@
 - `v2-lite`: DeepSeek-V2-Lite's exact shapes (27 layers, hidden 2048, 16 heads, MLA kv_lora_rank 512 without
   q low-rank, 1 dense layer then 26 MoE layers of 64 routed experts top-6 + 2 shared, vocab 102400, YaRN x40 over
   4K): ~15.7B parameters, ~2.4B active per token. Random weights only (benches); never build it in CPU tests.
+- `qwen3-30b-a3b`: Qwen3-30B-A3B's shapes (48 layers, 128 experts top-8, GQA 32/4): ~30.5B parameters.
 - `tiny` (alias `tiny-v2`), `tiny-v3`, `tiny-qwen3`: a few layers and experts, for CPU tests of each family.
 """
 
@@ -22,6 +23,16 @@ V2_LITE = {
                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001, "attention_bias": False,
     "dtype": "bfloat16",
+}
+
+# Qwen/Qwen3-30B-A3B's config.json (30.5B parameters, 3.3B active): for memory plans and benches, random weights only
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960, "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+    "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "dtype": "bfloat16",
 }
 
 TINY_V2 = {
@@ -52,7 +63,8 @@ TINY_QWEN3 = {
     "tie_word_embeddings": False, "eos_token_id": 1, "bos_token_id": 0,
 }
 
-PRESETS = {"v2-lite": V2_LITE, "tiny": TINY_V2, "tiny-v2": TINY_V2, "tiny-v3": TINY_V3, "tiny-qwen3": TINY_QWEN3}
+PRESETS = {"v2-lite": V2_LITE, "qwen3-30b-a3b": QWEN3_30B_A3B,
+           "tiny": TINY_V2, "tiny-v2": TINY_V2, "tiny-v3": TINY_V3, "tiny-qwen3": TINY_QWEN3}
 
 
 def preset(name: str, **overrides):

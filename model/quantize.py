@@ -9,7 +9,7 @@ score-correction biases and norms are copied unchanged. config.json gains DeepSe
 {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic, weight_block_size: [128, 128]}; the other files in SRC
 (tokenizer, generation config) are copied. Experts are written per expert (a fused gate_up_proj [E, 2I, H] is split,
 and gate / up are quantised separately), so the result loads here and in other DeepSeek-V3 FP8 readers.
-Streams one tensor at a time: host memory stays about one output shard."""
+Streams one tensor at a time: host memory stays about one source tensor."""
 
 from __future__ import annotations
 
@@ -19,43 +19,75 @@ import os
 import re
 import shutil
 
-from .loader import by_file, read_headers, write_shards
+import torch
+
+from .loader import _ST_CODES, by_file, read_headers, write_hf_checkpoint
 
 _QUANTISED = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [128, 128]}
+_DTYPE = {code: dt for dt, code in _ST_CODES.items()}
 
 
-def _tensors(src: str):
-    """(name, tensor) of the output checkpoint, one source tensor read at a time."""
+def _nb(n: int) -> int:
+    return -(-n // 128)
+
+
+def _layout(headers: dict) -> list[tuple]:
+    """The output checkpoint from the source headers alone (no data read): per output tensor (name, shape, dtype,
+    source name, index into the source tensor, kind: "copy", "weight" (quantised) or "scale" (its
+    weight_scale_inv, right after it))."""
+    out = []
+    for names in by_file(headers).values():
+        for name in names:
+            _, shape, code = headers[name]
+            if code.startswith("F8"):
+                raise ValueError(f"{name}: already {code} (SRC is an FP8 checkpoint)")
+            fused = _FUSED.match(name)
+            if fused:  # transformers' in-memory layout: split per expert (gate / up each with their blocks)
+                p, w = fused.groups()
+                half = shape[1] // 2
+                parts = [("down_proj", lambda e: (e,), shape[1:])] if w == "down_proj" else \
+                    [("gate_proj", lambda e: (e, slice(0, half)), [half, shape[2]]),
+                     ("up_proj", lambda e: (e, slice(half, 2 * half)), [half, shape[2]])]
+                weights = [(f"{p}.{e}.{proj}.weight", sub, index(e)) for e in range(shape[0])
+                           for proj, index, sub in parts]
+            elif _QUANTISED.match(name) and len(shape) == 2:
+                weights = [(name, shape, ())]
+            else:
+                out.append((name, shape, _DTYPE[code], name, (), "copy"))
+                continue
+            for wname, sub, index in weights:
+                out.append((wname, sub, torch.float8_e4m3fn, name, index, "weight"))
+                out.append((wname + "_scale_inv", [_nb(sub[0]), _nb(sub[1])], torch.float32, name, index, "scale"))
+    return out
+
+
+def _tensors(headers: dict, layout: list[tuple]):
+    """(name, tensor) per layout entry, each source tensor read once (entries from one source are adjacent)."""
     from safetensors import safe_open
 
     import dsmath_kernels as dk
 
-    for file, names in by_file(read_headers(src)).items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in names:
-                t = f.get_tensor(name)
-                if t.dtype.is_floating_point and t.element_size() == 1:
-                    raise ValueError(f"{name}: already {t.dtype} (SRC is an FP8 checkpoint)")
-                fused = _FUSED.match(name)
-                if fused:  # transformers' in-memory layout: split per expert (gate / up each with their blocks)
-                    p, w = fused.groups()
-                    half = t.shape[1] // 2
-                    for e in range(t.shape[0]):
-                        parts = [("down_proj", t[e])] if w == "down_proj" else \
-                            [("gate_proj", t[e, :half]), ("up_proj", t[e, half:])]
-                        for proj, x in parts:
-                            q, s = dk.quantize_fp8_blocks(x.float())
-                            yield f"{p}.{e}.{proj}.weight", q
-                            yield f"{p}.{e}.{proj}.weight_scale_inv", s
-                elif _QUANTISED.match(name) and t.dim() == 2:
-                    q, s = dk.quantize_fp8_blocks(t.float())
-                    yield name, q
-                    yield name + "_scale_inv", s
-                else:
-                    yield name, t
+    handles, cur, src, scale = {}, None, None, None
+    try:
+        for name, _shape, _dtype, source, index, kind in layout:
+            if source != cur:
+                file = headers[source][0]
+                if file not in handles:
+                    handles[file] = safe_open(file, framework="pt", device="cpu").__enter__()
+                cur, src = source, handles[file].get_tensor(source)
+            if kind == "copy":
+                yield name, src
+            elif kind == "weight":
+                q, scale = dk.quantize_fp8_blocks(src[index].float())
+                yield name, q
+            else:
+                yield name, scale
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
 
 
 def quantize_checkpoint(src: str, out: str, block: int = 128, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -68,11 +100,10 @@ def quantize_checkpoint(src: str, out: str, block: int = 128, max_shard_bytes: i
         raise ValueError(f"{src}: config.json already has a quantization_config ({cfg['quantization_config']})")
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("OUT: must differ from SRC")
-    os.makedirs(out, exist_ok=True)
-    write_shards(out, _tensors(src), max_shard_bytes)
     cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
+    headers = read_headers(src)
+    layout = _layout(headers)
+    write_hf_checkpoint(out, cfg, [entry[:3] for entry in layout], _tensors(headers, layout), max_shard_bytes)
     for name in os.listdir(src):  # tokenizer, generation config, ...
         full = os.path.join(src, name)
         if os.path.isfile(full) and not name.endswith(".safetensors") and name not in (

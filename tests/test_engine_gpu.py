@@ -50,11 +50,52 @@ def test_seeded_sampling_on_gpu_is_reproducible(model):
     assert [c.token_ids for c in one.outputs] == [c.token_ids for c in two.outputs]
 
 
-def test_memory_fraction_sizing(model):
-    total = torch.cuda.get_device_properties(0).total_memory
+def test_kv_cache_is_a_fraction_of_the_memory_free_for_it(model):
+    """The budget comes from torch.cuda.mem_get_info after the weights and a profiling forward: memory held by
+    ANOTHER process (invisible to torch.cuda.memory_allocated) is not handed to the cache."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; x = torch.empty(6 * 2**30, dtype=torch.uint8, device='cuda'); "
+            "torch.cuda.synchronize(); print('ready', flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info()[0]
+        llm = LLM(model, gpu_memory_fraction=0.5, block_size=64, max_num_seqs=8, max_num_batched_tokens=512)
+        kv = llm.block_manager.num_blocks * model.kv_cache_bytes_per_block(64)
+        assert 0.45 * free <= kv <= 0.5 * free, (kv / 2**30, free / 2**30)
+        out = llm.generate(prompts(2), SamplingParams(max_tokens=4), use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+
+
+def test_sleep_frees_the_cache_graphs_and_weights_and_wake_up_restores_them(model):
+    import copy
+
+    own = copy.deepcopy(model)
+    llm = LLM(own, num_blocks=256, block_size=16, max_num_seqs=8)
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts(), p, use_tqdm=False)]
+    weights = {k: v.clone() for k, v in own.state_dict().items()}
     torch.cuda.synchronize()
-    frac = (torch.cuda.memory_allocated() + 2 * 2**30) / total       # leave the engine ~2 GiB
-    llm = LLM(model, gpu_memory_fraction=frac, block_size=64, max_num_seqs=8, max_num_batched_tokens=512)
-    assert 0 < llm.block_manager.num_blocks * model.kv_cache_bytes_per_block(64) <= 2 * 2**30
-    out = llm.generate(prompts(2), SamplingParams(max_tokens=4), use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    before = torch.cuda.memory_allocated()
+    llm.sleep(level=2)
+    freed = before - torch.cuda.memory_allocated()
+    kv = 256 * own.kv_cache_bytes_per_block(16)
+    assert freed >= kv + sum(t.numel() * t.element_size() for t in weights.values()) * 0.9, freed
+    assert not llm.runner.graphs
+    llm.wake_up(["weights"])
+    own.load_state_dict(weights)
+    llm.wake_up(["kv_cache"])
+    assert sorted({k[0] for k in llm.runner.graphs}) == [1, 2, 4, 8], llm.runner.capture_error  # captured again
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts(), p, use_tqdm=False)] == want
+    llm.sleep(level=1)  # weights to host memory
+    assert next(own.parameters()).device.type == "cpu"
+    llm.wake_up()
+    assert next(own.parameters()).device.type == "cuda"
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts(), p, use_tqdm=False)] == want

@@ -64,7 +64,7 @@ from dsmath.train import eval, grpo, rewards
 from dsmath.train._pkg import model_module
 import dsmath.bench.throughput
 assert model_module("engine").LLM is LLM, "train must reach the same model package"
-assert grpo.load_lm.__module__ == "dsmath.train.grpo"
+assert grpo.build.__module__ == "dsmath.train.grpo"
 top = sorted({m.split(".")[0] for m in sys.modules} & {"model", "train", "bench"})
 assert not top, f"generic top-level modules imported: {top}"
 web = sorted({m.split(".")[0] for m in sys.modules} & {"fastapi", "uvicorn", "starlette", "openai", "httpx"})

@@ -121,18 +121,41 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(ck)) == ["latest", "step_000002", "step_000004"]
 
 
-def test_checkpoint_loads_in_our_model_and_transformers(tmp_path):
-    run(_toy(tmp_path, steps=2, mu=1, minibatches=1))
-    d = str(tmp_path / "ckpt" / "step_000002")
-    from model import MoEForCausalLM
+def test_export_loads_in_our_model_and_transformers_with_equal_logits(tmp_path):
+    """The run's automatic export of its final checkpoint (OUT/hf/step_N, float32 on a CPU) and `python -m
+    train.export RUN OUT --dtype bfloat16` with several shards: the files hold the checkpoint's master weights
+    (rounded to bf16, DeepSeek routers kept fp32), config.json states the dtype, transformers and our model give
+    equal logits, the tokenizer and generation_config come along, and our LLM generates from the directory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    ours = MoEForCausalLM.from_pretrained(d, dtype=torch.float32)
-    ids = torch.tensor([[20, 21, 22, 23]])
+    from model import LLM, MoEForCausalLM, SamplingParams
+    from train.export import main as export_main
+
+    run(_toy(tmp_path, steps=2, mu=1, minibatches=1))
+    dcp_to_torch_save(str(tmp_path / "ckpt" / "step_000002"), str(tmp_path / "master.pt"))
+    master = {k.removeprefix("lm."): v for k, v in torch.load(tmp_path / "master.pt")["model"].items()}
+    auto, bf16 = tmp_path / "hf" / "step_000002", tmp_path / "bf16"
+    export_main([str(tmp_path), str(bf16), "--dtype", "bfloat16", "--max-shard-gib", str(40_000 / 2**30)])
+    assert (bf16 / "model.safetensors.index.json").exists() and len(list(bf16.glob("model-*.safetensors"))) > 2
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
-    tok = transformers.AutoTokenizer.from_pretrained(d)
-    assert tok.decode(tok.encode("\\boxed{7}")) == "\\boxed{7}"
+    ids = torch.tensor([[20, 21, 22, 23, 9, 40]])
+    for d, dtype in ((auto, "float32"), (bf16, "bfloat16")):
+        cfg = json.load(open(d / "config.json"))
+        assert cfg["dtype"] == cfg["torch_dtype"] == dtype
+        ours = MoEForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        for name, p in ours.state_dict().items():
+            want = master[name] if dtype == "float32" or name.endswith("mlp.gate.weight") else \
+                master[name].to(torch.bfloat16).float()
+            assert torch.equal(p, want), (d.name, name)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+        tok = transformers.AutoTokenizer.from_pretrained(str(d))
+        assert tok.decode(tok.encode("\\boxed{7}")) == "\\boxed{7}"
+        gen = transformers.GenerationConfig.from_pretrained(str(d))
+        assert gen.eos_token_id == ours.config.eos_token_id
+    out = LLM(str(bf16), device="cpu", cpu_kv_cache_gib=0.01).generate(
+        ["1+2="], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
 
 
 def test_plot_writes_png(tmp_path):

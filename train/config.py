@@ -52,7 +52,7 @@ class GRPOConfig:
     mask_truncated_completions: bool = False  # DAPO overlong filtering: completions cut at max_tokens leave the loss
     mu: int = 1                      # optimisation passes over each sampled batch (DeepSeekMath: 1)
     minibatches: int = 1             # optimizer steps per pass
-    micro_batch: int = 64            # sequences per forward/backward (gradient accumulation)
+    micro_batch: int = 8             # sequences per forward/backward (gradient accumulation; --plan-memory sizes it)
     # ---- sampler-trainer mismatch (notes in train/README.md, "Log-probs that match")
     routing_replay: bool | None = None  # R3: the trainer's forwards (old, reference, new) use the experts the engine
                                      #   picked for each token; None = on for MoE policies
@@ -77,17 +77,21 @@ class GRPOConfig:
     schedule: str = "constant"       # constant | cosine (after warm-up, down to min_lr_ratio * lr)
     min_lr_ratio: float = 0.1
     # ---- system
-    dtype: str = "float32"           # float32 | bfloat16 (bf16 weights + fp32 master copy / FSDP mixed precision)
-    activation_checkpointing: bool = False
+    dtype: str | None = None         # compute: bfloat16 (default on CUDA; fp32 master shards) | float32 (CPU default)
+    ref_offload: bool = False        # reference shards in pinned host memory (FSDP2 CPU offload; CUDA + torchrun)
+    rollout_offload: bool = False    # policy shards + AdamW state in host memory while the engine is awake
+    activation_checkpointing: bool | None = None  # recompute each decoder layer in backward; None: on with CUDA
     seed: int = 0
     threads: int | None = None       # torch CPU threads (1 is fastest for tiny models on a shared machine)
     engine_block_size: int = 64      # the engine's default (FlashMLA's size; 2,048 table entries at 128K)
     engine_max_num_seqs: int = 256
-    engine_memory_fraction: float = 0.3  # of GPU memory for the KV cache (training needs the rest)
+    engine_memory_fraction: float = 0.8  # of the GPU memory free for the KV cache while the engine is awake
+    engine_cpu_kv_gib: float = 0.25  # KV cache size on a CPU
     # ---- output
     out: str = "runs/grpo"
     save_every: int = 100            # checkpoint every N steps (and at the end); 0: only at the end
     keep_checkpoints: int = 2
+    export_dtype: str | None = None  # dtype of the final Hugging Face export (OUT/hf/step_N); None: the compute dtype
     resume: bool = True              # continue from OUT's latest checkpoint when there is one
     stop_after: int | None = None    # leave after this step (as if killed; for the resume test)
     # ---- toy warm start (format only; see train/toy.py)
@@ -106,7 +110,12 @@ class GRPOConfig:
             (self.prompt in PROMPT_STYLES, f"prompt: {'|'.join(PROMPT_STYLES)}, got {self.prompt!r}"),
             (self.fewshot in (None, *FEWSHOT_SETS), f"fewshot: {'|'.join(FEWSHOT_SETS)}, got {self.fewshot!r}"),
             (self.max_prompt_length >= 1, f"max_prompt_length: must be >= 1, got {self.max_prompt_length}"),
-            (self.dtype in ("float32", "bfloat16"), f"dtype: float32|bfloat16, got {self.dtype!r}"),
+            (self.dtype in (None, "float32", "bfloat16"), f"dtype: float32|bfloat16, got {self.dtype!r}"),
+            (self.export_dtype in (None, "float32", "bfloat16", "float16"),
+             f"export_dtype: float32|bfloat16|float16, got {self.export_dtype!r}"),
+            (0.0 < self.engine_memory_fraction <= 1.0,
+             f"engine_memory_fraction: must be in (0, 1], got {self.engine_memory_fraction}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}"),
             (self.group_size >= 1 and self.problems_per_step >= 1, "group_size and problems_per_step must be >= 1"),
             (self.mu >= 1 and self.minibatches >= 1 and self.micro_batch >= 1, "mu, minibatches, micro_batch >= 1"),
             (self.beta >= 0 and self.lr > 0, "beta >= 0 and lr > 0"),

@@ -6,6 +6,11 @@ or by N FSDP2 ranks (each holding 1/N of the rows), must agree.
 
 Writes {loss_type: {"metrics", "grads": {name: full gradient}}} from rank 0; tests/test_train_fsdp.py compares.
 The batch has uneven completion lengths, masked-out (dropped) groups and old/ref log-probs, for every loss type.
+
+    torchrun --nproc-per-node 4 -m train.dist_check --weights --model tiny --out w4.pt   # sharded init / load
+
+`--weights`: build the policy as the trainer does (meta device, FSDP2 shards, each rank filling its own slices from
+the checkpoint directory or the preset's row-wise init) and write the gathered weights: world sizes must agree.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ import torch.distributed as dist
 
 from ._pkg import model_module
 from .config import GRPOConfig
-from .grpo import METRIC_KEYS, Policy, backward_minibatch, rank_world, shard
+from .grpo import (
+    METRIC_KEYS,
+    Policy,
+    backward_minibatch,
+    fill_from_source,
+    lm_on_meta,
+    materialize,
+    model_config,
+    rank_world,
+    shard,
+)
 
 
 def fixed_batch(N: int = 8, T: int = 12, V: int = 128, seed: int = 0) -> dict:
@@ -39,10 +54,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--loss-types", default="grpo,dapo,dr_grpo")
     ap.add_argument("--micro-batch", type=int, default=3)
+    ap.add_argument("--weights", action="store_true", help="check the sharded build instead (see the docstring)")
+    ap.add_argument("--model", default="tiny", help="--weights: presets or checkpoint directories, comma-separated")
     a = ap.parse_args(argv)
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.set_num_threads(1)
+    if a.weights:
+        return sharded_weights(a.model, a.out)
     rank, world = rank_world()
     MoEForCausalLM = model_module().MoEForCausalLM
 
@@ -78,6 +99,40 @@ def main(argv=None) -> None:
     if rank == 0:
         torch.save({"world": world, **results}, a.out)
     if world > 1:
+        dist.barrier()  # no rank tears its process group down while another still works
+        dist.destroy_process_group()
+
+
+def sharded_weights(models: str, out: str) -> None:
+    """For each of the comma-separated models (presets or checkpoint directories): build the float32 policy the
+    trainer's way, copy it into a bf16 rollout model unit by unit (sync_weights), and save (rank 0)
+    {model: {"weights": {name: full float32 tensor}, "rollout": {name: rollout tensor}}}."""
+    from .grpo import Rollout, sync_weights
+
+    results = {}
+    for model in models.split(","):
+        cfg = GRPOConfig(model=model, seed=3, dtype="bfloat16")
+        lm = lm_on_meta(model_config(cfg), torch.float32)
+        index = None
+        if os.path.isdir(model):
+            from ._pkg import model_module
+
+            index = model_module("sharded_load").check_checkpoint(lm, model)
+        policy = Policy(lm)
+        if dist.is_initialized():
+            shard(policy, cfg)
+        materialize(policy)
+        fill_from_source(lm, cfg, index)
+        rollout = Rollout(policy, None, None, cfg).lm
+        rollout.to_empty(device=lm.device)
+        sync_weights(policy, rollout)
+        full = lambda m: {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+                          for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+        results[model] = {"weights": full(lm), "rollout": full(rollout)}
+    rank, world = rank_world()
+    if rank == 0:
+        torch.save({"world": world, **results}, out)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

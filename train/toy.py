@@ -53,12 +53,13 @@ def toy_problems(max_operand: int = 9) -> list[Problem]:
 
 
 def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int = 32, lr: float = 3e-3,
-               seed: int = 0, correct_frac: float = 0.0) -> list[float]:
+               seed: int = 0, correct_frac: float = 0.0, logprobs=None, params=None) -> list[float]:
     """Supervised warm start on `\\boxed{r}<eos>` where r is the correct answer with probability `correct_frac`,
     else a random digit: the format, plus (when correct_frac > 0) a weak, noisy hint of the task — like an SFT
-    model that is sometimes right. Returns the loss per step."""
+    model that is sometimes right. Returns the loss per step. `logprobs(ids [B, T], targets [B, T]) -> [B, T]` and
+    `params` replace the model's own forward and parameters (the trainer passes its FSDP2-sharded policy)."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters() if params is None else params, lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
     losses = []
     model.train()
@@ -71,11 +72,14 @@ def warm_start(model, tokenizer, problems: list[Problem], steps: int, batch: int
             rows.append(prompt + target)
             masks.append([0] * len(prompt) + [1] * len(target))
         T = max(map(len, rows))
-        dev = next(model.parameters()).device
+        dev = model.device
         ids = torch.tensor([r + [eos] * (T - len(r)) for r in rows], device=dev)  # [B, T]
         mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], dtype=torch.bool, device=dev)  # [B, T]
-        logits = model(ids[:, :-1]).logits.float()  # [B, T-1, V]
-        loss = torch.nn.functional.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
+        if logprobs is None:
+            logits = model(ids[:, :-1]).logits.float()  # [B, T-1, V]
+            loss = torch.nn.functional.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
+        else:
+            loss = -logprobs(ids[:, :-1], ids[:, 1:]).float()[mask[:, 1:]].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,6 +25,10 @@ A request that cannot be served (prompt too long for max_model_len or the KV cac
 ids outside the vocabulary, ...) fails alone: `generate` returns it with finish_reason "error" and the message
 in RequestOutput.error, and serves the others; `add_request` raises RequestError. Wrong argument types raise
 TypeError naming the argument before anything is queued.
+
+KV cache on CUDA: `gpu_memory_fraction` of the memory free for the cache (torch.cuda.mem_get_info after the weights
+and a profiling forward; see kv_cache_blocks), so other processes, the CUDA context and a trainer's state count.
+`sleep(level)` / `wake_up(tags)` (vLLM's names) free and restore the KV cache, the CUDA graphs and the weights.
 """
 
 import json
@@ -153,6 +157,7 @@ class LLM:
         self.stats = EngineStats(step_log=[] if record_steps else None)
         self._next_id = 0
         self._token_text: dict[int, str] = {}
+        self.sleeping: dict[str, int] = {}  # what sleep() freed and at which level (empty: awake)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the checkpoint's generation_config.json recommendations (temperature, top_p,
@@ -188,6 +193,8 @@ class LLM:
 
     def _make_request(self, prompt, params: SamplingParams | None, name: str = "prompt") -> Request:
         """Validate one prompt + params; raises TypeError (wrong types) or RequestError (cannot be served)."""
+        if self.sleeping:
+            raise RuntimeError(f"the engine is asleep ({', '.join(self.sleeping)} freed): call wake_up() first")
         params = self.get_default_sampling_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params: expected SamplingParams or None, got {type(params).__name__}")
@@ -268,6 +275,49 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    # ---- sleep mode (vLLM's names): hand the memory to a trainer between rollouts ----------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the CUDA graphs; level 1 also moves the weights to host memory, level 2 discards
+        them (wake_up then gives uninitialised weights that the caller loads, e.g. a trainer's new policy). Every
+        request must be finished. The number of cache blocks is kept, so a woken engine schedules as before."""
+        if level not in (1, 2):
+            raise ValueError(f"level: 1 (offload weights) or 2 (discard weights), got {level}")
+        if self.has_unfinished():
+            raise RuntimeError("sleep: requests are still running")
+        if self.sleeping:
+            raise RuntimeError("sleep: the engine is already asleep")
+        self.block_manager.reset_prefix_cache()  # cached blocks would point into the freed cache
+        self.runner.release()
+        if level == 1:
+            self.model.to("cpu")
+        else:
+            self.model.to_empty(device="meta")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.sleeping = {"weights": level, "kv_cache": level}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Undo sleep: tags "weights" (back from host memory after level 1; allocated, uninitialised after level 2)
+        and/or "kv_cache" (the cache re-allocated with the same number of blocks, CUDA graphs re-captured). Waking
+        the weights first lets a caller load new weights before the cache takes its memory (vLLM's order)."""
+        tags = list(tags) if tags is not None else ["weights", "kv_cache"]
+        bad = [t for t in tags if t not in ("weights", "kv_cache")]
+        if bad:
+            raise ValueError(f"tags: 'weights' and/or 'kv_cache', got {bad}")
+        if "weights" in tags and "weights" in self.sleeping:
+            level = self.sleeping.pop("weights")
+            if level == 1:
+                self.model.to(self.device)
+            else:
+                self.model.to_empty(device=self.device)
+            if hasattr(self.model, "tie_weights"):
+                self.model.tie_weights()
+        if "kv_cache" in tags and "kv_cache" in self.sleeping:
+            if "weights" in self.sleeping:
+                raise RuntimeError("wake_up: wake the weights before the KV cache (graphs capture the weights)")
+            del self.sleeping["kv_cache"]
+            self.runner.allocate()
 
     def reset_prefix_cache(self) -> None:
         """Drop cached prompt blocks; call after changing the model's weights (e.g. a GRPO optimizer step)
@@ -567,16 +617,33 @@ class LLM:
             return max(1, int(cpu_gib * 2**30) // per_block)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {fraction}")
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        peak = _profile_forward(self.model, min(max_tokens, self.max_model_len - 1), block_size) - base
-        reserve = 8 * max_seqs * self.model.config.vocab_size * 4       # logits + sampler temporaries
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        n = int((total * fraction - base - peak - reserve) // per_block)
-        if n < 1:
-            raise RuntimeError(f"gpu_memory_fraction={fraction}: no memory left for the KV cache "
-                               f"(weights {base / 2**30:.1f} GiB, activations {peak / 2**30:.1f} GiB)")
-        return n
+        return kv_cache_blocks(self.model, per_block, block_size, fraction, min(max_tokens, self.max_model_len - 1),
+                               max_seqs, self.device)
+
+
+def kv_cache_blocks(model, per_block: int, block_size: int, fraction: float, profile_tokens: int, max_seqs: int,
+                    device) -> int:
+    """KV-cache blocks for `fraction` of the GPU memory FREE FOR THE CACHE, measured, not assumed: after the weights
+    are in place, a profiling forward (the largest prefill step) gives the activation peak; then
+    torch.cuda.mem_get_info() (which sees every process on the device, the CUDA context and NCCL buffers) gives the
+    free memory, from which the activation peak, the sampler's temporaries and the decode CUDA graphs' pool (about
+    the activation peak scaled to max_seqs tokens) are kept back. fraction < 1 leaves the rest as headroom.
+    per_block: bytes of one cache block (with the routing record when the engine keeps one)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    act = _profile_forward(model, profile_tokens, block_size) - base
+    graphs = act * min(1.0, max_seqs / max(profile_tokens, 1))
+    reserve = 8 * max_seqs * model.config.vocab_size * 4                # logits + sampler temporaries
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()                                             # cached but unused blocks count as free
+    free, _ = torch.cuda.mem_get_info(device)
+    avail = free - act - graphs - reserve
+    n = int(fraction * avail // per_block)
+    if n < 1:
+        raise RuntimeError(f"gpu_memory_fraction={fraction}: no memory free for the KV cache ({free / 2**30:.2f} GiB "
+                           f"free after the weights, activations {act / 2**30:.2f} GiB, graphs ~{graphs / 2**30:.2f} "
+                           f"GiB, sampler {reserve / 2**30:.2f} GiB)")
+    return n
 
 
 def _profile_forward(model, T: int, block_size: int) -> int:

@@ -5,8 +5,9 @@ in one non-blocking transfer per tensor. Pure decode steps on CUDA replay a CUDA
 smallest captured batch size >= B and the smallest context bucket >= the batch's longest sequence (padding rows
 write nowhere: slot -1, and attend to one token of block 0); everything else runs eagerly. Each bucket has its own
 split plan (plan_decode with the model's head counts), so small batches of short sequences still get split
-parallelism. Capture is attempted once at start-up and silently falls back to eager mode if the model cannot be
-captured (e.g. an op that syncs with the host).
+parallelism. Capture is attempted at start-up (and again when LLM.wake_up re-allocates the cache) and falls back to
+eager mode, with a warning and `capture_error`, if the model cannot be captured (e.g. an op that syncs with the
+host). `release()` / `allocate()` free and re-create the cache and graphs (LLM.sleep / wake_up).
 With record_routing (MoE models) the cache also holds each cached token's experts per MoE layer, written by the
 forward itself (eager and graphed alike), copied on copy-on-write, read per sequence by `gather_routing`.
 
@@ -48,6 +49,15 @@ def _kv_heads(config) -> int:
     return 1 if getattr(config, "is_mla", False) else int(getattr(config, "num_key_value_heads", 1) or 1)
 
 
+def _capture_mode() -> str:
+    """Under torch.distributed (a trainer's rollout), capture in thread-local mode: the NCCL watchdog thread may
+    query events of earlier collectives while this thread captures, which the default global mode turns into a
+    failed capture. Our own thread's unsafe calls still fail the capture."""
+    import torch.distributed as dist
+
+    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
 def logits_starts(batch: Batch) -> list[int]:
     """Row of each sequence's first logit in what `ModelRunner.run` returns: one row per sequence (its last new
     token), or one per new token for sequences with batch.all_logits set. A sequence's last row is
@@ -82,15 +92,34 @@ class ModelRunner:
         self.cascade = bool(cascade) and shared_prefix is not None and HAS_CASCADE
         self.kernel = "triton" if self.device.type == "cuda" else "cpu"  # whose tiling the cascade tensors follow
         self.buckets = sorted({b for b in CTX_BUCKETS if b < max_model_len} | {max_model_len})
-        extra = {"routing": True} if record_routing else {}  # models without MoE layers take no such argument
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device, **extra)
-        self.routing = getattr(self.kv_cache, "routing", None)  # [S + 1, L, K] or None
+        self.num_blocks, self.kv_dtype, self.max_num_seqs = num_blocks, kv_dtype, max_num_seqs
+        self.enforce_eager, self.record_routing = enforce_eager, record_routing
+        self.routing = None  # [S + 1, L, K] or None
         self.pin = self.device.type == "cuda"
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.sizes: list[int] = []
         self.capture_error: str | None = None
-        if self.device.type == "cuda" and not enforce_eager:
-            self.capture(max_num_seqs)
+        self.kv_cache = None
+        self.allocate()
+
+    # ---- sleep mode (LLM.sleep / wake_up) -------------------------------------------------------------------------
+    def allocate(self) -> None:
+        """Allocate the KV cache (num_blocks, fixed at start) and capture the decode CUDA graphs on it."""
+        extra = {"routing": True} if self.record_routing else {}  # models without MoE layers take no such argument
+        self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size, dtype=self.kv_dtype,
+                                                     device=self.device, **extra)
+        self.routing = getattr(self.kv_cache, "routing", None)
+        if self.device.type == "cuda" and not self.enforce_eager:
+            self.capture(self.max_num_seqs)
+
+    def release(self) -> None:
+        """Free the KV cache, the CUDA graphs (their memory pool) and the static buffers they read."""
+        self.graphs.clear()
+        self.kv_cache = self.static = self.routing = None
+        self.static_cascade = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     # ---- metadata ---------------------------------------------------------------------------------------------
     def _plan(self, B: int, max_len: int):
@@ -243,7 +272,7 @@ class ModelRunner:
                     self.model.forward_paged(meta, self.kv_cache)  # warm-up (lazy inits, autotuning)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode=_capture_mode()):
                         out = self.model.forward_paged(meta, self.kv_cache)
                 pool = graph.pool() if pool is None else pool
                 done[key] = (graph, out)
