@@ -176,8 +176,14 @@ def _check_headers(targets: _Targets, headers: dict, path: str) -> None:
                              "dequantise the checkpoint")
         if is_fp8 and dtype != "F8_E4M3":
             raise ValueError(f"{name}: {dtype} tensor, but quantization_config (fp8, e4m3) needs F8_E4M3")
+    check_complete(targets, unknown, covered, path)
+
+
+def check_complete(targets: _Targets, unknown: list[str], covered: set, path: str) -> None:
+    """Raise naming the first unknown tensors of the checkpoint at `path`, else the first required names that no
+    tensor covered."""
     if unknown:
-        raise ValueError(f"{len(unknown)} unexpected tensor(s) in the checkpoint (not part of a "
+        raise ValueError(f"{len(unknown)} unexpected tensor(s) in the checkpoint at {path} (not part of a "
                          f"{targets.cfg.model_type} model with this config): {', '.join(unknown[:8])}")
     missing = [n for n in targets.required() if n not in covered]
     if missing:

@@ -207,6 +207,7 @@ def test_backend_choice_is_told(monkeypatch):
     assert fp8._choose("quantize_fp8_groups", torch.device("cuda"), "fp8").fallback  # e4m3 output: sm_89+
     assert fp8.resolve_activation("auto", torch.device("cuda")) == "native"
     monkeypatch.setattr(fp8, "_triton_ok", lambda: False)
+    monkeypatch.setattr(dk.moe, "_triton_ok", lambda: False)  # the DSMATH_FP8_GEMM override is checked there
     assert fp8._choose("moe_experts_fp8", torch.device("cuda"), "native").fallback
     # a real call that falls back (DSMATH_FP8_GEMM=triton without triton): warns once, runs torch, strict raises
     monkeypatch.setenv("DSMATH_FP8_GEMM", "triton")

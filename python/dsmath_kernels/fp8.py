@@ -25,7 +25,15 @@ import torch
 from dsmath_kernels import _dispatch
 from dsmath_kernels._checks import FLOAT_DTYPES, check_choice, check_shape, check_tensor
 from dsmath_kernels._registry import register_backend
-from dsmath_kernels.moe import _check_offsets, _check_routing, _combine, _permute_impl, _segments, _triton_ok
+from dsmath_kernels.moe import (
+    _check_offsets,
+    _check_routing,
+    _combine,
+    _forced_gemm,
+    _permute_impl,
+    _segments,
+    _triton_ok,
+)
 from dsmath_kernels.reference.fp8 import (
     BLOCK,
     FP8,
@@ -51,15 +59,9 @@ def _choose(op: str, device: torch.device, activation: str = "native") -> _dispa
     """Triton on CUDA (W8A8 needs FP8 MMA: sm_89+), dequantise-and-matmul on CPU (its design), the reference when
     forced; DSMATH_FP8_GEMM=torch|triton overrides (triton on CPU runs the interpreter, for tests). activation: the
     resolved one ("fp8" or "native")."""
-    forced = _dispatch.forced(op)
+    forced = _forced_gemm(op, "DSMATH_FP8_GEMM")
     if forced:
         return forced
-    env = os.environ.get("DSMATH_FP8_GEMM", "")
-    if env in ("torch", "triton"):
-        if env == "torch" or _triton_ok():
-            return _dispatch.by_design(op, env, f"DSMATH_FP8_GEMM={env}")
-        return _dispatch.fallback(op, "torch", "DSMATH_FP8_GEMM=triton but triton is not installed",
-                                  "pip install triton")
     if device.type == "cuda":
         if not _triton_ok():
             return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
