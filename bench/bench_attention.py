@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +140,49 @@ def bench_mla(B, L, H, Dc, Dr, dtype, device, reps):
     return t, t_alt, t_ref, nbytes, plan, cost
 
 
+class env_var:
+    """Context: set one environment variable (None: unset) for the duration."""
+
+    def __init__(self, name: str, value: str | None):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        if self.value is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
+def interleaved_cpu(fns: dict, reps: int) -> dict:
+    """CPU: the calls of fns timed in turn within every rep (so load changes hit all alike): name -> (median wall
+    seconds, median CPU seconds of this process, all threads)."""
+    for f in fns.values():
+        f()
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            f()
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - w0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
 def bench_rollout_prefix(device, dtype, reps, n=16, prompt=4096, own=256, H=16, Dc=512, Dr=64) -> dict:
     """n samples forked from one prompt (shared full blocks, as the engine's block manager leaves them), each with
-    `own` more tokens: cascade mla_decode vs plain mla_decode vs the previous plain kernel, on one cache."""
+    `own` more tokens: cascade mla_decode vs plain mla_decode vs the previous plain kernel, on one cache. On CPU
+    also plain decode on issue 16's row-block kernel (DSMATH_CPU_ATTN_KERNEL=rows), the calls interleaved, with
+    CPU time beside wall time (the machine may be shared)."""
+    from dsmath_kernels import cascade as cas
+
     g = torch.Generator().manual_seed(0)
     lens = [prompt + own] * n
     bt, nb = fork_tables(prompt, lens, BLOCK, generator=g)
@@ -153,26 +195,53 @@ def bench_rollout_prefix(device, dtype, reps, n=16, prompt=4096, own=256, H=16, 
     plan = dk.plan_decode(n, prompt + own, num_kv_heads=1, num_q_heads=H, device=device, tiled=True)
     sp = dk.shared_prefix(bt.cpu(), lens, BLOCK, num_q_heads=H, device=device)
     assert sp is not None and sp.num_groups == 1
-    cascade = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan, cascade=sp), device, reps)
-    plain = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan), device, reps)
     old_plan = dk.plan_decode(n, prompt + own, num_kv_heads=1, num_q_heads=H, device=device)
-    with previous_mla_backend(device):
-        before = timeit(lambda: dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=old_plan), device, reps)
+
+    def cascade():
+        return dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan, cascade=sp)
+
+    def plain():
+        return dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=plan)
+
+    def plain_rows():
+        with env_var(cas.CPU_ENGINE_ENV, "rows"):
+            return plain()
+
+    def before():
+        with previous_mla_backend(device):
+            return dk.mla_decode(q, kv, bt, sl, scale, v_head_dim=Dc, plan=old_plan)
+
+    cpu_ms = {}
+    if device.type == "cpu":
+        t = interleaved_cpu({"cascade": cascade, "plain": plain, "rows": plain_rows, "before": before}, reps)
+        wall = {k: v[0] for k, v in t.items()}
+        cpu_ms = {f"{k}_cpu_ms": round(v[1] * 1e3, 3) for k, v in t.items()}
+    else:
+        wall = {"cascade": timeit(cascade, device, reps), "plain": timeit(plain, device, reps),
+                "before": timeit(before, device, reps)}
     elem = torch.empty((), dtype=dtype).element_size()
     row = (Dc + Dr) * elem
     plain_cost = decode_cost(n * (prompt + own), row, n, H, Dc + Dr, Dc, elem=elem)
     cascade_cost = decode_cost(prompt // BLOCK * BLOCK + n * (prompt + own - prompt // BLOCK * BLOCK), row, n, H,
                                Dc + Dr, Dc, q_tokens=n * (prompt + own), elem=elem)
-    return {"case": "rollout-prefix", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "shape": f"{n} samples x ({prompt} shared + {own}) H{H} Dc{Dc}+{Dr} block {BLOCK}",
-            "cascade_ms": round(cascade * 1e3, 3), "paged_ms": round(plain * 1e3, 3),
-            "paged_before_ms": round(before * 1e3, 3), "speedup": round(plain / cascade, 2),
-            "speedup_vs_before": round(before / cascade, 2),
-            "paged_MB": round(plain_cost[0] / 1e6, 2), "cascade_MB": round(cascade_cost[0] / 1e6, 2),
-            "GFLOP": round(plain_cost[1] / 1e9, 3),
-            "h200_paged_us": round(h200_seconds(*plain_cost) * 1e6, 2),
-            "h200_cascade_us": round(h200_seconds(*cascade_cost) * 1e6, 2)}
+    out = {"case": "rollout-prefix", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads() if device.type == "cpu" else None,
+           "shape": f"{n} samples x ({prompt} shared + {own}) H{H} Dc{Dc}+{Dr} block {BLOCK}",
+           "cascade_ms": round(wall["cascade"] * 1e3, 3), "paged_ms": round(wall["plain"] * 1e3, 3),
+           "paged_before_ms": round(wall["before"] * 1e3, 3), "speedup": round(wall["plain"] / wall["cascade"], 2),
+           "speedup_vs_before": round(wall["before"] / wall["cascade"], 2),
+           "paged_MB": round(plain_cost[0] / 1e6, 2), "cascade_MB": round(cascade_cost[0] / 1e6, 2),
+           "GFLOP": round(plain_cost[1] / 1e9, 3),
+           "h200_paged_us": round(h200_seconds(*plain_cost) * 1e6, 2),
+           "h200_cascade_us": round(h200_seconds(*cascade_cost) * 1e6, 2)}
+    if device.type == "cpu":
+        out.update({"paged_rows_ms": round(wall["rows"] * 1e3, 3),
+                    "speedup_vs_rows": round(wall["rows"] / wall["cascade"], 2), **cpu_ms,
+                    "cpu_speedup": round(cpu_ms["plain_cpu_ms"] / cpu_ms["cascade_cpu_ms"], 2),
+                    "cpu_speedup_vs_rows": round(cpu_ms["rows_cpu_ms"] / cpu_ms["cascade_cpu_ms"], 2),
+                    "cascade_GFLOPs_cpu_time": round(plain_cost[1] / cpu_ms["cascade_cpu_ms"] / 1e6, 1),
+                    "isa": cas.cpu_isa(), "loadavg_1min": round(os.getloadavg()[0], 2), "reps": reps})
+    return out
 
 
 def bench_prefill(L, Hq, Hkv, D, dtype, device, reps):
@@ -192,13 +261,23 @@ def bench_prefill(L, Hq, Hkv, D, dtype, device, reps):
 
 def print_rollout(r: dict) -> None:
     print(f"rollout-prefix on {r['device']} ({r['dtype']}, threads {r['threads']}): {r['shape']}")
-    print(f"{'path':<34}{'ms':>10}{'MB read':>10}{'H200 pred us':>14}")
-    print(f"{'cascade (shared prefix once)':<34}{r['cascade_ms']:>10.3f}{r['cascade_MB']:>10.1f}"
-          f"{r['h200_cascade_us']:>14.2f}")
-    print(f"{'plain paged decode':<34}{r['paged_ms']:>10.3f}{r['paged_MB']:>10.1f}{r['h200_paged_us']:>14.2f}")
-    print(f"{'plain, previous kernel':<34}{r['paged_before_ms']:>10.3f}{r['paged_MB']:>10.1f}{'':>14}")
+    cpu = r["device"] == "cpu"
+    print(f"{'path':<44}{'ms':>10}{'CPU ms' if cpu else '':>10}{'MB read':>10}{'H200 pred us':>14}")
+    rows = [("cascade (shared prefix once)", "cascade_ms", "cascade_cpu_ms", "cascade_MB", "h200_cascade_us"),
+            ("plain paged decode", "paged_ms", "plain_cpu_ms", "paged_MB", "h200_paged_us")]
+    if cpu:
+        rows.append(("plain, issue-16 row-block kernel (rows)", "paged_rows_ms", "rows_cpu_ms", "paged_MB", None))
+    rows.append(("plain, previous kernel", "paged_before_ms", "before_cpu_ms", "paged_MB", None))
+    for name, ms, cms, mb, pred in rows:
+        c = f"{r[cms]:>10.3f}" if cpu else f"{'':>10}"
+        p = f"{r[pred]:>14.2f}" if pred else f"{'':>14}"
+        print(f"{name:<44}{r[ms]:>10.3f}{c}{r[mb]:>10.1f}{p}")
     print(f"cascade speed-up: {r['speedup']:.2f}x over plain, {r['speedup_vs_before']:.2f}x over the previous kernel; "
           f"H200 roofline predicts {r['h200_paged_us'] / r['h200_cascade_us']:.2f}x")
+    if cpu:
+        print(f"CPU time: {r['cpu_speedup']:.2f}x over plain, {r['cpu_speedup_vs_rows']:.2f}x over the issue-16 "
+              f"row-block plain path; cascade {r['cascade_GFLOPs_cpu_time']:.1f} GFLOP per CPU second ({r['isa']}, "
+              f"load {r['loadavg_1min']})")
 
 
 def main():

@@ -56,6 +56,7 @@ attn::AttendParams attend_params(const py::dict& d) {
   p.num_splits = field<int>(d, "num_splits");
   p.min_chunk = field<int>(d, "min_chunk");
   p.bad = as_ptr<int64_t>(field<uintptr_t>(d, "bad"));
+  p.engine = field<int>(d, "engine");
   return p;
 }
 
@@ -67,6 +68,8 @@ void bind_cascade(py::module_& m) {
     py::gil_scoped_release nogil;
     check(attend_cpu(p, num_threads), "attend_cpu");
   });
+  m.def("attend_cpu_isa", &attend_cpu_isa, py::arg("engine") = 0,
+        "Vector ISA of the CPU GEMM engine chosen for that engine code: avx512 | avx2 | portable");
   m.def("merge_partials_cpu", [](uintptr_t part_o, uintptr_t part_lse, uintptr_t out, int dtype, int64_t rows,
                                  int nslot, int Dv, int num_threads) {
     py::gil_scoped_release nogil;

@@ -168,6 +168,60 @@ def test_cascade_equals_plain_cpu(case, mla):
         assert_close(out, plain, atol=2e-5, rtol=2e-5, name="cascade vs plain")
 
 
+ENGINE_CASES = [  # members, prompt, block size, heads (Hq, Hkv), dims (D, Dv) or MLA (Dc, Dr), cache dtype
+    # 1 sample: 20 rows (not a multiple of 16 lanes or 6-row micro-tiles); prompt ends mid-block; 2 KV tiles of 96
+    (1, 150, 16, (20, 1), ("mla", 40, 8), torch.float32),
+    # 3 samples x 5 heads = 15 shared rows, 5 rows per sequence (< 16 lanes: row-block kernel unless 4 lanes);
+    # Dv 18 padded to the vector width past D 20: V gets its own padded panel
+    (3, 100, 8, (5, 1), ("mla", 18, 2), torch.float32),
+    # 5 samples x 20 heads = 100 rows: a 64-row item (4 vectors) and a 36-row item (3 vectors, 6-row tail 0)
+    (5, 97, 32, (20, 1), ("mla", 24, 8), torch.bfloat16),
+    # 64 samples x 4 GQA heads = 256 rows per kv head, V separate and 24 wide (not a multiple of 16)
+    (64, 40, 8, (8, 2), ("gqa", 16, 24), torch.float32),
+]
+
+
+@pytest.mark.parametrize("engine", ["auto", "avx2", "portable", "rows"])
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=[f"n{c[0]}-P{c[1]}-H{c[3][0]}-{c[4][0]}" for c in ENGINE_CASES])
+def test_cpu_gemm_engine_blocking_edges(case, engine, monkeypatch):
+    """The C++ GEMM engine (every vector width; rows: the per-sequence pass on the row-block kernel) on micro-tile and
+    tile edges: row counts that are not multiples of
+    the lanes / micro-tile rows, shared prefixes ending mid-block and spanning partial 96-token tiles, suffixes of
+    0..130 tokens, padded V widths, 16-bit caches; cascade and plain against float64 dense attention."""
+    monkeypatch.setenv(cas.CPU_ENGINE_ENV, engine)
+    n, prompt, bs, (Hq, Hkv), (kind, a, b), dtype = case
+    suffix = [0, 1, 130, 7, 50][:n] + [3] * max(0, n - 5)
+    if kind == "mla":
+        ks, _, kc, _, bt, sl = forked_batch(n, prompt, suffix, bs, (a + b,), dtype, loners=[11])
+        q = torch.randn(len(ks), Hq, a + b).to(dtype)
+        expect = dense(q, [k[:, None] for k in ks], [k[:, None, :a] for k in ks], 0.3)
+    else:
+        ks, vs, kc, vc, bt, sl = forked_batch(n, prompt, suffix, bs, (Hkv, a), dtype, loners=[11], vrow=(Hkv, b))
+        q = torch.randn(len(ks), Hq, a).to(dtype)
+        expect = dense(q, ks, vs, 0.3)
+    groups = [(list(range(n)), prompt // bs)]
+    sp = dk.shared_prefix(bt, sl, bs, num_q_heads=Hq, num_kv_heads=Hkv, groups=groups, min_saving=0)
+    atol, rtol = TOL[dtype] if dtype != torch.float32 else (2e-5, 2e-5)
+    for plan in (dk.DecodePlan(1, 1 << 20, 0), dk.DecodePlan(3, 64, 0)):
+        for c in (sp, None):
+            if kind == "mla":
+                out = dk.mla_decode(q, kc, bt, sl, 0.3, v_head_dim=a, cascade=c, plan=plan)
+            else:
+                out = dk.paged_decode(q, kc, vc, bt, sl, 0.3, cascade=c, plan=plan)
+            assert_close(out, expect, atol=atol, rtol=rtol,
+                         name=f"{engine} {'cascade' if c else 'plain'} {plan.num_splits} splits")
+
+
+def test_cpu_engine_choice_by_name(monkeypatch):
+    monkeypatch.setenv(cas.CPU_ENGINE_ENV, "portable")
+    assert cas.cpu_isa() == "portable"
+    monkeypatch.setenv(cas.CPU_ENGINE_ENV, "auto")
+    assert cas.cpu_isa() in ("avx512", "avx2", "portable")
+    monkeypatch.setenv(cas.CPU_ENGINE_ENV, "avx1024")
+    with pytest.raises(ValueError, match="DSMATH_CPU_ATTN_KERNEL: expected one of"):
+        cas.cpu_engine()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cascade_16bit_cpu(dtype):
     ks, _, kc, _, bt, sl = forked_batch(6, 100, [4, 1, 20, 0, 7, 3], 16, (48,), dtype, loners=[17])
@@ -192,6 +246,7 @@ def test_reference_cascade_is_plain_attention():
 TRITON_CASES = [  # mla, heads (Hq, Hkv), group size, prompt, block size, splits
     (True, (16, 1), 5, 40, 16, 1),
     (True, (128, 1), 2, 17, 8, 2),
+    (True, (128, 1), 2, 9, 8, 1),  # one split, plain: 64-row tiles still write partials and merge (no direct store)
     (False, (8, 2), 6, 20, 4, 3),
 ]
 
@@ -222,6 +277,18 @@ def test_triton_kernel_plain_and_cascade(case):
         out = torch.full((len(ks), Hq, v4.shape[-1]), 7.0)
         cas._run_gpu(q, k4, v4, bt, sl, 0.3, splits, None, c, out)
         assert_close(out, expect, atol=2e-5, rtol=2e-5, name=f"triton {'cascade' if c else 'plain'}")
+
+
+def test_triton_direct_store_only_from_transposed_tiles():
+    """64-row tiles (128 heads) never store `out` directly (that epilogue spills at sm_90): attend says so."""
+    from dsmath_kernels import mla_decode_triton as tk
+
+    ks, _, kc, _, bt, sl = forked_batch(1, 0, [9], 8, (48,), torch.float32, loners=[9])
+    k4 = kc.unsqueeze(2)
+    q = torch.randn(2, 128, 48)
+    tiles = cas._plain_tiles(2, 128, 1, 64, q.device)
+    with pytest.raises(ValueError, match="out: a pass on 64-row tiles writes fp32 partials"):
+        tk.attend(q, k4, k4[..., :32], bt, sl, 0.3, tiles=tiles, heads_per_tile=64, out=torch.empty(2, 128, 32))
 
 
 def test_triton_bad_block_ids_read_nothing():

@@ -37,6 +37,8 @@ MIN_CHUNK_CPU = 256     # fewest tokens per KV split in the C++ kernel
 MIN_CHUNK_SHARED = 512  # GPU shared pass: 64-row tiles make larger partials, so longer splits
 MIN_SAVING = 0.125      # shared_prefix(): cascade only when it saves >= 1/8 of the step's KV token reads
 FP8_CODE = 6            # attn::kFloat8E4M3 (csrc/include/dsmath/cascade.h)
+CPU_ENGINE_ENV = "DSMATH_CPU_ATTN_KERNEL"
+CPU_ENGINES = {"auto": 0, "avx2": 1, "portable": 2, "rows": 3}  # attn::kCpuEngine* (cascade.h)
 SORT_BLOCKS = 64        # find_shared_prefixes orders rows by their first 64 blocks (sorting whole 128K-token
                         # tables of 256 rows took ~0.1 s a step); sharing deeper than that is still measured in full
 
@@ -340,6 +342,23 @@ def _backend(device: torch.device) -> str:
                                                            "reference")
 
 
+def cpu_engine() -> int:
+    """The C++ kernel's engine code from DSMATH_CPU_ATTN_KERNEL: auto (default: the widest GEMM engine the CPU runs,
+    AVX-512 / AVX2 / portable), avx2 or portable (at most that wide: tests of every build), rows (the per-sequence
+    pass on the row-block kernel of issue 16, as a benchmark baseline; the shared pass always runs the engine)."""
+    import os
+
+    name = os.environ.get(CPU_ENGINE_ENV, "auto") or "auto"
+    if name not in CPU_ENGINES:
+        raise ValueError(f"{CPU_ENGINE_ENV}: expected one of {sorted(CPU_ENGINES)}, got {name!r}")
+    return CPU_ENGINES[name]
+
+
+def cpu_isa() -> str:
+    """Vector ISA the C++ kernel's GEMM engine runs here under DSMATH_CPU_ATTN_KERNEL: avx512 | avx2 | portable."""
+    return _ext.C().attend_cpu_isa(cpu_engine())
+
+
 def _cpu_pass(params: dict, bad: torch.Tensor, threads: int) -> None:
     _ext.C().attend_cpu(params, threads)
     if int(bad[0]) >= 0:
@@ -366,7 +385,8 @@ def _run_cpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out) -> None:
                   block_tables=bt.data_ptr(), bt_sb=bt.stride(0), bt_width=bt.shape[1], seq_lens=sl.data_ptr(),
                   out=_ext.ptr(out if direct else None), part_o=_ext.ptr(po), part_lse=_ext.ptr(plse), nslot=nslot,
                   B=B, Hq=Hq, Hkv=k.shape[2], D=D, Dv=v.shape[-1], block_size=k.shape[1], num_blocks=k.shape[0],
-                  scale=float(scale), num_splits=splits, min_chunk=MIN_CHUNK_CPU, bad=bad.data_ptr())
+                  scale=float(scale), num_splits=splits, min_chunk=MIN_CHUNK_CPU, bad=bad.data_ptr(),
+                  engine=cpu_engine())
     if cascade is not None:
         tiles = cascade.tiles
         _cpu_pass({**common, "start": 0, "tiles": tiles.data_ptr(), "num_tiles": tiles.shape[0],
@@ -397,7 +417,9 @@ def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out, shared_v: b
     Hkv = k.shape[2]
     ht, _ = tk.tile_shape(Hq, Hkv, "triton")
     nslot = splits * (2 if cascade is not None else 1)
-    direct = nslot == 1
+    # one pass, one split: the kernel writes `out` itself, except from 64-row tiles (V3's 128 heads), whose direct
+    # 16-bit epilogue spills at sm_90 (228 B, the compile sweep): those write fp32 partials and merge
+    direct = nslot == 1 and ht <= tk.MAX_TRANS_ROWS
     po = plse = None
     if not direct:
         po = torch.empty(B, Hq, nslot, v.shape[-1], dtype=torch.float32, device=q.device)

@@ -588,5 +588,17 @@ register(KernelSpec("fp8", "dsmath_kernels.fp8_gemm_triton", ("_tuned", "_quant_
                     {"_fp8_gemm_kernel": 0}))
 
 
+def _drive_tiled_decode(run) -> None:
+    """Issue 16's tensor-core MLA / GQA decode (plain, suffix and shared-prefix passes, merge): its own drive, imported
+    when the sweep runs (importing this module does not import triton)."""
+    from dsmath_kernels.mla_decode_triton import drive_compile_sweep
+
+    drive_compile_sweep(run)
+
+
+register(KernelSpec("tiled_decode", "dsmath_kernels.mla_decode_triton", ("_attend_kernel", "_merge_kernel"),
+                    _drive_tiled_decode, {"_attend_kernel": 0}))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -315,9 +315,9 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
     MLA); kv_scale [NB, BS] fp32 for fp8 caches. Work: tiles [T, 5] int32 (with members [M] int32 and
     tile_len=True: the shared pass over each tile's [0, length); without members: (b, b, b + 1, first head, 0)
     per-sequence tiles), or none (head tile t % (Hq / HT) of sequence t // (Hq / HT)); per-sequence KV range
-    [start[b] or 0, seq_lens[b]). Writes `out` [B, Hq, Dv] directly when po is None, else partials
-    po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split. shared_v: v_cache is k_cache's first Dv
-    columns (default: detected from the pointers)."""
+    [start[b] or 0, seq_lens[b]). Writes `out` [B, Hq, Dv] directly when po is None (transposed tiles only: a
+    ValueError otherwise), else partials po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split.
+    shared_v: v_cache is k_cache's first Dv columns (default: detected from the pointers)."""
     B, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     HT = heads_per_tile
@@ -326,6 +326,9 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
         return
     cap = _capability(q.device.index or 0) if q.device.type == "cuda" else (9, 0)
     cfg = kernel_config(TILE_ROWS if tiles is not None else HT, Dv, cap)
+    if po is None and not cfg["TRANS"]:
+        raise ValueError("out: a pass on 64-row tiles writes fp32 partials (po, plse) and merges them: its direct "
+                         "16-bit epilogue spills at sm_90 (compile sweep)")
     da, db = _dim_split(D)
     if shared_v is None:  # values = the first Dv columns of the key rows (MLA): take them from the key tile
         shared_v = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
@@ -377,11 +380,13 @@ SPECS = {  # name -> (q heads, kv heads, D, Dv, pass, cache dtype): what the lau
 }
 
 
-def compile_sm90(name: str, page_size: int = 64, capability: int = 90, **overrides) -> dict:
+def compile_sm90(name: str, page_size: int = 64, capability: int = 90, num_warps: int | None = None,
+                 num_stages: int | None = None, **overrides) -> dict:
     """Compile one SPECS entry of _attend_kernel for sm_90 (Triton's bundled ptxas, no GPU) with the
     specialisation a real launch gets (16-divisible pointers and strides, unit last strides), and read the cubin's
     SASS (compile_report_cuda): registers, stack (spills), shared memory, and the main loop's HGMMA (wgmma) /
-    HMMA (mma.sync) / cp.async (LDGSTS) / local-memory instruction counts. Not under the interpreter."""
+    HMMA (mma.sync) / cp.async (LDGSTS) / local-memory instruction counts. Not under the interpreter. num_warps /
+    num_stages and constexpr overrides (BLOCK_N=32, ...) compile other configs than the launcher's."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -407,7 +412,8 @@ def compile_sm90(name: str, page_size: int = 64, capability: int = 90, **overrid
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", capability, 32),
-                       options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                       options={"num_warps": num_warps or cfg["num_warps"],
+                                "num_stages": num_stages or cfg["num_stages"]})
     (s,) = sass_summary(k.asm["cubin"]).values()
     main = s["main_loop"] or {}
     return {"kernel": name, "page_size": page_size, "trans": cfg["TRANS"], "block_r": cfg["BLOCK_R"],
@@ -427,9 +433,10 @@ def compile_report(page_sizes=(64,)) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- compile sweep plugin
 def drive_compile_sweep(run) -> None:
     """The launches of this module at real shapes, for the Triton compile sweep (dsmath_kernels.compile_report,
-    issue 12): run(mode, launcher, *args, **kwargs) with meta tensors — MLA V2-Lite (16 heads, transposed tile)
-    and V3 (128 heads, 64-head tiles), plain / suffix / shared-prefix passes, GQA 32 / 8 heads D 128, bf16 and
-    fp16 caches, pages 16 and 64, and the merge. fp8 caches are reported by compile_report() (they spill)."""
+    issue 12; family "tiled_decode", spill budget 0 for _attend_kernel): run(mode, launcher, *args, **kwargs)
+    with meta tensors — MLA V2-Lite (16 heads, transposed tile) and V3 (128 heads, 64-head tiles), plain / suffix /
+    shared-prefix passes, GQA 32 / 8 heads D 128, bf16 and fp16 caches, pages 16 and 64, and the merge. fp8
+    caches are reported by compile_report() (they spill: bench/RESULTS.md, issue 16 follow-up)."""
     i32, f32 = torch.int32, torch.float32
 
     def meta(*shape, dtype=torch.bfloat16):
@@ -452,19 +459,13 @@ def drive_compile_sweep(run) -> None:
                 plain = None if ht <= MAX_TRANS_ROWS else meta(B * triton.cdiv(Hq, ht), 5, dtype=i32)
                 kw = dict(heads_per_tile=ht, shared_v=kind == "mla")
                 tag = f"{kind} H{Hq} page {page}"
-                run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, tiles=plain, out=out, **kw)
+                if plain is None:  # transposed tiles write `out` directly
+                    run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, out=out, **kw)
+                else:  # 64-row tiles: fp32 partials, then the merge
+                    run(f"{tag} plain", attend, q, k, v, bt, sl, 0.1, tiles=plain, po=po, plse=plse, **kw)
                 run(f"{tag} suffix", attend, q, k, v, bt, sl, 0.1, tiles=plain, start=start, po=po, plse=plse,
                     slot0=S, num_splits=S, **kw)
                 run(f"{tag} shared", attend, q, k, v, bt, sl, 0.1, tiles=meta(B, 5, dtype=i32), members=members,
                     tile_len=True, po=po, plse=plse, num_splits=S, **kw)
         run("merge", merge, meta(B, 16, 2 * S, 512, dtype=f32), meta(B, 16, 2 * S, dtype=f32),
             meta(B, 16, 512, dtype=dt))
-
-
-def compile_sweep_spec(compile_report):
-    """This kernel as a family of issue 12's Triton compile sweep: `compile_report.register(
-    mla_decode_triton.compile_sweep_spec(compile_report))` (spill budget 0 for the decode loop). Not registered
-    on import: the sweep compiles 38 launches per target (~4 minutes on 2 cores without its figures cache)."""
-    return compile_report.KernelSpec(family="tiled_decode", module=__name__,
-                                     kernels=("_attend_kernel", "_merge_kernel"), drive=drive_compile_sweep,
-                                     spill_budget={"_attend_kernel": 0})

@@ -48,7 +48,12 @@ struct AttendParams {
   float scale;
   int num_splits, min_chunk;
   int64_t* bad;  // [3]: first invalid block-table read found (row, index, value; value -1: index past the row)
+  int engine;    // CPU kernel choice, kCpuEngine* (0: the widest GEMM engine the CPU runs)
 };
+
+// CPU kernel choices (AttendParams::engine; python/dsmath_kernels/cascade.py CPU_ENGINES): the GEMM engine at most
+// as wide as named, or the row-block kernel for the per-sequence pass (the shared pass always runs the engine).
+constexpr int kCpuEngineAuto = 0, kCpuEngineAvx2 = 1, kCpuEnginePortable = 2, kCpuEngineRows = 3;
 
 // fp8 e4m3fn (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no infinities, S.1111.111 = NaN) -> float.
 DSM_HD float fp8e4m3_to_float(uint8_t x) {

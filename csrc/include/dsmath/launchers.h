@@ -32,6 +32,7 @@ int cache_write_cuda(const void* src, int64_t src_s, void* cache, int64_t s_blk,
 
 // ---- tiled / shared-prefix decode (attn_cascade_cpu.cpp; parameters in dsmath/cascade.h)
 int attend_cpu(const attn::AttendParams& p, int num_threads);
+const char* attend_cpu_isa(int engine);
 // out [rows, Dv] (dtype) <- log-sum-exp merge of part_o [rows, nslot, Dv] / part_lse [rows, nslot]; -inf slots unread.
 int merge_partials_cpu(const float* part_o, const float* part_lse, void* out, int dtype, int64_t rows, int nslot,
                        int Dv, int num_threads);
