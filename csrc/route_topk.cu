@@ -44,6 +44,27 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Stable rank of this lane's (w, id) among lanes [0, K): the number of pairs that sort before it (descending weight,
+// ties lower id, equal pairs in lane order) — the position routing::sort_pairs (a stable insertion sort) gives it.
+// Every lane must call it (K uniform); the answer of a lane >= K is meaningless.
+__device__ __forceinline__ int warp_rank(float w, int id, int lane, int K) {
+  int r = 0;
+  for (int j = 0; j < K; ++j) {
+    const float wj = __shfl_sync(0xffffffffu, w, j);
+    const int ij = __shfl_sync(0xffffffffu, id, j);
+    if (j != lane && (routing::better(wj, ij, w, id) || (j < lane && !routing::better(w, id, wj, ij)))) ++r;
+  }
+  return r;
+}
+
+// Sum of the weights of lanes [0, K) in rank order, 0.f + w(rank 0) + w(rank 1) + ...: the rounding of
+// routing::sorted_sum / sort_and_finalize. Lanes >= K must carry a rank >= K. Every lane must call it.
+__device__ __forceinline__ float warp_sorted_sum(float w, int rank, int K) {
+  float s = 0.f;
+  for (int r = 0; r < K; ++r) s += __shfl_sync(0xffffffffu, w, __ffs(__ballot_sync(0xffffffffu, rank == r)) - 1);
+  return s;
+}
+
 // Scores of row `row` into lane registers x[j] (expert lane + 32 j; 0 / -inf beyond E): softmax or sigmoid in
 // fp32, the same steps and warp reductions for route_topk and route_topk_weights, so both see the same bits.
 __device__ __forceinline__ void warp_scores(const void* __restrict__ logits, int64_t row, int dtype, int E,
@@ -113,10 +134,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // 3. top-k: each lane keeps its best untaken eligible expert, warp argmax picks the winner
+  // 3. top-k: each lane keeps its best untaken eligible expert, warp argmax picks the winner; lane k keeps pick k
+  // (no per-thread arrays: nothing in local memory)
   uint32_t taken = 0u;  // bit j: expert lane + 32 j already chosen
-  float out_w[routing::kMaxTopK];
-  int out_i[routing::kMaxTopK];
+  float my_w = 0.f;
+  int my_i = 0;
   for (int k = 0; k < p.K; ++k) {
     ArgBest cand{-INFINITY, 0x7fffffff};
 #pragma unroll
@@ -129,21 +151,27 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     ArgBest best = warp_argbest(cand);
     if ((best.i & 31) == lane) taken |= 1u << (best.i >> 5);
-    out_i[k] = best.i;
-    out_w[k] = scores[best.i];
-  }
-  if (lane == 0) {
-    routing::sort_and_finalize(out_w, out_i, p.K, p.renormalize, p.scale);
-    for (int k = 0; k < p.K; ++k) {
-      weights[t * p.K + k] = out_w[k];
-      ids[t * p.K + k] = out_i[k];
+    if (lane == k) {
+      my_i = best.i;
+      my_w = scores[best.i];
     }
+  }
+  // 4. sort by weight (routing::sort_and_finalize's order), renormalize, scale: lane k writes its pick at its rank
+  int rank = warp_rank(my_w, my_i, lane, p.K);
+  if (lane >= p.K) rank = 32;
+  const float sum = p.renormalize ? warp_sorted_sum(my_w, rank, p.K) : 0.f;
+  if (lane < p.K) {
+    weights[t * p.K + rank] = routing::finalize_one(my_w, p.renormalize, sum, p.scale);
+    ids[t * p.K + rank] = my_i;
   }
 }
 
-// Replay: one warp per row computes the scores as route_topk_kernel does, lane 0 gathers the given ids' scores and
-// renormalizes / scales them with routing::weights_for_ids (the CPU kernel's function).
-__global__ void __launch_bounds__(kWarps * 32)
+// Replay: one warp per row computes the scores as route_topk_kernel does; lane k takes the score of the k-th given id
+// and the warp renormalizes / scales them as routing::weights_for_ids (the CPU kernel's function) does: sum in
+// sorted order, a bad id makes the row NaN.
+// min blocks 1: with the bare thread bound ptxas keeps this kernel at 40 registers and spills one value across the
+// division slow-path calls of the softmax (8 B of local memory); with it, 45 registers and no local memory.
+__global__ void __launch_bounds__(kWarps * 32, 1)
     route_weights_kernel(const void* __restrict__ logits, int dtype, int64_t stride_t,
                          const int32_t* __restrict__ ids, routing::Params p, float* __restrict__ weights) {
   __shared__ float s_scores[kWarps][routing::kMaxExperts];
@@ -159,13 +187,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (e < p.E) scores[e] = x[j];
   }
   __syncwarp();
-  if (lane == 0) {
-    int id[routing::kMaxTopK];
-    float w[routing::kMaxTopK];
-    for (int k = 0; k < p.K; ++k) id[k] = ids[t * p.K + k];
-    routing::weights_for_ids(scores, id, p, w);
-    for (int k = 0; k < p.K; ++k) weights[t * p.K + k] = w[k];
-  }
+  const int id = lane < p.K ? ids[t * p.K + lane] : 0;
+  const bool ok = id >= 0 && id < p.E;
+  const float w = lane < p.K ? (ok ? scores[id] : NAN) : 0.f;
+  const bool bad = __any_sync(0xffffffffu, !ok);  // lanes >= K hold id 0: ok
+  int rank = warp_rank(w, id, lane, p.K);
+  if (lane >= p.K) rank = 32;
+  const float sum = p.renormalize ? warp_sorted_sum(w, rank, p.K) : 0.f;
+  if (lane < p.K) weights[t * p.K + lane] = bad ? NAN : routing::finalize_one(w, p.renormalize, sum, p.scale);
 }
 
 }  // namespace

@@ -62,8 +62,11 @@ def _route_case(name):
     raise KeyError(name)
 
 
+ROUTE_CASES = ["v3", "v2_groups", "e512", "ties", "nan_inf", "nan_sigmoid", "small_e", "k1"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["v3", "v2_groups", "e512", "ties", "nan_inf", "nan_sigmoid", "small_e", "k1"])
+@pytest.mark.parametrize("name", ROUTE_CASES)
 def test_route_topk_cu_matches_cpu_kernel(name, dtype):
     x, kw = _route_case(name)
     x = x.to(dtype)
@@ -75,16 +78,90 @@ def test_route_topk_cu_matches_cpu_kernel(name, dtype):
         assert torch.equal(w, torch.full_like(w, 2.5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["v3", "e512", "nan_inf", "k1"])
+def assert_same_bits(a, b, what=""):
+    """Bit-identical fp32 tensors: the same NaN positions, every other value the same bit pattern (so -0.0 != 0.0;
+    NaN payloads may differ, as a GPU's canonical NaN does)."""
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan()), f"{what}: NaN positions differ"
+    av, bv = a.masked_fill(nan, 0).view(torch.int32), b.masked_fill(nan, 0).view(torch.int32)
+    assert torch.equal(av, bv), f"{what}: {(av != bv).sum()} values differ\n{a}\n{b}"
+
+
+def _like_cpu(emulated, cpu, scoring, what):
+    """Emulated CUDA vs C++ CPU kernel: sigmoid scores are elementwise, so bit-identical; softmax sums its row (up to
+    512 terms) with a warp reduction on CUDA and serially on CPU, so its scores are a few ulp apart (1.3e-6 relative
+    seen at E = 512; renormalized weights are closer, the route_topk test above asks 1e-6)."""
+    if scoring == "sigmoid":
+        assert_same_bits(emulated, cpu, what)
+    else:
+        assert_close(emulated, cpu, atol=1e-7, rtol=4e-6, name=what)
+
+
+def _finalize_model(raw, ids, renormalize, scale):
+    """route_topk's finalisation in fp32, bit for bit, from the raw scores [T, K] at ids [T, K]: / (sum + 1e-20)
+    with the sum taken serially in descending-score order (NaN lowest, ties lower id, repeats as given), then
+    * scale."""
+    if not renormalize:
+        return raw * scale
+    key = raw.nan_to_num(nan=float("-inf"))
+    by_id = ids.argsort(dim=1, stable=True)
+    order = by_id.gather(1, key.gather(1, by_id).argsort(dim=1, descending=True, stable=True))
+    sorted_w = raw.gather(1, order)
+    s = torch.zeros(raw.shape[0])
+    for k in range(raw.shape[1]):
+        s = s + sorted_w[:, k]
+    return raw / (s + 1e-20)[:, None] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ROUTE_CASES)
 def test_route_topk_weights_cu_matches_cpu_kernel(name, dtype):
-    """Replay (route_weights_kernel): the weights of given ids, bit-identical to the CPU kernel's."""
+    """Replay (route_weights_kernel) on every route_topk case, renormalized or not, ids in any order per row:
+    bit-identical to the emulated route_topk's own weights for its ids; for arbitrary ids (distinct, and with a
+    repeated expert) bit-identical to route_topk's finalisation of the kernel's raw scores; raw scores as the C++
+    CPU kernel's."""
     x, kw = _route_case(name)
     x = x.to(dtype)
-    _, ids = dk.route_topk(x, **kw)
-    rkw = {k: kw[k] for k in ("scoring", "renormalize", "routed_scaling_factor") if k in kw}
-    w = emu.route_topk_weights(x, ids, **rkw)
-    assert_close(w, dk.route_topk_weights(x, ids, **rkw), atol=1e-7, rtol=1e-6, name=f"{name} replay weights")
+    T, E = x.shape
+    K, scoring, scale = kw["top_k"], kw.get("scoring", "softmax"), kw.get("routed_scaling_factor", 1.0)
+    g = torch.Generator().manual_seed(len(name) * 7 + E)
+    for renorm in (True, False):
+        kw = {**kw, "renormalize": renorm}
+        rkw = dict(scoring=scoring, renormalize=renorm, routed_scaling_factor=scale)
+        w_sel, i_sel = emu.route_topk(x, **kw)
+        perm = torch.rand(T, K, generator=g).argsort(dim=1)
+        ids = i_sel.gather(1, perm)
+        w = emu.route_topk_weights(x, ids, **rkw)
+        assert_same_bits(w, w_sel.gather(1, perm), f"{name} renorm={renorm}: replay vs route_topk")
+        _like_cpu(w, dk.route_topk_weights(x, ids, **rkw), scoring, f"{name} renorm={renorm}: vs CPU kernel")
+        if name == "k1" and renorm:  # renormalized single expert: exactly the scale
+            assert torch.equal(w, torch.full_like(w, 2.5))
+
+    other = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K].int()
+    if K > 1:
+        other[::2, 1] = other[::2, 0]  # the same expert twice
+    raw = emu.route_topk_weights(x, other, scoring=scoring, renormalize=False)
+    _like_cpu(raw, dk.route_topk_weights(x, other, scoring=scoring, renormalize=False), scoring, f"{name} raw")
+    for renorm in (True, False):
+        w = emu.route_topk_weights(x, other, scoring=scoring, renormalize=renorm, routed_scaling_factor=scale)
+        assert_same_bits(w, _finalize_model(raw, other, renorm, scale), f"{name} renorm={renorm}: arbitrary ids")
+
+
+def test_route_topk_weights_cu_bad_ids_and_limits():
+    """An id outside [0, E) makes its row NaN, other rows are untouched (the op refuses such ids before a kernel
+    runs; the kernel must still never read past the scores). E = 1,024 (beyond the kernels' 512): both launchers
+    refuse and the op takes the reference, saying why."""
+    x = torch.randn(4, 64)
+    ids = torch.tensor([[0, 5, 9], [63, 64, 1], [-1, 2, 3], [7, 7, 8]], dtype=torch.int32)
+    w = emu.route_topk_weights(x, ids)
+    assert w[1].isnan().all() and w[2].isnan().all()
+    assert_close(w[[0, 3]], dk.route_topk_weights(x[[0, 3]], ids[[0, 3]]), atol=1e-7, rtol=1e-6)
+    big = torch.randn(3, 1024)
+    with pytest.raises(emu.EmuError, match="bad argument"):
+        emu.route_topk_weights(big, torch.zeros(3, 8, dtype=torch.int32))
+    with pytest.raises(emu.EmuError, match="bad argument"):
+        emu.route_topk(big, 8)
+    assert dk.explain("route_topk_weights", big, torch.zeros(3, 8, dtype=torch.int32)).backend == "reference"
 
 
 def test_route_topk_cu_zero_tokens_and_schedule():

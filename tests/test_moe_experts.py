@@ -142,8 +142,10 @@ def test_fake_tensor_shapes():
         x, wgu, wd = torch.empty(5, 16), torch.empty(4, 16, 16), torch.empty(4, 16, 8)
         w, ids = torch.empty(5, 2), torch.empty(5, 2, dtype=torch.int32)
         assert tuple(torch.ops.dsmath.moe_experts(x, wgu, wd, w, ids).shape) == (5, 16)
-        outs = torch.ops.dsmath.moe_experts_train(x, wgu, wd, w, ids)
-        assert [tuple(o.shape) for o in outs] == [(5, 16), (10, 16), (10, 16), (10,), (5,), (5, 2)]
+        h, a, order, offsets, inverse = outs = torch.ops.dsmath.moe_experts_gate_up(x, wgu, ids)
+        assert [tuple(o.shape) for o in outs] == [(10, 16), (10, 8), (10,), (5,), (5, 2)]
+        outs = torch.ops.dsmath.moe_experts_down(h, a, wd, w, order, offsets, inverse)
+        assert [tuple(o.shape) for o in outs] == [(5, 16), (10, 16)]
 
 
 # ---------------------------------------------------------------- Triton path (interpreter without a GPU)
@@ -227,3 +229,47 @@ def test_torch_compile_fullgraph_forward_and_backward():
     f(xg, wgu, wd, w, ids).sum().backward()
     moe_experts_ref(xr, wgu, wd, w, ids).sum().backward()
     assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4, name="dx")
+
+
+# ---------------------------------------------------------------- training as two autograd nodes
+
+def test_training_ops_opcheck():
+    """The two training ops (gate-up node, down node): schema, fake impls, autograd registration, AOT dispatch."""
+    x, wgu, wd, w, ids = _layer(7, 16, 8, 4, 2, torch.float32, "hot")
+    x, wgu, wd, w = (t.requires_grad_(True) for t in (x, wgu, wd, w))
+    torch.library.opcheck(torch.ops.dsmath.moe_experts_gate_up.default, (x, wgu, ids))
+    h, a, order, offsets, inverse = (t.detach() for t in torch.ops.dsmath.moe_experts_gate_up(x, wgu, ids))
+    torch.library.opcheck(torch.ops.dsmath.moe_experts_down.default,
+                          (h.requires_grad_(True), a.requires_grad_(True), wd, w, order, offsets, inverse))
+
+
+def test_down_weight_gradient_is_accumulated_before_gate_up_backward():
+    """Peak memory: d w_down reaches w_down.grad (and is freed) before the gate-up node's backward allocates
+    d w_gate_up — two autograd nodes, as transformers' two grouped GEMMs (one node held both: +403 MB at
+    Qwen3-30B-A3B's layer, bench/RESULTS.md)."""
+    x, wgu, wd, w, ids = _layer(9, 16, 8, 4, 2, torch.float32)
+    x, wgu, wd, w = (t.requires_grad_(True) for t in (x, wgu, wd, w))
+    events = []
+    wd.register_post_accumulate_grad_hook(lambda p: events.append("w_down.grad"))
+    wgu.register_post_accumulate_grad_hook(lambda p: events.append("w_gate_up.grad"))
+    out = moe_experts(x, wgu, wd, w, ids)
+    gate_up_node = out.grad_fn.next_functions[0][0]  # h's node
+    gate_up_node.register_prehook(lambda grads: events.append("gate-up backward"))
+    out.sum().backward()
+    assert events == ["w_down.grad", "gate-up backward", "w_gate_up.grad"], events
+    ref_ins = [t.detach().double().requires_grad_(True) for t in (x, wgu, wd, w)]
+    moe_experts_ref(*ref_ins, ids).sum().backward()
+    for name, a, b in zip(("x", "w_gate_up", "w_down", "weights"), (x, wgu, wd, w), ref_ins):
+        assert_close(a.grad, b.grad.float(), atol=1e-4, rtol=1e-4, name=name)
+
+
+def test_frozen_expert_weights():
+    """Only x and weights train (frozen experts): the weight gradients are neither returned nor computed."""
+    x, wgu, wd, w, ids = _layer(6, 12, 8, 4, 2, torch.float32)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    moe_experts(xg, wgu, wd, wg, ids).sum().backward()
+    moe_experts_ref(xr, wgu.double(), wd.double(), wr, ids).sum().backward()
+    assert wgu.grad is None and wd.grad is None
+    assert_close(xg.grad, xr.grad.float(), atol=1e-4, rtol=1e-4, name="dx")
+    assert_close(wg.grad, wr.grad.float(), atol=1e-4, rtol=1e-4, name="dweights")

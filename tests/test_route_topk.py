@@ -1,6 +1,8 @@
 """route_topk: the kernel (CPU C++ here, CUDA under the gpu marker) vs the reference and vs transformers' routers
 (DeepseekV2, DeepseekV3, Qwen3-MoE); edge cases, NaN rule, gradients, bad input, torch.compile fake impl."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -407,3 +409,15 @@ def test_cuda_nan_and_zero_tokens_and_graph():
     static.copy_(torch.randn(16, 64, device="cuda"))
     g.replay()
     assert torch.equal(ig, route_topk_ref(static, 6)[1])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CI build has it)")
+def test_cuda_kernels_use_no_local_memory():
+    # route_topk.cu at sm_90a: no stack frame (per-thread arrays) and no spills in either kernel — lane k holds pick
+    # k, the sort is a warp rank; ptxas's own figures (the compile report's CUDA section).
+    from dsmath_kernels.compile_report import cuda_section
+
+    rows = cuda_section("sm_90", files=["route_topk.cu"])
+    assert {r.get("kernel") for r in rows} == {"route_topk_kernel", "route_weights_kernel"}, rows
+    for r in rows:
+        assert r["stack"] == 0 and r["spill"] == 0 and r["problems"] == [], r

@@ -410,10 +410,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- CUDA section
-def cuda_section(target: str) -> list[dict]:
-    """ptxas figures of every kernel in csrc/*.cu for the target (nvcc --resource-usage: registers, spills, static
-    shared memory) and the tensor-core instructions of its SASS (cuobjdump -sass: HGMMA / HMMA / IMMA counts).
-    Needs the repository's csrc/ and nvcc; a problem when a kernel spills or uses more than 48 KiB static shared
+def cuda_section(target: str, files: Iterable[str] | None = None) -> list[dict]:
+    """ptxas figures of every kernel in csrc/*.cu (or only `files`, names in csrc/) for the target (nvcc
+    --resource-usage: registers, stack frame, spills, static shared memory) and the tensor-core instructions of its
+    SASS (cuobjdump -sass: HGMMA / HMMA / IMMA counts). Needs the repository's csrc/ and nvcc; a problem when a
+    kernel uses local memory (a stack frame: per-thread arrays or spills) or more than 48 KiB static shared
     memory."""
     import shutil
 
@@ -431,7 +432,7 @@ def cuda_section(target: str) -> list[dict]:
     arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
     rows = []
     for f in sorted(os.listdir(csrc)):
-        if not f.endswith(".cu"):
+        if not f.endswith(".cu") or (files is not None and f not in files):
             continue
         with tempfile.TemporaryDirectory() as d:
             cubin = os.path.join(d, "k.cubin")
@@ -455,6 +456,8 @@ def cuda_section(target: str) -> list[dict]:
                 rows.append(cur)
             elif cur is not None and (m := _PTXAS_RE["spill"].search(line)):
                 cur["spill"] = int(m.group(1)) + int(m.group(2))
+                st = re.search(r"(\d+) bytes stack frame", line)
+                cur["stack"] = int(st.group(1)) if st else 0
             elif cur is not None and (m := _PTXAS_RE["regs"].search(line)):
                 cur["regs"] = int(m.group(1))
                 sm = re.search(r"(\d+) bytes smem", line)
@@ -470,6 +473,7 @@ def cuda_section(target: str) -> list[dict]:
         tc = counts.get(r["mangled"], {})
         r["mma"] = ",".join(f"{k}x{v}" for k, v in tc.items() if v) or "fma"
         r["problems"] = ([f"spills {r['spill']} B"] if r.get("spill") else []) + \
+            ([f"local memory: {r['stack']} B stack frame"] if r.get("stack") else []) + \
             ([f"static shared memory {r['smem']} B > 48 KiB"] if r.get("smem", 0) > 48 * 1024 else [])
         del r["mangled"]
     return rows

@@ -323,9 +323,9 @@ def _silu_mul(h: torch.Tensor) -> torch.Tensor:
     return (F.silu(g) * u).to(h.dtype)
 
 
-def _experts_forward(x, w_gate_up, w_down, ids):
-    """Permute, gate-up GEMM on gathered rows, SiLU-mul, down GEMM. Returns h [R, 2I], y [R, H] (unweighted),
-    and the permutation."""
+def _gate_up_forward(x, w_gate_up, ids):
+    """Permute, gate-up GEMM on gathered rows, SiLU-mul. Returns h [R, 2I], a = silu(g) * u [R, I] and the
+    permutation (order [R], offsets [E+1], inverse [T, K])."""
     order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
     if _use_triton(x):  # one GEMM writes both h and a = silu(g) * u
         from dsmath_kernels import grouped_gemm_triton
@@ -334,8 +334,7 @@ def _experts_forward(x, w_gate_up, w_down, ids):
     else:
         h = _gemm_impl(x, w_gate_up, offsets, rows=order, topk=ids.shape[1])  # [R, 2I]  x rows gathered
         a = _silu_mul(h)  # [R, I]
-    y = _gemm_impl(a, w_down, offsets)  # [R, H]
-    return h, y, order, offsets, inverse
+    return h, a, order, offsets, inverse
 
 
 def _chunks(T: int, K: int, H: int):
@@ -393,8 +392,8 @@ def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
         order, offsets, inverse = _permute_impl(ids, w_gate_up.shape[0], 1)
         y = grouped_gemm_triton.moe_experts_fused(x, w_gate_up, w_down, weights, order, offsets)  # [R, H] weighted
         return _combine(y, None, inverse)
-    _h, y, _order, _offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
-    return _combine(y, weights, inverse)
+    _h, a, _order, offsets, inverse = _gate_up_forward(x, w_gate_up, ids)
+    return _combine(_gemm_impl(a, w_down, offsets), weights, inverse)  # [R, H] unweighted -> [T, H]
 
 
 @_moe_experts_op.register_fake
@@ -424,50 +423,88 @@ def _(dy, w_down, offsets, h):
     return dy.new_empty(dy.shape[0], h.shape[1]), dy.new_empty(dy.shape[0], h.shape[1] // 2)
 
 
-@torch.library.custom_op("dsmath::moe_experts_train", mutates_args=())
-def _moe_train_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                              torch.Tensor]:
-    """Training forward: also returns what backward needs (h, y, order, offsets, inverse)."""
+# Training runs as two custom ops, two autograd nodes, in the order of transformers' two grouped GEMMs: the down
+# node's backward returns d w_down (and d h, d weights), autograd accumulates d w_down into its .grad and frees it,
+# then the gate-up node computes d w_gate_up (and d x). One node returning both weight gradients held both at once:
+# +403 MB of peak at Qwen3-30B-A3B's layer (bench/RESULTS.md, fix1).
+@torch.library.custom_op("dsmath::moe_experts_gate_up", mutates_args=())
+def _gate_up_train_op(x: torch.Tensor, w_gate_up: torch.Tensor,
+                      ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward, first node: x [T, H], w_gate_up [E, 2I, H], ids [T, K] int32 -> h [R, 2I], a [R, I],
+    order [R], offsets [E+1], inverse [T, K] (R = T K). Backward: d x and d w_gate_up from d h. a = silu(g) * u is
+    an output only so the down node need not recompute it; its gradient reaches d h through the down node (which
+    differentiates SiLU-mul from the saved h), so the d a this node receives is ignored (None or zeros)."""
     _dispatch.take(_choose_experts(x.device, x.dtype, w_gate_up.shape[0]))
-    h, y, order, offsets, inverse = _experts_forward(x, w_gate_up, w_down, ids)
-    return _combine(y, weights, inverse), h, y, order, offsets, inverse
+    return _gate_up_forward(x, w_gate_up, ids)
 
 
-@_moe_train_op.register_fake
-def _(x, w_gate_up, w_down, weights, ids):
+@_gate_up_train_op.register_fake
+def _(x, w_gate_up, ids):
     T, K = ids.shape
-    E, I2, H = w_gate_up.shape
+    E, I2, _H = w_gate_up.shape
     i32 = torch.int32
-    return (torch.empty_like(x), x.new_empty(T * K, I2), x.new_empty(T * K, H), ids.new_empty(T * K, dtype=i32),
+    return (x.new_empty(T * K, I2), x.new_empty(T * K, I2 // 2), ids.new_empty(T * K, dtype=i32),
             ids.new_empty(E + 1, dtype=i32), ids.new_empty(T, K, dtype=i32))
 
 
-def _train_setup(ctx, inputs, output):
-    x, w_gate_up, w_down, weights, _ids = inputs
-    _out, h, y, order, offsets, inverse = output
-    ctx.save_for_backward(x, w_gate_up, w_down, weights, h, y, order, offsets, inverse)
+def _gate_up_setup(ctx, inputs, output):
+    x, w_gate_up, _ids = inputs
+    _h, _a, order, offsets, inverse = output
+    ctx.save_for_backward(x, w_gate_up, order, offsets, inverse)
 
 
-def _train_backward(ctx, dout, *unused):
-    x, w_gate_up, w_down, weights, h, y, order, offsets, inverse = ctx.saved_tensors
-    _T, K = weights.shape
-    E = w_gate_up.shape[0]
+def _gate_up_backward(ctx, dh, _da, *unused):
+    x, w_gate_up, order, offsets, inverse = ctx.saved_tensors
+    dh = dh.contiguous()  # [R, 2I]
+    dx = dw_gate_up = None
+    if ctx.needs_input_grad[0]:
+        dxs = _grouped_gemm_op(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
+        dx = _combine_op(dxs, None, inverse)  # [T, H]
+    if ctx.needs_input_grad[1]:
+        dw_gate_up = _grouped_wgrad_op(dh, x, offsets, w_gate_up.shape[0], order, inverse.shape[1])  # [E, 2I, H]
+    return dx, dw_gate_up, None
+
+
+_gate_up_train_op.register_autograd(_gate_up_backward, setup_context=_gate_up_setup)
+
+
+@torch.library.custom_op("dsmath::moe_experts_down", mutates_args=())
+def _down_train_op(h: torch.Tensor, a: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                   order: torch.Tensor, offsets: torch.Tensor,
+                   inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward, second node: the gate-up node's outputs (h [R, 2I], a [R, I], the permutation), w_down
+    [E, H, I], weights [T, K] float32 -> out [T, H] = sum_j weights[t, j] y[inverse[t, j]] and y = a @ w_down[e]
+    [R, H] (unweighted, saved for d weights). h is read only by the backward: d h = SwiGLU backward of
+    d a = d y @ w_down[e] from h, so d a itself is never returned. Backward: d h, d w_down, d weights."""
+    y = _gemm_impl(a, w_down, offsets)  # [R, H]
+    return _combine(y, weights, inverse), y
+
+
+@_down_train_op.register_fake
+def _(h, a, w_down, weights, order, offsets, inverse):
+    return h.new_empty(inverse.shape[0], w_down.shape[1]), h.new_empty(h.shape[0], w_down.shape[1])
+
+
+def _down_setup(ctx, inputs, output):
+    h, _a, w_down, weights, order, offsets, inverse = inputs
+    _out, y = output
+    ctx.save_for_backward(h, w_down, weights, y, order, offsets, inverse)
+
+
+def _down_backward(ctx, dout, *unused):
+    h, w_down, weights, y, order, offsets, inverse = ctx.saved_tensors
+    K = weights.shape[1]
     src = order.long()  # [R]  (block_m = 1: every row holds a pair)
-    tok = src // K
-    acc = _acc(x)
+    acc = _acc(h)
     dout = dout.to(acc)  # [T, H]
-    dweights = _row_dots(dout, y, inverse)  # [T, K]
-    dy = (dout[tok] * weights.reshape(-1)[src][:, None].to(acc)).to(x.dtype)  # [R, H]
+    dweights = _row_dots(dout, y, inverse) if ctx.needs_input_grad[3] else None  # [T, K]
+    dy = (dout[src // K] * weights.reshape(-1)[src][:, None].to(acc)).to(h.dtype)  # [R, H]
     dh, a = _down_backward_op(dy, w_down, offsets, h)  # [R, 2I], [R, I] (a recomputed from the saved h)
-    dw_down = _grouped_wgrad_op(dy, a, offsets, E)  # [E, H, I]
-    dxs = _grouped_gemm_op(dh, w_gate_up.transpose(1, 2), offsets)  # [R, H]
-    dw_gate_up = _grouped_wgrad_op(dh, x, offsets, E, order, K)  # [E, 2I, H]
-    dx = _combine_op(dxs, None, inverse)  # [T, H]
-    return dx, dw_gate_up, dw_down, dweights, None
+    dw_down = _grouped_wgrad_op(dy, a, offsets, w_down.shape[0]) if ctx.needs_input_grad[2] else None  # [E, H, I]
+    return dh, None, dw_down, dweights, None, None, None
 
 
-_moe_train_op.register_autograd(_train_backward, setup_context=_train_setup)
+_down_train_op.register_autograd(_down_backward, setup_context=_down_setup)
 
 
 def _check_experts(x, w_gate_up, w_down, weights, ids) -> None:
@@ -507,6 +544,7 @@ def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
         return moe_experts_ref(x, w_gate_up, w_down, weights, ids)
     ids = ids.to(torch.int32)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights))
-    if needs_grad:
-        return _moe_train_op(x, w_gate_up, w_down, weights, ids)[0]
+    if needs_grad:  # two autograd nodes: d w_down is accumulated and freed before d w_gate_up is computed
+        h, a, order, offsets, inverse = _gate_up_train_op(x, w_gate_up, ids)
+        return _down_train_op(h, a, w_down, weights, order, offsets, inverse)[0]
     return _moe_experts_op(x, w_gate_up, w_down, weights, ids)

@@ -96,15 +96,18 @@ DSM_HD void sort_pairs(float* w, int* ids, int K) {
   }
 }
 
-// Renormalize (w / (sum + 1e-20)) when asked, then scale, K weights in place. `sum` must be the weights' sum in
-// descending-weight order (ties: lower id) — the order route_topk's rows come out in — so the same experts get
-// bit-identical weights whether route_topk picked them or a caller hands them over in any order (replay).
+// Renormalize (w / (sum + 1e-20)) when asked, then scale: one weight (finalize_one; the CUDA kernels apply it per
+// lane) or K weights in place (finalize). `sum` must be the weights' sum in descending-weight order (ties: lower id;
+// equal pairs in the given order, as the stable sort_pairs leaves them) — the order route_topk's rows come out in —
+// so the same experts get bit-identical weights whether route_topk picked them or a caller hands them over in any
+// order (replay).
+DSM_HD float finalize_one(float w, int renormalize, float sum, float scale) {
+  if (renormalize) w = w / (sum + 1e-20f);
+  return w * scale;
+}
+
 DSM_HD void finalize(float* w, int K, int renormalize, float sum, float scale) {
-  if (renormalize) {
-    float d = sum + 1e-20f;
-    for (int i = 0; i < K; ++i) w[i] = w[i] / d;
-  }
-  for (int i = 0; i < K; ++i) w[i] = w[i] * scale;
+  for (int i = 0; i < K; ++i) w[i] = finalize_one(w[i], renormalize, sum, scale);
 }
 
 // Sum of K weights in descending-weight order (ties: lower id), whatever order they are given in.
