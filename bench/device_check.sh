@@ -31,13 +31,14 @@ step env 10 python -m dsmath_kernels --preset v2-lite
 step ops_smoke 60 python bench/ops_smoke.py
 cat "$OUT/ops_smoke.log" >> "$SUMMARY"
 step pytest_gpu 100 python -m pytest -m gpu -q -p no:cacheprovider tests
-step throughput 70 python bench/throughput.py --requests 64 --rollout-prompts 4 --rollout-tokens 256 \
+step throughput 60 python bench/throughput.py --requests 64 --rollout-prompts 4 --rollout-tokens 256 \
   --long-prompt 32768 --baseline-seconds 10 --time-cap 12 --json "$OUT/throughput.json"
 step bench_route_topk 10 python bench/bench_route_topk.py
-step bench_attention 45 python bench/bench_attention.py  # + Triton compiles of the tiled decode kernels
+step bench_attention 40 python bench/bench_attention.py  # + Triton compiles of the tiled decode kernels
 step bench_moe 25 python bench/bench_moe.py --tokens 1,128,8192 --backward-max-t 8192
 step bench_grpo_loss 20 python bench/bench_grpo_loss.py --tokens 8192
-step bench_model 30 python bench/bench_model.py --tokens 4096 --layers 2 --reps 1
+step bench_fp8 20 python bench/bench_fp8.py --tokens 1,4096 --reps 3
+step bench_model 25 python bench/bench_model.py --tokens 4096 --layers 2 --reps 1
 # GRPO at scale on one GPU: a V2-Lite-shaped step (2 layers, random weights) under torchrun/FSDP2/NCCL, bf16 mixed
 # precision, CUDA graphs in the rollout, sleep/wake_up; its peak_mem_gib checked against --plan-memory
 step grpo_plan 60 python bench/grpo_plan_check.py --layers 2 --steps 2

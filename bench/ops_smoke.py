@@ -174,6 +174,45 @@ def _cases(dev):
             return max([_err(loss, loss_ref)] + [_err(p, q) for p, q in zip(ga, gb)])
         cases.append(("grpo_loss", f"B{B} T{T} H{H} V{V} {str(dt)[6:]} fwd+bwd", run_loss, tol))
 
+    # FP8 block-scaled (issue 17): W8A8 (sm_89+) and weight-only, dense at V3's q_a_proj shape, grouped, the layer
+    w8a8 = dev.type != "cuda" or torch.cuda.get_device_capability(dev) >= (8, 9)
+    for M, N, Kd in ((300, 1536, 7168), (5, 200, 300)):
+        a = rn(M, Kd, dt=bf)
+        wq, ws = dk.quantize_fp8_blocks(rn(N, Kd, scale=Kd**-0.5))
+        if w8a8:
+            def run(a=a, wq=wq, ws=ws):
+                q, s = dk.quantize_fp8_groups(a)
+                return _err(dk.fp8_gemm(q, wq, ws, a_scale=s), ref.fp8_gemm_ref(q, wq, ws, s))
+            cases.append(("fp8_gemm", f"W8A8 M{M} N{N} K{Kd}", run, 2e-2))
+        cases.append(("fp8_gemm", f"W8A16 M{M} N{N} K{Kd}",
+                      lambda a=a, wq=wq, ws=ws: _err(dk.fp8_gemm(a, wq, ws), ref.fp8_gemm_ref(a, wq, ws)), 2e-2))
+    for M, E in ((512, 8), (3, 4)):  # grouped, with an empty expert at the small shape
+        a = rn(M, 1024, dt=bf)
+        gw, gs = dk.quantize_fp8_blocks(rn(E, 512, 1024, scale=1024**-0.5))
+        off = torch.tensor([M * e // E for e in range(E + 1)], dtype=i32).to(dev)
+        if w8a8:
+            def run(a=a, gw=gw, gs=gs, off=off):
+                q, s = dk.quantize_fp8_groups(a)  # the quantiser too: dequantised, against the reference's
+                deq = ref.dequantize_fp8_groups_ref
+                return max(_err(deq(q, s), deq(*ref.quantize_fp8_groups_ref(a))),
+                           _err(dk.grouped_gemm_fp8(q, gw, gs, off, a_scale=s),
+                                ref.grouped_gemm_fp8_ref(q, gw, gs, off, s)))
+            cases.append(("grouped_gemm_fp8", f"W8A8 M{M} E{E} N512 K1024", run, 2e-2))
+        cases.append(("grouped_gemm_fp8", f"W8A16 M{M} E{E} N512 K1024", lambda a=a, gw=gw, gs=gs, off=off: _err(
+            dk.grouped_gemm_fp8(a, gw, gs, off), ref.grouped_gemm_fp8_ref(a, gw, gs, off)), 2e-2))
+    for T, H, I, E, K in ((256, 512, 256, 16, 4), (3, 256, 160, 4, 2)):  # noqa: E741
+        x = rn(T, H, dt=bf)
+        g13 = [dk.quantize_fp8_blocks(rn(E, I, H, scale=H**-0.5)) for _ in range(2)]  # gate, up: own blocks
+        w13, s13 = torch.cat([g13[0][0], g13[1][0]], 1), torch.cat([g13[0][1], g13[1][1]], 1)
+        w2, s2 = dk.quantize_fp8_blocks(rn(E, H, I, scale=I**-0.5))
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev, i32)
+        wts = torch.softmax(rn(T, K), -1)
+        act = "fp8" if w8a8 else "native"
+        cases.append(("moe_experts_fp8", f"T{T} H{H} I{I} E{E} K{K} {act}",
+                      lambda x=x, w13=w13, s13=s13, w2=w2, s2=s2, wts=wts, ids=ids, act=act: _err(
+                          dk.moe_experts_fp8(x, w13, s13, w2, s2, wts, ids, activation=act),
+                          ref.moe_experts_fp8_ref(x.float(), w13, s13, w2, s2, wts, ids, act == "fp8")), 3e-2))
+
     for n, G in ((64, 8), (5, 5)):
         r = rn(n)
         cases.append(("group_advantages", f"{n} rewards, groups of {G}",

@@ -11,6 +11,12 @@ routers, so a checkpoint gives the same model here as there:
   when i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0, dense MLP otherwise.
 
 `raw` keeps the whole original dict so `save_pretrained` writes back every field it did not understand.
+
+`quantization_config` (DeepSeek-V3's FP8 checkpoints): {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic,
+weight_block_size: [128, 128]} -> `ModelConfig.quant` (QuantConfig): every linear weight of the decoder layers
+(attention projections, dense MLPs, shared and routed experts) is e4m3 with a `weight_scale_inv` per 128 x 128
+block; embeddings, the LM head, routers and norms stay in float. Anything else (per-tensor FP8, other block sizes,
+static activation scales, other methods) is refused here, before any weight is read.
 """
 
 from __future__ import annotations
@@ -68,6 +74,46 @@ class RopeConfig:
 
 
 @dataclass
+class QuantConfig:
+    """FP8 block-scaled weights (DeepSeek-V3): e4m3 weights, one fp32 scale per block x block tile."""
+    method: str = "fp8"
+    block: int = 128
+    activation_scheme: str = "dynamic"     # activations quantised per token per 128 channels on the fly
+    modules_to_not_convert: list[str] = field(default_factory=list)  # module-name substrings kept in float
+
+    def converts(self, module_name: str) -> bool:
+        return not any(p in module_name for p in self.modules_to_not_convert)
+
+    @classmethod
+    def from_dict(cls, q: dict) -> QuantConfig:
+        method = q.get("quant_method")
+        if method != "fp8":
+            raise ValueError(f"quantization_config.quant_method: {method!r} is not supported (fp8 only)")
+        fmt = q.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ValueError(f"quantization_config.fmt: {fmt!r} is not supported (e4m3 only)")
+        block = q.get("weight_block_size")
+        if block is None:
+            raise ValueError("quantization_config.weight_block_size: missing (per-tensor FP8 is not supported; "
+                             "DeepSeek-V3 uses [128, 128])")
+        if list(block) != [128, 128]:
+            raise ValueError(f"quantization_config.weight_block_size: {list(block)} is not supported; only "
+                             "[128, 128] (DeepSeek-V3 / DeepGEMM block scaling)")
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ValueError(f"quantization_config.activation_scheme: {scheme!r} is not supported (dynamic only)")
+        skip = q.get("modules_to_not_convert") or q.get("ignored_layers") or []
+        return cls(block=128, activation_scheme=scheme, modules_to_not_convert=list(skip))
+
+    def to_dict(self) -> dict:
+        d = {"quant_method": self.method, "fmt": "e4m3", "activation_scheme": self.activation_scheme,
+             "weight_block_size": [self.block, self.block]}
+        if self.modules_to_not_convert:
+            d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        return d
+
+
+@dataclass
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -105,6 +151,7 @@ class ModelConfig:
     num_key_value_heads: int = 0
     head_dim: int = 0
     dtype: str | None = None               # checkpoint dtype as config.json states it ("bfloat16", ...)
+    quant: QuantConfig | None = None       # FP8 block-scaled weights (quantization_config), else None
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -143,7 +190,8 @@ class ModelConfig:
                       attention_bias=bool(c["attention_bias"]),
                       mlp_bias=mt == "deepseek_v2" and bool(c.get("mlp_bias")),  # only V2's MLPs read it
                       eos_token_id=c.get("eos_token_id"), bos_token_id=c.get("bos_token_id"),
-                      dtype=c.get("dtype") or c.get("torch_dtype"), raw=copy.deepcopy(orig))
+                      dtype=c.get("dtype") or c.get("torch_dtype"), raw=copy.deepcopy(orig),
+                      quant=QuantConfig.from_dict(c["quantization_config"]) if c.get("quantization_config") else None)
         L = c["num_hidden_layers"]
         if mt == "qwen3_moe":
             if c.get("use_sliding_window"):

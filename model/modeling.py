@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers.attention import GQAAttention, MLAttention
+from .layers.fp8 import FP8Experts, FP8Linear, fp8_param_ids, keep_float
 from .layers.moe import MLP, MoE
 from .layers.rmsnorm import RMSNorm
 from .layers.rope import Rotary
@@ -46,7 +47,7 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             self.mlp = MoE(cfg)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -85,7 +86,8 @@ class Backbone(nn.Module):
 
 
 class KVCache:
-    """Paged cache, one entry per layer: MLA -> latent rows [NB, BS, Dc + Dr]; GQA -> (k, v) [NB, BS, Hkv, D].
+    """Paged cache, one entry per layer: MLA -> latent rows [NB, BS, Dc + Dr] (an fp8-e4m3 cache: (rows, per-token
+    scales [NB, BS] float32)); GQA -> (k, v) [NB, BS, Hkv, D].
     All layers live in one allocation ([L, NB, BS, ...]) so the engine can size it in one go.
     `routing` (routing=True, MoE models): [NB * BS + 1, L_moe, K] int16 expert ids of the token at each cache slot
     per MoE layer, written by forward_paged beside its K/V (the last row takes padding rows' writes)."""
@@ -97,10 +99,16 @@ class KVCache:
             self.routing = torch.zeros(num_blocks * block_size + 1, sum(cfg.moe_layers), cfg.num_experts_per_tok,
                                        dtype=routing_dtype(cfg), device=device)
         L = cfg.num_hidden_layers
+        self.scale = None
+        if dtype == torch.float8_e4m3fn and not cfg.is_mla:
+            raise ValueError("kv_cache_dtype: an fp8 cache is for MLA models (DeepSeek-V2/V3) only")
         if cfg.is_mla:
             self.data = torch.zeros(L, num_blocks, block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                     dtype=dtype, device=device)
             self.layers = [self.data[i] for i in range(L)]
+            if dtype == torch.float8_e4m3fn:  # e4m3 latent rows, one fp32 scale per token (row = fp8 * scale)
+                self.scale = torch.ones(L, num_blocks, block_size, dtype=torch.float32, device=device)
+                self.layers = [(self.data[i], self.scale[i]) for i in range(L)]
         else:
             self.data = torch.zeros(2, L, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
                                     dtype=dtype, device=device)
@@ -121,6 +129,8 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.quant is not None and cfg.quant.modules_to_not_convert:
+            keep_float(self, cfg.quant.modules_to_not_convert)
         self.gradient_checkpointing = False
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -143,9 +153,14 @@ class MoEForCausalLM(nn.Module):
         return cls.from_config(preset(name), dtype=dtype, device=device)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, device=None):
+    def from_pretrained(cls, path: str, dtype=None, device=None, parallel=None):
+        """parallel: a model.parallel.ParallelConfig to load only this rank's part (tensor / expert parallel)."""
         from .loader import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        shard = None
+        if parallel is not None:
+            from .parallel import parallelize
+            shard = lambda m: parallelize(m, parallel)
+        return load_pretrained(cls, path, dtype=dtype, device=device, shard=shard)
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
         from .loader import save_pretrained
@@ -153,7 +168,13 @@ class MoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (FP8Linear, FP8Experts)):
+                m.init_weights(std)  # quantised N(0, std)
+        frozen = fp8_param_ids(self)
         for name, p in self.named_parameters():
+            if id(p) in frozen:
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif p.ndim == 1:
@@ -169,8 +190,10 @@ class MoEForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def cast(self, dtype: torch.dtype):
-        """Cast to dtype; DeepSeek routers (gate.weight, e_score_correction_bias) stay float32 as in transformers."""
-        self.to(dtype)
+        """Cast to dtype; DeepSeek routers (gate.weight, e_score_correction_bias) stay float32 as in transformers,
+        FP8 weights and their fp32 block scales keep their dtypes."""
+        keep = fp8_param_ids(self)
+        self._apply(lambda t: t if id(t) in keep or not t.is_floating_point() else t.to(dtype))
         self.tie_weights()
         if self.config.router_fp32:
             for name, mod in self.named_modules():
@@ -249,6 +272,8 @@ class MoEForCausalLM(nn.Module):
         c = self.config
         per_token = c.kv_lora_rank + c.qk_rope_head_dim if c.is_mla else 2 * c.num_key_value_heads * c.head_dim
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+        if dtype == torch.float8_e4m3fn:
+            per_token += 4  # its fp32 scale
         kv = c.num_hidden_layers * block_size * per_token * elem
         if routing and self.num_moe_layers:
             kv += block_size * self.num_moe_layers * c.num_experts_per_tok * routing_dtype(c).itemsize

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from .loader import _shard_files, _Targets
+from .loader import _shard_files, _Targets, check_complete
 
 Owned = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, ...]]]
 
@@ -125,12 +125,7 @@ def check_checkpoint(model, path: str, allow_quantized: bool = False) -> dict[st
                     raise ValueError(f"{name} in {base}: shape {shape}, the config needs {want}")
                 index[name] = file
                 filled.update(covers)
-    if unknown:
-        raise ValueError(f"{len(unknown)} unexpected tensor(s) in the checkpoint at {path} (not part of a "
-                         f"{model.config.model_type} model with this config): {', '.join(unknown[:8])}")
-    missing = [n for n in targets.required() if n not in filled]
-    if missing:
-        raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint at {path}: {', '.join(missing[:8])}")
+    check_complete(targets, unknown, filled, path)
     return index
 
 

@@ -54,10 +54,14 @@ def test_every_launchable_config_fits_sm90():
     gate_up = [row for row in rows if row["kernel"] == "_gemm_kernel" and row["dtype"] == "float32"
                and row["mode"] == "swiglu_train"]
     assert gate_up and all(row["smem"] <= 232448 for row in gate_up)
-    # Hopper code where it matters: 16-bit GEMM / GRPO / prefill main loops with 64+ rows run wgmma, pipelined
+    # Hopper code where it matters: 16-bit GEMM / GRPO / prefill main loops with 64+ rows run wgmma, pipelined; so
+    # do the FP8 GEMMs (issue 17), W8A8 on e4m3 operands, in every row bucket of their config tables
+    fp8 = [row for row in rows if row["kernel"] == "_fp8_gemm_kernel" and row["dtype"] == "float8_e4m3fn"]
+    assert {row["config"].split()[0] for row in fp8} == {"BM16", "BM64", "BM128"}, fp8
+    assert "_quant_kernel" in kernels
     for row in rows:
-        if row["dtype"] in ("bfloat16", "float16") and row["kernel"] in ("_gemm_kernel", "_wgrad_kernel",
-                                                                         "_lse_fwd_kernel", "_lse_bwd_kernel"):
+        if row["dtype"] in ("bfloat16", "float16", "float8_e4m3fn") and row["kernel"] in (
+                "_gemm_kernel", "_wgrad_kernel", "_lse_fwd_kernel", "_lse_bwd_kernel", "_fp8_gemm_kernel"):
             bm = int(row["config"].split()[0][2:]) if row["config"].startswith("BM") else 0
             if bm >= 64:
                 assert row["mma"] == "wgmma" and row["pipelined"], row

@@ -120,6 +120,11 @@ def _all_op_calls():
     hid, lm = torch.randn(2, 3, H, generator=g), torch.randn(40, H, generator=g)
     tgt = torch.randint(0, 40, (2, 3), generator=g)
     logits = torch.randn(T, E, generator=g)
+    a8 = torch.randn(T, 128, generator=g)
+    w8, s8 = dk.quantize_fp8_blocks(torch.randn(256, 128, generator=g) * 0.1)  # FP8 block-scaled (issue 17)
+    g8, gs8 = dk.quantize_fp8_blocks(torch.randn(E, 256, 128, generator=g) * 0.1)
+    d8, ds8 = dk.quantize_fp8_blocks(torch.randn(E, 128, 128, generator=g) * 0.1)
+    off8 = torch.tensor([0, 1, 1, 3, 3, 3, 4, 6, 6], dtype=torch.int32)
     return [
         ("route_topk", (logits, K), {}),
         ("route_topk_weights", (logits, ids), {}),
@@ -136,6 +141,13 @@ def _all_op_calls():
         ("mla_prefill", (torch.randn(5, 4, 24, generator=g), kv, bt, cu, sl, 0.2), dict(v_head_dim=16)),
         ("token_logprobs", (hid, lm, tgt), {}),
         ("grpo_loss", (hid, lm, tgt, torch.ones(2, 3, dtype=torch.bool), torch.tensor([1.0, -1.0])), {}),
+        ("quantize_fp8_groups", (a8,), {}),
+        ("quantize_fp8_blocks", (lm,), {}),
+        ("dequantize_fp8_blocks", (w8, s8), {}),
+        ("fp8_gemm", (a8, w8, s8), {}),
+        ("fp8_linear", (a8, w8, s8), {}),
+        ("grouped_gemm_fp8", (a8, g8, gs8, off8), {}),
+        ("moe_experts_fp8", (torch.randn(T, 128, generator=g), g8, gs8, d8, ds8, torch.full((T, K), 0.5), ids), {}),
     ]
 
 
@@ -157,6 +169,8 @@ def test_force_reference_reaches_every_op(monkeypatch):
         assert _dispatch.launch_counts().get((c.op, "reference")) == 1, (op, _dispatch.launch_counts())
         _dispatch.reset(warned=False)
         if want is not None:
+            if want.dtype == torch.float8_e4m3fn:
+                got, want = got.float(), want.float()
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=op)
     assert all(b == "reference" for (_, b) in _dispatch.launch_counts())
 
@@ -164,7 +178,8 @@ def test_force_reference_reaches_every_op(monkeypatch):
 def test_every_op_reports_a_choice_and_counts_its_launch():
     for op, a, kw in _all_op_calls():
         c = dk.explain(op, *a, **kw)
-        assert c.op == {"linear_cross_entropy": "token_logprobs"}.get(op, op) and c.backend and not c.fallback, c
+        same = {"linear_cross_entropy": "token_logprobs", "fp8_linear": "fp8_gemm"}  # composites: their op's choice
+        assert c.op == same.get(op, op) and c.backend and not c.fallback, c
         before = dict(_dispatch.launch_counts())
         getattr(dk, op)(*a, **kw)
         after = _dispatch.launch_counts()
@@ -197,6 +212,20 @@ def test_report_for_a_preset_and_a_checkpoint_dir(tmp_path):
     route = [m for m in r["model_backends"] if m["op"] == "route_topk"]
     assert route and all(m["fallback"] and "E = 600" in m["reason"] for m in route)
     assert any(m["op"] == "paged_decode" for m in r["model_backends"])
+
+
+def test_report_of_an_fp8_checkpoint_names_its_fp8_ops():
+    from dsmath_kernels.__main__ import model_report
+    from model.presets import preset_dict
+
+    cfg = dict(preset_dict("tiny-v3"), quantization_config={"quant_method": "fp8", "fmt": "e4m3",
+                                                            "activation_scheme": "dynamic",
+                                                            "weight_block_size": [128, 128]})
+    rows = {(m["phase"], m["op"]): m for m in model_report(cfg, torch.device("cpu"))}
+    assert {("engine", "fp8_linear"), ("engine", "moe_experts_fp8")} <= set(rows), sorted(rows)
+    assert rows[("engine", "moe_experts_fp8")]["backend"] == "torch"
+    assert not any(m["fallback"] for m in rows.values())
+    assert not any("fp8" in m["op"] for m in model_report(preset_dict("tiny-v3"), torch.device("cpu")))
 
 
 def test_grpo_modules_import_one_way():

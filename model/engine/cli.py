@@ -2,6 +2,8 @@
 
     python -m model.engine.cli --model /path/to/checkpoint "What is 2 + 3?" --max-tokens 64 --stream
     python -m model.engine.cli --preset tiny --ids 5,6,7 --n 2 --temperature 0.8 --seed 1   # random weights
+    torchrun --nproc-per-node 8 -m model.engine.cli --model DeepSeek-V3/ --tensor-parallel-size 8 \
+        --enable-expert-parallel --enable-dp-attention --ids 1,2,3       # every rank prints the same output
 """
 
 import argparse
@@ -19,6 +21,12 @@ def parse(argv=None) -> argparse.Namespace:
     src.add_argument("--device", default=None)
     src.add_argument("--num-blocks", type=int, default=None)
     src.add_argument("--block-size", type=int, default=64)
+    par = ap.add_argument_group("parallelism (under torchrun --nproc-per-node N; model/parallel.py)")
+    par.add_argument("--tensor-parallel-size", type=int, default=1)
+    par.add_argument("--enable-expert-parallel", action="store_true")
+    par.add_argument("--enable-dp-attention", action="store_true")
+    src.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                     help="fp8: e4m3 latent cache with per-token scales (MLA models)")
     gen = ap.add_argument_group("sampling")
     gen.add_argument("prompt", nargs="*", help="prompt text (needs a tokenizer)")
     gen.add_argument("--ids", help="prompt as comma-separated token ids")
@@ -42,9 +50,13 @@ def build(args):
     from . import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    kw = dict(num_blocks=args.num_blocks, block_size=args.block_size)
+    kw = dict(num_blocks=args.num_blocks, block_size=args.block_size, kv_cache_dtype=args.kv_cache_dtype)
     if args.model:
-        return LLM(args.model, dtype=dtype, device=args.device, **kw)
+        return LLM(args.model, dtype=dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+                   enable_expert_parallel=args.enable_expert_parallel, enable_dp_attention=args.enable_dp_attention,
+                   **kw)
+    if args.tensor_parallel_size > 1:
+        raise SystemExit("--tensor-parallel-size: needs --model (each rank loads its slices of a checkpoint)")
     from ..modeling import MoEForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

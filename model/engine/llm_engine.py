@@ -15,6 +15,12 @@ when the directory has one, generation_config.json for default sampling and EOS 
 place — e.g. the GRPO trainer's live MoEForCausalLM, no copy. Anything with the engine contract (model/README.md)
 works, e.g. mock_model.py.
 
+`tensor_parallel_size=N` (with `enable_expert_parallel=True` for the experts) runs SPMD under
+`torchrun --nproc-per-node N`: every rank builds the same LLM and calls the same methods with the same inputs, loads
+only its slices of the checkpoint (model/parallel.py) and returns the same outputs (rank 0's sampled tokens are
+broadcast each step). `enable_dp_attention=True` (SGLang's name) makes attention data-parallel instead of
+heads-split: each rank serves its share of the prompts with its own KV cache (generate / chat).
+
 A request that cannot be served (prompt too long for max_model_len or the KV cache, n > max_num_seqs, token
 ids outside the vocabulary, ...) fails alone: `generate` returns it with finish_reason "error" and the message
 in RequestOutput.error, and serves the others; `add_request` raises RequestError. Wrong argument types raise
@@ -50,6 +56,7 @@ from .sequence import Sequence
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 HostRow = tuple[int, float, "int | None", list[int], list[float]]  # SamplerOutput.to_host() row
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -88,18 +95,38 @@ class LLM:
                  enable_prefix_caching: bool = False, enforce_eager: bool = False, seed: int = 0,
                  cpu_kv_cache_gib: float = 1.0, record_steps: bool = False, record_routing: bool | None = None,
                  generation_config: str | None = "auto", logprobs_mode: str = "raw_logprobs", max_logprobs: int = 20,
-                 allow_long_max_model_len: bool = False, cascade: bool = True):
+                 allow_long_max_model_len: bool = False, cascade: bool = True, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, enable_dp_attention: bool = False,
+                 kv_cache_dtype: str = "auto"):
         """record_routing: keep each cached token's experts per MoE layer (needed by return_routing; None = on for
         models with MoE layers; costs L * top_k int16 per cache slot and one small write per MoE layer per step).
         generation_config: "auto" reads the checkpoint's generation_config.json (default sampling values, EOS ids),
         None / "vllm" ignores it, or a path. logprobs_mode: the default distribution of returned log-probs
         (sampling_params.py). max_logprobs: the most top log-probs a request may ask for (-1: no limit).
         allow_long_max_model_len: accept a max_model_len beyond max_position_embeddings (with a warning).
-        cascade: decode steps read prompt blocks shared by several samples once per group (shared-prefix decode)."""
+        cascade: decode steps read prompt blocks shared by several samples once per group (shared-prefix decode).
+        tensor_parallel_size / enable_expert_parallel / enable_dp_attention: module docstring (model/parallel.py).
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (MLA models: e4m3 latent rows with a per-token scale,
+        half the bytes of bf16: twice the tokens in the cache, half the KV bytes per decode step)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        self.kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
         _check_engine_args(num_blocks=num_blocks, block_size=block_size, gpu_memory_fraction=gpu_memory_fraction,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
                            cpu_kv_cache_gib=cpu_kv_cache_gib, logprobs_mode=logprobs_mode, max_logprobs=max_logprobs)
+        check_int("tensor_parallel_size", tensor_parallel_size, 1)
+        self.parallel = None  # tensor / expert parallel (model/parallel.py): SPMD under torchrun
+        src = str(model) if isinstance(model, (str, os.PathLike)) else None  # tokenizer, generation config
+        if tensor_parallel_size > 1:
+            model, device = _parallel_model(model, dtype, device, tensor_parallel_size, enable_expert_parallel,
+                                            enable_dp_attention)
+            self.parallel = model.parallel
+            if enable_dp_attention and not enforce_eager and torch.device(device).type == "cuda":
+                log.warning("enable_dp_attention: decode runs without CUDA graphs (the ranks' batch sizes differ "
+                            "from step to step; padding every rank to the largest is not implemented)")
+                enforce_eager = True
         self.model, path = _load_model(model, dtype, device)
+        path = path or src
         moe_layers = int(getattr(self.model, "num_moe_layers", 0) or 0)
         if record_routing and not moe_layers:
             raise ValueError("record_routing: the model has no MoE layers (no num_moe_layers) to record")
@@ -112,12 +139,15 @@ class LLM:
         if num_blocks is None:
             num_blocks = self._auto_num_blocks(block_size, gpu_memory_fraction, max_num_batched_tokens,
                                                max_num_seqs, cpu_kv_cache_gib)
+            if self.parallel is not None and not self.parallel.dp_attention:  # identical schedulers: same cache
+                from ..parallel import min_over_ranks
+                num_blocks = min_over_ranks(num_blocks, self.device, self.parallel)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, max_num_seqs))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   enforce_eager=enforce_eager, record_routing=self.record_routing,
-                                  cascade=cascade)
+                                  cascade=cascade, kv_dtype=self.kv_dtype)
         self.sampler = Sampler(seed)
         self.generation_defaults, generation_eos = _generation_config(generation_config, path)
         self.eos_ids = _eos_ids(cfg, self.tokenizer) | generation_eos
@@ -322,6 +352,9 @@ class LLM:
         contexts = [self._context(s) for s in seqs] if any(p.needs_context for p in params) else None
         out = self.sampler(logits[rows_t], params, [s.generator for s in seqs], contexts,
                            [p.logprobs_mode or self.logprobs_mode for p in params])
+        if self.parallel is not None and not self.parallel.dp_attention:  # SPMD: every rank takes rank 0's tokens
+            from ..parallel import broadcast_from_rank0
+            broadcast_from_rank0(out, self.parallel)
         return StepWork(seqs, out.to_host())                              # the step's one host sync
 
     def process_step(self, work: StepWork) -> list[StreamEvent]:
@@ -503,6 +536,9 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (strings, token-id lists, or {"prompt"/"prompt_token_ids": ...} dicts); one
         RequestOutput per prompt, in order. `sampling_params=None`: get_default_sampling_params()."""
+        if self.parallel is not None and self.parallel.dp_attention:
+            from ..parallel import dp_generate
+            return dp_generate(self, prompts, sampling_params)
         ids = self._add_all(prompts, sampling_params)
         bar = _progress(len(ids), use_tqdm)
         pending = {i for i in ids if i in self.requests}
@@ -539,6 +575,8 @@ class LLM:
         """Yield a StreamEvent for every new token of every sample, as the steps produce them. With a tokenizer
         each event carries the text it completed (stop strings cut). A request that cannot be served yields one
         event per sample with finish_reason "error"."""
+        if self.parallel is not None and self.parallel.dp_attention:
+            raise NotImplementedError("stream: not available with enable_dp_attention (use generate)")
         ids = self._add_all(prompts, sampling_params, stream_text=True)
         live = set()
         for i in ids:
@@ -572,6 +610,8 @@ class LLM:
     def _auto_num_blocks(self, block_size: int, fraction: float, max_tokens: int, max_seqs: int,
                          cpu_gib: float) -> int:
         extra = {"routing": True} if self.record_routing else {}
+        if self.kv_dtype is not None:
+            extra["dtype"] = self.kv_dtype
         per_block = self.model.kv_cache_bytes_per_block(block_size, **extra)
         if self.device.type != "cuda":
             return max(1, int(cpu_gib * 2**30) // per_block)
@@ -627,6 +667,24 @@ def _profile_forward(model, T: int, block_size: int) -> int:
     del cache
     torch.cuda.empty_cache()
     return peak
+
+
+def _parallel_model(model, dtype, device, tp: int, ep: bool, dp_attention: bool):
+    """Join the process group and load this rank's part of the checkpoint (model/parallel.py)."""
+    from ..parallel import ParallelConfig, init_distributed
+
+    rank, device = init_distributed(tp, device)
+    pc = ParallelConfig(world=tp, rank=rank, expert_parallel=ep, dp_attention=dp_attention)
+    if isinstance(model, (str, os.PathLike)):
+        from ..modeling import MoEForCausalLM
+
+        return MoEForCausalLM.from_pretrained(str(model), dtype=dtype, device=device, parallel=pc), device
+    have = getattr(model, "parallel", None)
+    if have is None or (have.world, have.rank, have.expert_parallel, have.dp_attention) != (tp, rank, ep,
+                                                                                          dp_attention):
+        raise ValueError(f"model: tensor_parallel_size={tp} needs a checkpoint path (each rank loads its slices) or "
+                         "a model built with model.parallel.parallelize for this rank")
+    return model, device
 
 
 def _load_model(model, dtype, device):

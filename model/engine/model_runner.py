@@ -190,6 +190,7 @@ class ModelRunner:
         for i in range(len(self.kv_cache)):
             layer = self.kv_cache[i]
             for t in layer if isinstance(layer, (tuple, list)) else (layer,):
+                t = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # fp8 cache: copy the bytes
                 t.index_copy_(0, dst, t.index_select(0, src))
         if self.routing is not None:  # the blocks' recorded experts travel with their K/V
             r = self.routing[:-1].view(-1, self.block_size, *self.routing.shape[1:])  # [NB, BS, L, K]

@@ -25,6 +25,7 @@ import dsmath_kernels as dk
 
 from ..config import ModelConfig
 from ..meta import ForwardMeta
+from .fp8 import dense_weight, linear
 from .rmsnorm import RMSNorm
 from .rope import apply_rope
 
@@ -43,10 +44,10 @@ class GQAAttention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H, b = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(H, self.nh * self.d, bias=b)
-        self.k_proj = nn.Linear(H, self.nkv * self.d, bias=b)
-        self.v_proj = nn.Linear(H, self.nkv * self.d, bias=b)
-        self.o_proj = nn.Linear(self.nh * self.d, H, bias=b)
+        self.q_proj = linear(cfg, H, self.nh * self.d, bias=b)
+        self.k_proj = linear(cfg, H, self.nkv * self.d, bias=b)
+        self.v_proj = linear(cfg, H, self.nkv * self.d, bias=b)
+        self.o_proj = linear(cfg, self.nh * self.d, H, bias=b)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.scale = cfg.softmax_scale()
@@ -92,15 +93,15 @@ class MLAttention(nn.Module):
         self.dc = cfg.kv_lora_rank
         dq = self.dn + self.dr
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(H, self.nh * dq, bias=False)
+            self.q_proj = linear(cfg, H, self.nh * dq, bias=False)
         else:
-            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=b)
+            self.q_a_proj = linear(cfg, H, cfg.q_lora_rank, bias=b)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 as in transformers, not rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.nh * dq, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.dc + self.dr, bias=b)
+            self.q_b_proj = linear(cfg, cfg.q_lora_rank, self.nh * dq, bias=False)
+        self.kv_a_proj_with_mqa = linear(cfg, H, self.dc + self.dr, bias=b)
         self.kv_a_layernorm = RMSNorm(self.dc)
-        self.kv_b_proj = nn.Linear(self.dc, self.nh * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(self.nh * self.dv, H, bias=b)
+        self.kv_b_proj = linear(cfg, self.dc, self.nh * (self.dn + self.dv), bias=False)
+        self.o_proj = linear(cfg, self.nh * self.dv, H, bias=b)
         self.scale = cfg.softmax_scale()
         self.interleaved = cfg.rope.interleaved
         self.low_rank_q = cfg.q_lora_rank is not None
@@ -129,23 +130,28 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
     def absorbed_weights(self):
-        """kv_b_proj.weight [Hq * (Dn + Dv), Dc] -> W_UK [Hq, Dn, Dc], W_UV [Hq, Dv, Dc]."""
-        w = self.kv_b_proj.weight.view(self.nh, self.dn + self.dv, self.dc)
+        """kv_b_proj.weight [Hq * (Dn + Dv), Dc] -> W_UK [Hq, Dn, Dc], W_UV [Hq, Dv, Dc] (an FP8 kv_b_proj is
+        dequantised for the step, as DeepSeek's reference inference does: Hq * (Dn + Dv) * Dc values per layer)."""
+        w = dense_weight(self.kv_b_proj, self.kv_a_layernorm.weight.dtype).view(self.nh, self.dn + self.dv, self.dc)
         return w[:, : self.dn], w[:, self.dn:]
 
     def forward_paged(self, x, cos, sin, meta: ForwardMeta, cache):
         q_nope, q_pe = self._q(x)  # [N, Hq, Dn], [N, Hq, Dr]
         q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleaved)
         c, k_pe = self._latent(x, cos, sin)  # [N, Dc], [N, Dr]
-        dk.mla_cache_write(torch.cat((c, k_pe), dim=-1), cache, meta.slot_mapping)
+        cache, kv_scale = cache if isinstance(cache, tuple) else (cache, None)  # fp8 cache: rows, per-token scales
+        if kv_scale is None:
+            dk.mla_cache_write(torch.cat((c, k_pe), dim=-1), cache, meta.slot_mapping)
+        else:
+            dk.mla_cache_write_fp8(torch.cat((c, k_pe), dim=-1), cache, kv_scale, meta.slot_mapping)
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)  # [N, Hq, Dc]
         q = torch.cat((q_lat, q_pe), dim=-1)  # [N, Hq, Dc + Dr]
         if meta.is_decode:
             o_lat = dk.mla_decode(q, cache, meta.block_tables, meta.seq_lens, self.scale, v_head_dim=self.dc,
-                                  plan=meta.decode_plan, cascade=getattr(meta, "cascade", None))
+                                  plan=meta.decode_plan, cascade=getattr(meta, "cascade", None), kv_scale=kv_scale)
         else:
             o_lat = dk.mla_prefill(q, cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                                   v_head_dim=self.dc, max_seqlen_q=meta.max_seqlen_q)
+                                   v_head_dim=self.dc, max_seqlen_q=meta.max_seqlen_q, kv_scale=kv_scale)
         out = torch.einsum("nhc,hvc->nhv", o_lat, w_uv)  # [N, Hq, Dv]
         return self.o_proj(out.reshape(x.shape[0], -1))

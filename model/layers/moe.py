@@ -2,7 +2,8 @@
 (router -> dsmath_kernels.route_topk -> dsmath_kernels.moe_experts, plus shared experts).
 
 Expert weights are stored fused as transformers holds them in memory: gate_up_proj [E, 2I, H] (gate rows first,
-then up) and down_proj [E, H, I]; the loader fills them from per-expert checkpoint tensors.
+then up) and down_proj [E, H, I]; the loader fills them from per-expert checkpoint tensors. FP8 checkpoints
+(cfg.quant) get FP8 linears and experts (layers/fp8.py).
 Letters: T tokens, H hidden, E experts, K top-k, I expert intermediate.
 """
 
@@ -15,14 +16,16 @@ from torch import nn
 import dsmath_kernels as dk
 
 from ..config import ModelConfig
+from .fp8 import FP8Experts, linear
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, bias: bool = False):
+    def __init__(self, hidden: int, inter: int, bias: bool = False, cfg: ModelConfig | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        make = (lambda i, o: linear(cfg, i, o, bias)) if cfg is not None else (lambda i, o: nn.Linear(i, o, bias))
+        self.gate_proj = make(hidden, inter)
+        self.up_proj = make(hidden, inter)
+        self.down_proj = make(inter, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -81,9 +84,20 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg)
+        self.experts = FP8Experts(cfg) if cfg.quant is not None else Experts(cfg)
         n = cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n, bias=cfg.mlp_bias) if n else None
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n, cfg.mlp_bias, cfg) if n else None
+
+    def route(self, x: torch.Tensor, routing: torch.Tensor | None = None, return_routing: bool = False):
+        """x [T, H] -> (weights [T, K] float32, ids [T, K] int32 used, the gate's own ids or None): the gate's
+        top-k, or with routing [..., K] the replayed experts (weights from the logits at them)."""
+        logits = self.gate.logits(x)  # [T, E]
+        if routing is None:
+            weights, ids = self.gate.select(logits)  # [T, K]
+            return weights, ids, ids
+        ids = routing.reshape(-1, routing.shape[-1]).to(torch.int32)  # [T, K]
+        own = self.gate.select(logits.detach())[1] if return_routing else None
+        return self.gate.replay(logits, ids), ids, own
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
                 return_routing: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -92,14 +106,7 @@ class MoE(nn.Module):
         int32 the gate's own top-k picks (with routing given: computed from the same logits, not used)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        logits = self.gate.logits(x)  # [T, E]
-        if routing is None:
-            weights, ids = self.gate.select(logits)  # [T, K]
-            own = ids
-        else:
-            ids = routing.reshape(-1, routing.shape[-1]).to(torch.int32)  # [T, K]
-            weights = self.gate.replay(logits, ids)
-            own = self.gate.select(logits.detach())[1] if return_routing else None
+        weights, ids, own = self.route(x, routing, return_routing)  # [T, K]
         out = self.experts(x, weights, ids)  # [T, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

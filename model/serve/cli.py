@@ -1,6 +1,8 @@
 """`dsmath serve`: an OpenAI-compatible HTTP server for a checkpoint (python -m model.serve.cli from the repo).
 
     dsmath serve --model /path/to/DeepSeek-V2-Lite --port 8000 --api-key "$KEY"
+    torchrun --nproc-per-node 8 -m model.serve.cli --model DeepSeek-V3/ --tensor-parallel-size 8 \
+        --enable-expert-parallel                     # rank 0 serves HTTP, the others replay its steps
     curl -H "Authorization: Bearer $KEY" localhost:8000/v1/chat/completions \\
          -d '{"model": "DeepSeek-V2-Lite", "messages": [{"role": "user", "content": "2+2?"}]}'
 
@@ -73,14 +75,39 @@ def parse(argv=None) -> argparse.Namespace:
     eng.add_argument("--logprobs-mode", default="raw_logprobs",
                      choices=["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"])
     eng.add_argument("--max-logprobs", type=int, default=20)
-    return ap.parse_args(argv)
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                     help="fp8: e4m3 latent cache with per-token scales (MLA models)")
+    par = ap.add_argument_group("parallelism (under torchrun --nproc-per-node N; rank 0 serves HTTP)")
+    par.add_argument("--tensor-parallel-size", type=int, default=1)
+    par.add_argument("--enable-expert-parallel", action="store_true")
+    par.add_argument("--enable-dp-attention", action="store_true",
+                     help="not for serving: the offline LLM.generate only (refused here)")
+    args = ap.parse_args(argv)
+    if args.enable_dp_attention:
+        ap.error("--enable-dp-attention: the server runs heads-split attention (data-parallel attention serves "
+                 "the offline LLM.generate only)")
+    return args
 
 
 def build_llm(model: str, **kwargs):
-    """The server's LLM (in this process or in the engine process, which calls this)."""
+    """The server's LLM (in this process or in the engine process, which calls this). Under tensor / expert
+    parallelism (torchrun): rank 0 gets a Leader (it broadcasts each step to the other ranks), the other ranks a
+    bare LLM to run model.parallel.follow with."""
     from ..engine import LLM
 
+    parallel = kwargs.get("tensor_parallel_size", 1) > 1 or kwargs.get("enable_expert_parallel", False)
+    if parallel:  # an idle server sends nothing for hours: collectives must wait that long
+        import datetime
+
+        from ..parallel import init_distributed
+        init_distributed(kwargs.get("tensor_parallel_size", 1), kwargs.get("device"),
+                         timeout=datetime.timedelta(days=7))
     llm = LLM(model, **kwargs)
+    if llm.parallel is not None:
+        from ..parallel import Leader
+        if llm.parallel.rank != 0:
+            return llm
+        llm = Leader(llm)
     if llm.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; pass --tokenizer DIR")
     return llm
@@ -95,6 +122,13 @@ def use_engine_process(args) -> bool:
     competes with the HTTP work and with the 5 ms GIL switch interval, so the engine process is the better default
     there too (vLLM V1's choice). One CPU: nothing to run beside the step, so in process (no pickling, no second
     interpreter)."""
+    if args.tensor_parallel_size > 1 or args.enable_expert_parallel:
+        # every rank runs the model in its own process already (torchrun); rank 0's engine steps in the process
+        # that holds the process group, so there is no engine process to split off
+        if args.engine_process == "yes":
+            raise SystemExit("dsmath serve: --engine-process yes: not with --tensor-parallel-size > 1 or "
+                             "--enable-expert-parallel (rank 0's engine must run in the process of its process group)")
+        return False
     if args.engine_process != "auto":
         return args.engine_process == "yes"
     if not hasattr(socket, "AF_UNIX"):      # the engine process talks over a Unix socket pair (POSIX)
@@ -140,7 +174,8 @@ def build_engine(args):
                   enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed,
                   cpu_kv_cache_gib=args.cpu_kv_cache_gib, generation_config=args.generation_config,
                   logprobs_mode=args.logprobs_mode, max_logprobs=args.max_logprobs,
-                  allow_long_max_model_len=args.allow_long_max_model_len)
+                  allow_long_max_model_len=args.allow_long_max_model_len, kv_cache_dtype=args.kv_cache_dtype,
+                  tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
     front = dict(max_waiting_requests=args.max_waiting_requests, stream_interval=args.stream_interval)
     try:
         if use_engine_process(args):
@@ -161,6 +196,8 @@ def build_engine(args):
         llm = build_llm(args.model, **kwargs)
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"dsmath serve: {e}") from e
+    if getattr(llm, "parallel", None) is not None and llm.parallel.rank != 0:
+        return llm  # a follower rank: main() runs model.parallel.follow on it
     in_thread = llm.device.type == "cuda" if args.step_in_thread == "auto" else args.step_in_thread == "yes"
     return AsyncLLM(llm, step_in_thread=in_thread, **front)
 
@@ -176,11 +213,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args)
+    if not hasattr(engine, "llm"):  # a rank > 0 of a tensor-parallel server: replay rank 0's steps
+        from ..parallel import follow
+        follow(engine)
+        os._exit(0)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = build_app(engine, model_name=name, api_key=args.api_key, chat_template=args.chat_template,
                     model_path=args.model)
     run(app, engine, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level)
+    if hasattr(engine.llm, "stop"):  # tensor parallel: release the other ranks
+        engine.llm.stop()
     # Drained and shut down: exit now. The interpreter's teardown of torch takes seconds (measured 2-6 s on a
     # busy 2-core machine) and keeps the process alive after the server is gone.
     logging.shutdown()

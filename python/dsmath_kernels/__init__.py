@@ -1,6 +1,6 @@
 """dsmath_kernels — GPU kernels for DeepSeek-style MoE models and GRPO training, importable into any PyTorch
-project: top-k expert routing, grouped GEMM, paged attention, fused GRPO loss. Each op is a torch custom op
-(`torch.ops.dsmath.*`) with a plain PyTorch reference in `dsmath_kernels.reference`.
+project: top-k expert routing, grouped GEMM (bf16 and FP8 block-scaled), paged attention, fused GRPO loss. Each op
+is a torch custom op (`torch.ops.dsmath.*`) with a plain PyTorch reference in `dsmath_kernels.reference`.
 `python -m dsmath_kernels` reports the build and the backend each op will use; `explain(op, *args, **kwargs)` the
 backend one call would take and why. A call that cannot take its device's kernel warns once (FallbackWarning);
 DSMATH_STRICT=1 makes that an error (FallbackError)."""
@@ -27,6 +27,15 @@ from dsmath_kernels.cascade import (  # noqa: E402
     shared_prefix,
 )
 from dsmath_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
+from dsmath_kernels.fp8 import (  # noqa: E402
+    dequantize_fp8_blocks,
+    fp8_gemm,
+    fp8_linear,
+    grouped_gemm_fp8,
+    moe_experts_fp8,
+    quantize_fp8_blocks,
+    quantize_fp8_groups,
+)
 from dsmath_kernels.grpo import group_advantages, grpo_loss, token_logprobs  # noqa: E402
 from dsmath_kernels.hf import PatchReport, patch, patch_class, unpatch, unpatch_class  # noqa: E402
 from dsmath_kernels.moe import MoePermutation, grouped_gemm, moe_experts, moe_permute  # noqa: E402
@@ -41,6 +50,9 @@ __all__ = [
     # paged attention
     "DecodePlan", "plan_decode", "cache_write", "mla_cache_write", "paged_decode", "mla_decode", "paged_prefill",
     "mla_prefill",
+    # FP8 block-scaled (DeepSeek-V3 checkpoints)
+    "quantize_fp8_groups", "quantize_fp8_blocks", "dequantize_fp8_blocks", "fp8_gemm", "fp8_linear",
+    "grouped_gemm_fp8", "moe_experts_fp8",
     # shared-prefix (cascade) decode, fp8 MLA cache
     "SharedPrefix", "find_shared_prefixes", "shared_prefix", "quantize_fp8", "mla_cache_write_fp8",
     # GRPO

@@ -108,6 +108,15 @@ def model_calls(cfg: dict, device: torch.device) -> list[tuple[str, str, tuple, 
             calls.append((phase, "moe_experts", (x, w_gu, w_dn, weights, ids), {}))
             off = torch.zeros(E + 1, **i32)
             calls.append((phase, "grouped_gemm", (torch.zeros(T * K, H, dtype=dt, **dev), w_gu, off), {}))
+    if cfg.get("quantization_config"):  # an FP8 checkpoint: the engine's experts and linears take the FP8 ops
+        f8, nb = torch.float8_e4m3fn, lambda n: -(-n // 128)
+        x = torch.zeros(T, H, dtype=eng, **dev)
+        w, ws = _big(f8, device, H, H), _big(torch.float32, device, nb(H), nb(H))
+        calls.append(("engine", "fp8_linear", (x, w, ws), {}))
+        if E:
+            fp8_experts = (_big(f8, device, E, 2 * I, H), _big(torch.float32, device, E, 2 * nb(I), nb(H)),
+                           _big(f8, device, E, H, I), _big(torch.float32, device, E, nb(H), nb(I)))
+            calls.append(("engine", "moe_experts_fp8", (x, *fp8_experts, weights, ids), {}))
     if cfg.get("kv_lora_rank"):  # MLA (absorbed): latent rows Dc + Dr, values the first Dc
         Dc, Dr = cfg["kv_lora_rank"], cfg.get("qk_rope_head_dim", 64)
         kv = torch.zeros(NB, BS, Dc + Dr, dtype=eng, **dev)

@@ -717,11 +717,20 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def mla_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 seq_lens: torch.Tensor, scale: float, *, v_head_dim: int = 512, causal: bool = True,
-                max_seqlen_q: int | None = None, check_bounds: bool | None = None) -> torch.Tensor:
+                max_seqlen_q: int | None = None, check_bounds: bool | None = None,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA prefill (chunked prefill / shared prompt blocks): q [Nq, H, Dc + Dr] against kv_cache
     [NB, BS, Dc + Dr] -> [Nq, H, Dc]; MQA with one latent head, values = first Dc = v_head_dim columns. Query
-    placement and causality as paged_prefill."""
+    placement and causality as paged_prefill. kv_cache may be float8_e4m3fn with kv_scale [NB, BS] float32: the
+    blocks the tables reference are dequantised to q's dtype first (cascade.dequantized_blocks)."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if kv_cache.dtype == _cascade.FP8 if isinstance(kv_cache, torch.Tensor) else False:
+        check_tensor("kv_cache", kv_cache, ndim=3, device=q.device)
+        _cascade.check_kv_scale(kv_cache, kv_scale)
+        check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32, torch.int64), device=q.device)
+        kv_cache, block_tables = _cascade.dequantized_blocks(kv_cache, kv_scale, block_tables, q.dtype)
+    elif kv_scale is not None:
+        _cascade.check_kv_scale(kv_cache, kv_scale)  # refuses scales for a float cache, by name
     _check_cache("kv_cache", kv_cache, 3, q.device)
     if q.shape[1] == 0:
         raise ValueError(f"q: expected at least one head, got shape {list(q.shape)}")

@@ -271,6 +271,17 @@ def quantize_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (flat / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(rows.shape), s
 
 
+def dequantized_blocks(kv_cache: torch.Tensor, kv_scale: torch.Tensor, block_tables: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks block_tables [B, W] references in an fp8 kv_cache [NB, BS, D] (with kv_scale [NB, BS]),
+    dequantised into a dense cache [U, BS, D] of `dtype`, and the tables renumbered into it ([B, W] int32; entries
+    < 0 read block 0, which a valid table never reads past seq_lens). For paths without fp8 kernels (prefill):
+    memory and bytes of the U blocks used, not the whole cache; one host sync (the unique blocks)."""
+    used, tables = torch.unique(block_tables.clamp_min(0), return_inverse=True)  # [U], [B, W]
+    rows = kv_cache.view(torch.uint8)[used].view(FP8)  # [U, BS, D] (no e4m3 indexing on every backend)
+    return (rows.float() * kv_scale[used][..., None]).to(dtype), tables.to(torch.int32)
+
+
 def mla_cache_write_fp8(kv: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor,
                         slot_mapping: torch.Tensor) -> None:
     """Quantize new latent rows kv [N, Dc + Dr] (quantize_fp8) into an fp8 kv_cache [NB, BS, Dc + Dr] and their

@@ -24,9 +24,10 @@ Adding a kernel (another module's Triton kernel, say a new decode kernel):
 where `kernels` are the module attributes the launcher calls (a JITFunction or an Autotuner) and `drive(run)`
 calls the launcher with meta tensors through `run(mode, launcher, *args, **kwargs)` once per mode and dtype it can
 be launched with (mode: a label, or a function of the launch's keyword arguments for a launcher that launches
-several kernels). Put the module in PLUGINS (below) so the sweep imports it. A section with other rows (the CUDA
-kernels' ptxas figures, say) is added with `register_section(name, fn)`, fn(target) -> list of row dicts with at
-least "kernel" and "problems" keys.
+several kernels; `run(..., min_cc=89)` marks launches made only on that compute capability or newer, e.g. e4m3
+operands, which the sweep then skips for older targets). Put the module in PLUGINS (below) so the sweep imports it.
+A section with other rows (the CUDA kernels' ptxas figures, say) is added with `register_section(name, fn)`,
+fn(target) -> list of row dicts with at least "kernel" and "problems" keys.
 
 Needs triton >= 3.9 (its compile API); importing this module does not import triton."""
 
@@ -75,6 +76,7 @@ class Variant:
     args: tuple
     kwargs: dict
     spill_budget: int | None
+    min_cc: int = 0  # launched only on targets of this compute capability or newer
 
     @property
     def kernel(self) -> str:
@@ -118,14 +120,14 @@ class _Recorder:
         if callable(mode):  # a launcher that launches twice: its label from the launch's flags
             mode = mode(kwargs)
         if configs is None:  # plain @triton.jit
-            self.sink.append((mode, obj, args, dict(kwargs)))
+            self.sink.append((mode, obj, args, dict(kwargs), self.state["min_cc"]))
             return
         fn = obj.fn  # Autotuner -> JITFunction
         prune = getattr(obj, "early_config_prune", None)
         named = dict(zip(fn.arg_names, args))
         kept = prune(configs, named, **kwargs) if prune else configs
         for cfg in kept:
-            self.sink.append((mode, fn, args, {**kwargs, **cfg.all_kwargs()}))
+            self.sink.append((mode, fn, args, {**kwargs, **cfg.all_kwargs()}, self.state["min_cc"]))
 
 
 def collect(specs: Iterable[KernelSpec]) -> list[Variant]:
@@ -134,11 +136,11 @@ def collect(specs: Iterable[KernelSpec]) -> list[Variant]:
     for spec in specs:
         mod = importlib.import_module(spec.module)
         sink: list = []
-        state = {"mode": ""}
+        state = {"mode": "", "min_cc": 0}
         saved = {name: getattr(mod, name) for name in spec.kernels}
 
-        def run(mode, launcher, *args, **kwargs):
-            state["mode"] = mode
+        def run(mode, launcher, *args, min_cc=0, **kwargs):
+            state["mode"], state["min_cc"] = mode, min_cc
             return launcher(*args, **kwargs)
 
         try:
@@ -148,8 +150,8 @@ def collect(specs: Iterable[KernelSpec]) -> list[Variant]:
         finally:
             for name, obj in saved.items():
                 setattr(mod, name, obj)
-        for mode, fn, args, kwargs in sink:
-            out.append(Variant(spec.family, mode, fn, args, kwargs, spec.spill_budget.get(fn.__name__)))
+        for mode, fn, args, kwargs, min_cc in sink:
+            out.append(Variant(spec.family, mode, fn, args, kwargs, spec.spill_budget.get(fn.__name__), min_cc))
     return out
 
 
@@ -305,6 +307,8 @@ def sweep(targets: Iterable[str], only: str | None = None, jobs: int | None = No
     for t in targets:
         target = GPUTarget("cuda", TARGETS[t][0], 32)
         for v in variants:
+            if TARGETS[t][0] < v.min_cc:
+                continue
             key = _specialise(v, target)[2]
             if key not in seen:
                 seen.add(key)
@@ -539,6 +543,43 @@ def _drive_grpo(run) -> None:
             run("bwd fused", gt.lse_backward, h, w, t, lse, g, 1.0, dh, dw, "fused")
 
 
+def _drive_fp8(run) -> None:
+    """The FP8 block-scaled GEMMs (issue 17) at DeepSeek-V3 shapes: dense (q_a_proj-like) and the MoE pair (gate-up
+    with the SwiGLU (+ e4m3 re-quantisation) epilogue, down with the routing weight) at decode / small-prefill /
+    prefill rows per expert, and the activation quantiser. W8A8 and the weight-only launches with e4m3 weight
+    pointers are sm_89+ (min_cc=89: wgmma e4m3 on sm_90); the weight-only launches with the weight as bytes decoded
+    in-kernel are what sm_80 runs (and compile for sm_90 too)."""
+    from dsmath_kernels import fp8_gemm_triton as ft
+
+    f8, i32, f32, bf = torch.float8_e4m3fn, torch.int32, torch.float32, torch.bfloat16
+    H, N, I, E, K = 7168, 1536, 2048, 32, 8  # noqa: E741 - V3: one EP-8 rank's 32 experts, top-8
+    w, ws = _meta(1, N, H, dtype=f8), _meta(1, N // 128, H // 128, dtype=f32)
+    w13, s13 = _meta(E, 2 * I, H, dtype=f8), _meta(E, 2 * I // 128, H // 128, dtype=f32)
+    w2, s2 = _meta(E, H, I, dtype=f8), _meta(E, H // 128, I // 128, dtype=f32)
+    for M in (8, 32, 128, 8192):  # tokens: every row bucket of configs_for (rows per group <= 16, <= 64, more) for
+        # the dense GEMM (M rows, one group) and the MoE pair (8 M rows over 32 experts)
+        a, a_s = _meta(M, H, dtype=f8), _meta(M, H // 128, dtype=f32)
+        run("dense w8a8", ft.gemm, a, w, ws, a_scale=a_s, native=True, min_cc=89)
+        for dt in (bf, torch.float16):
+            run("dense w8a16", ft.gemm, _meta(M, H, dtype=dt), w, ws, out_dtype=dt, native=True, w_bits=False,
+                min_cc=89)
+            run("dense w8a16 bytes", ft.gemm, _meta(M, H, dtype=dt), w, ws, out_dtype=dt, native=False, w_bits=True)
+        R = M * K  # pairs
+        off, order, rw = _meta(E + 1, dtype=i32), _meta(R, dtype=i32), _meta(R, dtype=f32)
+        run("gate_up swiglu quant", ft.gemm, a, w13, s13, off, a_scale=a_s, rows=order, topk=K, act=True,
+            up_blocks=I // 128, quant_out=True, native=True, min_cc=89)
+        run("down routed", ft.gemm, _meta(R, I, dtype=f8), w2, s2, off, a_scale=_meta(R, I // 128, dtype=f32),
+            rows=order, gather=False, route_w=rw, native=True, min_cc=89)
+        xb = _meta(M, H, dtype=bf)
+        for bits in (False, True):
+            sfx, cc = (" bytes", 0) if bits else ("", 89)
+            run("gate_up swiglu w8a16" + sfx, ft.gemm, xb, w13, s13, off, rows=order, topk=K, act=True,
+                up_blocks=I // 128, native=not bits, w_bits=bits, min_cc=cc)
+            run("down routed w8a16" + sfx, ft.gemm, _meta(R, I, dtype=bf), w2, s2, off, rows=order, gather=False,
+                route_w=rw, native=not bits, w_bits=bits, min_cc=cc)
+        run("quantize", ft.quantize, xb, min_cc=89)
+
+
 # Spill budgets (bytes per thread, 16-bit launches): 0 everywhere — every hot loop must live in registers.
 register(KernelSpec("grouped_gemm", "dsmath_kernels.grouped_gemm_triton", ("_gemm_tuned", "_wgrad_tuned",
                                                                           "_combine_kernel"),
@@ -547,6 +588,8 @@ register(KernelSpec("attention", "dsmath_kernels.attention_triton", ("_prefill_f
                     _drive_attention, {"_prefill_fwd_kernel": 0, "_decode_fwd_kernel": 0}))
 register(KernelSpec("grpo", "dsmath_kernels.grpo_triton", ("_lse_fwd_kernel", "_lse_bwd_kernel"), _drive_grpo,
                     {"_lse_fwd_kernel": 0, "_lse_bwd_kernel": 0}))
+register(KernelSpec("fp8", "dsmath_kernels.fp8_gemm_triton", ("_tuned", "_quant_kernel"), _drive_fp8,
+                    {"_fp8_gemm_kernel": 0}))
 
 
 def _drive_tiled_decode(run) -> None:

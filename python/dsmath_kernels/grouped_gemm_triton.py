@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsmath_kernels.triton_common import mma
+from dsmath_kernels.triton_common import gathered_rows, mma, segment_schedule, segment_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -37,40 +37,16 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, off_ptr, rows_ptr, scale_ptr, h_ptr, a_ptr
                  GATHER: tl.constexpr, ACT: tl.constexpr, SCALE: tl.constexpr, STORE_H: tl.constexpr,
                  DACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr):
-    # Tile schedule, computed by every program from the offsets in registers (no serial per-expert loop):
-    # group g < E is expert g's segment, group E the rows past off[E] (zero-filled).
+    # Tile schedule (triton_common.segment_schedule): group g < E is expert g's segment, group E the rows past
+    # off[E] (zero-filled).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    num_n = tl.cdiv(N, BN)
-    ar = tl.arange(0, EP)  # [EP] groups, EP = next power of two >= E + 1
-    lo = tl.load(off_ptr + ar, mask=ar <= E, other=0).to(tl.int32)
-    hi = tl.load(off_ptr + ar + 1, mask=ar < E, other=0).to(tl.int32)
-    lo = tl.minimum(tl.maximum(lo, 0), M)
-    hi = tl.where(ar == E, M, hi)
-    hi = tl.where(ar <= E, tl.minimum(tl.maximum(hi, lo), M), lo)
-    num_m = tl.cdiv(hi - lo, BM)  # [EP]
-    tiles = num_m * num_n
-    cum = tl.cumsum(tiles, 0)  # [EP] inclusive
-    total = tl.sum(tiles, 0)
+    ar, lo, hi, num_m, tiles, cum, total = segment_schedule(off_ptr, M, E, N, EP, BM, BN)
     for t in range(pid, total, nprog):
-        g = tl.sum((cum <= t).to(tl.int32), 0)  # group holding tile t
-        sel = ar == g
-        local = t - tl.sum(tl.where(sel, cum - tiles, 0), 0)
-        start = tl.sum(tl.where(sel, lo, 0), 0)
-        end = tl.sum(tl.where(sel, hi, 0), 0)
-        nm = tl.sum(tl.where(sel, num_m, 0), 0)
-        m_tile = local % nm  # m fastest: programs running together share the weight tile
-        n_tile = local // nm
+        g, start, end, m_tile, n_tile = segment_tile(t, ar, lo, hi, num_m, tiles, cum)
         rows = start + m_tile * BM + tl.arange(0, BM)  # [BM]
         mask_m = rows < end
-        if GATHER or SCALE:
-            pair = tl.load(rows_ptr + rows, mask=mask_m, other=-1)  # pair index f = t * topk + j, -1 = padding
-        if GATHER:
-            a_ok = mask_m & (pair >= 0)
-            src = (tl.maximum(pair, 0) // topk).to(tl.int64)  # token row of x
-        else:
-            a_ok = mask_m
-            src = rows.to(tl.int64)
+        pair, a_ok, src = gathered_rows(rows_ptr, rows, mask_m, topk, GATHER, GATHER or SCALE)
         cols = n_tile * BN + tl.arange(0, BN)  # [BN]
         mask_n = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)

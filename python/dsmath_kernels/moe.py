@@ -77,18 +77,26 @@ def _triton_ok() -> bool:
     return True
 
 
-def _choose_gemm(op: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> _dispatch.Choice:
-    """Grouped GEMM backend: Triton on GPU, torch.matmul per segment on CPU (its design), the reference when
-    forced; DSMATH_GROUPED_GEMM=torch|triton overrides (triton on CPU runs the interpreter, for tests)."""
+def _forced_gemm(op: str, env_name: str) -> _dispatch.Choice | None:
+    """The choice DSMATH_FORCE_REFERENCE=1 or `env_name`=torch|triton makes (triton on a CPU runs the interpreter,
+    for tests), else None."""
     forced = _dispatch.forced(op)
     if forced:
         return forced
-    env = os.environ.get("DSMATH_GROUPED_GEMM", "")
+    env = os.environ.get(env_name, "")
     if env in ("torch", "triton"):
         if env == "torch" or _triton_ok():
-            return _dispatch.by_design(op, env, f"DSMATH_GROUPED_GEMM={env}")
-        return _dispatch.fallback(op, "torch", "DSMATH_GROUPED_GEMM=triton but triton is not installed",
-                                  "pip install triton")
+            return _dispatch.by_design(op, env, f"{env_name}={env}")
+        return _dispatch.fallback(op, "torch", f"{env_name}=triton but triton is not installed", "pip install triton")
+    return None
+
+
+def _choose_gemm(op: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> _dispatch.Choice:
+    """Grouped GEMM backend: Triton on GPU, torch.matmul per segment on CPU (its design), the reference when
+    forced; DSMATH_GROUPED_GEMM=torch|triton overrides (triton on CPU runs the interpreter, for tests)."""
+    forced = _forced_gemm(op, "DSMATH_GROUPED_GEMM")
+    if forced:
+        return forced
     if dtype == torch.float64:
         return _dispatch.by_design(op, "torch", "float64: torch.matmul per segment")
     if device.type == "cuda":
@@ -509,6 +517,12 @@ def _check_experts(x, w_gate_up, w_down, weights, ids) -> None:
                          f"{list(w_gate_up.shape)}")
     check_tensor("w_down", w_down, ndim=3, dtypes=(x.dtype,), device=x.device)
     check_shape("w_down", w_down, [E, H, I2 // 2])
+    _check_routing(x, weights, ids, E)
+
+
+def _check_routing(x, weights, ids, E: int) -> None:
+    """ids [T, K] int32/int64 in [0, E) and weights [T, K] float32, one row per token of x, on x's device."""
+    T = x.shape[0]
     check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
     if ids.shape[0] != T:
         raise ValueError(f"ids: expected shape [{T}, K] (one row per token of x), got {list(ids.shape)}")
