@@ -133,6 +133,7 @@ def sharded_weights(models: str, out: str) -> None:
     if rank == 0:
         torch.save({"world": world, **results}, out)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its process group down while another still works
         dist.destroy_process_group()
 
 
