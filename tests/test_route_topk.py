@@ -1,6 +1,7 @@
 """route_topk: the kernel (CPU C++ here, CUDA under the gpu marker) vs the reference and vs transformers' routers
 (DeepseekV2, DeepseekV3, Qwen3-MoE); edge cases, NaN rule, gradients, bad input, torch.compile fake impl."""
 
+import os
 import shutil
 
 import pytest
@@ -417,7 +418,8 @@ def test_cuda_kernels_use_no_local_memory():
     # k, the sort is a warp rank; ptxas's own figures (the compile report's CUDA section).
     from dsmath_kernels.compile_report import cuda_section
 
-    rows = cuda_section("sm_90", files=["route_topk.cu"])
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")  # CI: installed package
+    rows = cuda_section("sm_90", files=["route_topk.cu"], csrc=csrc)
     assert {r.get("kernel") for r in rows} == {"route_topk_kernel", "route_weights_kernel"}, rows
     for r in rows:
         assert r["stack"] == 0 and r["spill"] == 0 and r["problems"] == [], r

@@ -410,15 +410,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- CUDA section
-def cuda_section(target: str, files: Iterable[str] | None = None) -> list[dict]:
+def cuda_section(target: str, files: Iterable[str] | None = None, csrc: str | None = None) -> list[dict]:
     """ptxas figures of every kernel in csrc/*.cu (or only `files`, names in csrc/) for the target (nvcc
     --resource-usage: registers, stack frame, spills, static shared memory) and the tensor-core instructions of its
     SASS (cuobjdump -sass: HGMMA / HMMA / IMMA counts). Needs the repository's csrc/ and nvcc; a problem when a
     kernel uses local memory (a stack frame: per-thread arrays or spills) or more than 48 KiB static shared
-    memory."""
+    memory. `csrc`: the sources' directory (default: the checkout this module runs from; an installed package
+    has none, so tests pass the repository's)."""
     import shutil
 
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+    csrc = csrc or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
     nvcc = shutil.which("nvcc")
     if not os.path.isdir(csrc) or nvcc is None:
         return [{"kernel": "-", "problems": ["needs the repository's csrc/ and nvcc"]}]
