@@ -509,13 +509,17 @@ DSM_INLINE void item(const AttendParams& p, int R, const int* seq, const int* he
       b.ok[j] = 1;
       const int64_t ko = blk * p.k_sblk + off * p.k_stok + kvh * p.k_sh;
       const int64_t vo = blk * p.v_sblk + off * p.v_stok + kvh * p.v_sh;
-      if (copy_k) {
-        float* kj = b.kbuf.data() + static_cast<int64_t>(j) * kd;
-        to_float(p.k, ko, D, p.kv_dtype, kj);
+      // one row to fp32 (fp8: times its per-token scale, shared by the key and the value)
+      auto load_row = [&](const void* src, int64_t o, int n, float* dst) {
+        to_float(src, o, n, p.kv_dtype, dst);
         if (fp8) {
           const float sc = p.k_scale[blk * p.ks_sblk + off];
-          for (int d = 0; d < D; ++d) kj[d] *= sc;
+          for (int d = 0; d < n; ++d) dst[d] *= sc;
         }
+      };
+      if (copy_k) {
+        float* kj = b.kbuf.data() + static_cast<int64_t>(j) * kd;
+        load_row(p.k, ko, D, kj);
         b.krow[j] = kj;
       } else {
         b.krow[j] = static_cast<const float*>(p.k) + ko;
@@ -524,11 +528,7 @@ DSM_INLINE void item(const AttendParams& p, int R, const int* seq, const int* he
         b.vrow[j] = b.krow[j];
       } else if (copy_v || copy_vk) {
         float* vj = b.vbuf.data() + static_cast<int64_t>(j) * Dvp;
-        to_float(shared_v ? p.k : p.v, shared_v ? ko : vo, Dv, p.kv_dtype, vj);
-        if (fp8) {
-          const float sc = p.k_scale[blk * p.ks_sblk + off];
-          for (int d = 0; d < Dv; ++d) vj[d] *= sc;
-        }
+        load_row(shared_v ? p.k : p.v, shared_v ? ko : vo, Dv, vj);
         b.vrow[j] = vj;
       } else {
         b.vrow[j] = static_cast<const float*>(p.v) + vo;
