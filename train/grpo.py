@@ -584,8 +584,9 @@ def _barrier() -> None:
 def leave_process_group() -> None:
     """Every rank leaves the process group together. A rank that destroys a gloo group while another still runs
     (rank 0 exports the final checkpoint after the last collective) can abort in gloo's teardown ("terminate called
-    without an active exception", seen once in a full-suite run under load; 12 reruns did not repeat it). Ranks > 0 wait on the c10d store, not in
-    a collective, so no NCCL watchdog fires however long the export takes; then one barrier, then the destroy."""
+    without an active exception", seen once in a full-suite run under load; 12 reruns did not repeat it). Ranks > 0
+    wait on the c10d store, not in a collective, so no NCCL watchdog fires however long the export takes; then one
+    barrier, then the destroy."""
     if not dist.is_initialized():
         return
     import datetime
