@@ -90,6 +90,16 @@ def fallback(op: str, backend: str, reason: str, fix: str) -> Choice:
     return Choice(op, backend, reason, fix, fallback=True)
 
 
+def no_triton(op: str, backend: str) -> Choice:
+    """The fallback of a Triton op on a machine without triton."""
+    return fallback(op, backend, "triton is not installed", "pip install triton")
+
+
+def no_device_kernel(op: str, device: torch.device, backend: str) -> Choice:
+    """The fallback of an op on a device type it has no kernel for (neither CUDA nor CPU)."""
+    return fallback(op, backend, f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+
+
 def forced(op: str) -> Choice | None:
     """The reference when DSMATH_FORCE_REFERENCE=1, else None."""
     return by_design(op, "reference", f"{FORCE_ENV}=1") if force_reference() else None
@@ -110,7 +120,7 @@ def device_kernel(op: str, device: torch.device, *, cpu: bool = True, cuda: bool
             return kernel(op, "cpu")
         return fallback(op, "reference", "the compiled module dsmath_kernels._C is missing",
                         "reinstall with a C++ compiler available (pip install .)")
-    return fallback(op, "reference", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+    return no_device_kernel(op, device, "reference")
 
 
 # ---------------------------------------------------------------------------------------------- policy

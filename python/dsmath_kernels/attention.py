@@ -271,7 +271,7 @@ def _choose_decode(op: str, device: torch.device, dtype: torch.dtype, cache_dtyp
     if env == "triton":
         if triton:
             return _dispatch.by_design(op, "triton", f"{DECODE_BACKEND_ENV}=triton")
-        return _dispatch.fallback(op, "reference", "triton is not installed", "pip install triton")
+        return _dispatch.no_triton(op, "reference")
     base = _dispatch.device_kernel(op, device)
     if base.fallback:
         return _dispatch.fallback(op, "triton" if triton else "reference", base.reason, base.fix)
@@ -316,10 +316,9 @@ def _choose_prefill(op: str, device: torch.device, dtype: torch.dtype, cache_dty
     if dtype == torch.float64:
         return _dispatch.by_design(op, "reference", "float64 runs the reference (the kernel takes fp32/fp16/bf16)")
     if device.type != "cuda":
-        return _dispatch.fallback(op, "reference", f"no kernel for device type {device.type!r}",
-                                  "use a CUDA or CPU tensor")
+        return _dispatch.no_device_kernel(op, device, "reference")
     if not _triton_ok():
-        return _dispatch.fallback(op, "reference", "triton is not installed", "pip install triton")
+        return _dispatch.no_triton(op, "reference")
     if cache_dtype != dtype:
         return _dispatch.fallback(op, "reference", f"q is {dtype} but the cache is {cache_dtype}",
                                   "pass q in the cache's dtype")

@@ -326,14 +326,13 @@ def choose(op: str, device: torch.device, dtype: torch.dtype) -> _dispatch.Choic
 
         if mla_decode_triton.available():
             return _dispatch.kernel(op, "triton-tc")
-        return _dispatch.fallback(op, "reference", "triton is not installed", "pip install triton")
+        return _dispatch.no_triton(op, "reference")
     if device.type == "cpu":
         if _ext.has_cpu_kernels() and hasattr(_ext.C(), "attend_cpu"):
             return _dispatch.kernel(op, "cpu-tiled")
         return _dispatch.fallback(op, "reference", "the compiled module has no attend_cpu kernel",
                                   "reinstall dsmath_kernels (pip install .)")
-    return _dispatch.fallback(op, "reference", f"no kernel for device type {device.type!r}",
-                              "use a CUDA or CPU tensor")
+    return _dispatch.no_device_kernel(op, device, "reference")
 
 
 def _backend(device: torch.device) -> str:

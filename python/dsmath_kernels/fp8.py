@@ -64,7 +64,7 @@ def _choose(op: str, device: torch.device, activation: str = "native") -> _dispa
         return forced
     if device.type == "cuda":
         if not _triton_ok():
-            return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
+            return _dispatch.no_triton(op, "torch")
         if activation == "fp8" and not _fp8_dot(device):
             cc = "".join(map(str, torch.cuda.get_device_capability(device)))
             return _dispatch.fallback(op, "torch", f"e4m3 activations need FP8 MMA and conversions (sm_89 or newer), "
@@ -73,7 +73,7 @@ def _choose(op: str, device: torch.device, activation: str = "native") -> _dispa
         return _dispatch.kernel(op, "triton", f"activations {activation}")
     if device.type == "cpu":
         return _dispatch.by_design(op, "torch", "CPU design: dequantise one matrix (one expert) at a time, matmul")
-    return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+    return _dispatch.no_device_kernel(op, device, "torch")
 
 
 def resolve_activation(activation: str, device: torch.device) -> str:

@@ -62,10 +62,10 @@ def _choose(op: str, device: torch.device, backend: str | None = None) -> _dispa
     if device.type == "cuda":
         if _has_triton():
             return _dispatch.kernel(op, "triton")
-        return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
+        return _dispatch.no_triton(op, "torch")
     if device.type == "cpu":
         return _dispatch.by_design(op, "torch", "CPU design: the chunked torch path")
-    return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+    return _dispatch.no_device_kernel(op, device, "torch")
 
 
 def _auto_backend(device: torch.device) -> str:

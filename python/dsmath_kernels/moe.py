@@ -102,10 +102,10 @@ def _choose_gemm(op: str, device: torch.device, dtype: torch.dtype = torch.bfloa
     if device.type == "cuda":
         if _triton_ok():
             return _dispatch.kernel(op, "triton")
-        return _dispatch.fallback(op, "torch", "triton is not installed", "pip install triton")
+        return _dispatch.no_triton(op, "torch")
     if device.type == "cpu":
         return _dispatch.by_design(op, "torch", "CPU design: torch.matmul per expert segment")
-    return _dispatch.fallback(op, "torch", f"no kernel for device type {device.type!r}", "use a CUDA or CPU tensor")
+    return _dispatch.no_device_kernel(op, device, "torch")
 
 
 def _gemm_backend(device: torch.device) -> str:
