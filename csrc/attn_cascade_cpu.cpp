@@ -16,10 +16,10 @@
 #include <string>
 #include <atomic>
 #include <cmath>
-#include <thread>
 #include <vector>
 
 #include "dsmath/cascade.h"
+#include "dsmath/cpu_parallel.h"
 #include "dsmath/launchers.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -27,6 +27,10 @@
 #else
 #define DSM_CLONES
 #endif
+#define DSM_INLINE __attribute__((always_inline)) inline
+// The vector types never cross a non-inlined call (exp2_poly and the GEMM engine's helpers are DSM_INLINE); GCC's
+// note about their ABI (emitted at instantiation, at the end of the file) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace dsmath {
 namespace {
@@ -36,19 +40,25 @@ constexpr int kTok = 64;   // KV tokens per tile
 constexpr int kRows = 64;  // query rows per work item
 constexpr int kRB = 4;     // rows per register block
 
-// 2^x, vectorisable: round to nearest integer n, Cephes' exp2f polynomial on [-0.5, 0.5] (relative error ~2e-7),
-// times 2^n built in the exponent bits. x <= -127 (and -inf) gives 0.
-inline float exp2_fast(float x) {
-  x = x < -127.f ? -127.f : (x > 127.f ? 127.f : x);
-  const float n = std::floor(x + 0.5f);
-  const float f = x - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
+// Cephes' exp2f polynomial on [-0.5, 0.5] (relative error ~2e-7) by Horner, for a float or a vector of floats
+// (exp2_fast and exp2v); p0: the leading coefficient kExp2Lead, as a float or splat across the lanes.
+constexpr float kExp2Lead = 1.535336188319500e-4f;
+template <typename T>
+DSM_INLINE T exp2_poly(T f, T p0) {
+  T p = p0 * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
+  return p * f + 1.f;
+}
+
+// 2^x, vectorisable: round to nearest integer n, exp2_poly of the fraction, times 2^n built in the exponent bits.
+// x <= -127 (and -inf) gives 0.
+inline float exp2_fast(float x) {
+  x = x < -127.f ? -127.f : (x > 127.f ? 127.f : x);
+  const float n = std::floor(x + 0.5f);
+  const float p = exp2_poly(x - n, kExp2Lead);
   const int e = static_cast<int>(n) + 127;  // 0 -> scale 0 (x = -127)
   return bits_to_float(static_cast<uint32_t>(e) << 23) * p;
 }
@@ -276,11 +286,6 @@ void run_item(const AttendParams& p, const Rows& rows, int bt_row, int kvh, int6
 // 4-lane build 12; the engine is compiled once per ISA (target attributes) and picked at load time.
 namespace gemm {
 
-// The vector types never cross a non-inlined call; GCC's note about their ABI (emitted at instantiation, at the end
-// of the file) does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define DSM_INLINE __attribute__((always_inline)) inline
-
 constexpr int kT = 96;         // tokens per KV tile: a multiple of every micro-tile's MT (6, 8, 12, 24)
 constexpr int kPrefetch = 32;  // K-row prefetch distance in floats (two lines)
 
@@ -306,14 +311,7 @@ template <int L> DSM_INLINE V<L> exp2v(V<L> x) {
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const V<L> n = (x + 12582912.f) - 12582912.f;
-  const V<L> f = x - n;
-  V<L> p = splat<L>(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
+  const V<L> p = exp2_poly(x - n, splat<L>(kExp2Lead));
   const VI<L> e = (__builtin_convertvector(n, VI<L>) + 127) << 23;  // n = -127 -> 0
   V<L> scale;
   __builtin_memcpy(&scale, &e, sizeof scale);
@@ -609,22 +607,13 @@ Engine pick(int engine) {
 
 }  // namespace gemm
 
-// Run fn(i) for i in [0, n) on up to num_threads threads (dynamic scheduling: items are ragged).
+// fn(i, this thread's scratch) for i in [0, n) (cpu::parallel_for: dynamic scheduling, items are ragged).
 template <typename F>
 void parallel_for(int64_t n, int num_threads, F fn) {
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
+  cpu::parallel_for(n, num_threads, [&](int64_t i) {
     thread_local Scratch sc;
-    for (int64_t i = next++; i < n; i = next++) fn(i, sc);
-  };
-  if (nt == 1) {
-    worker();
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int t = 0; t < nt; ++t) pool.emplace_back(worker);
-  for (auto& th : pool) th.join();
+    fn(i, sc);
+  });
 }
 
 bool bad_args(const AttendParams& p) {

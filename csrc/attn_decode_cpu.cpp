@@ -2,11 +2,10 @@
 // item = (sequence, kv head, split): the G = Hq / Hkv query heads of one kv head stream the split's tokens once,
 // with the online softmax and log-sum-exp merge of dsmath/attention.h (the same math as attn_decode.cu).
 #include <algorithm>
-#include <atomic>
-#include <thread>
 #include <vector>
 
 #include "dsmath/attention.h"
+#include "dsmath/cpu_parallel.h"
 #include "dsmath/launchers.h"
 
 namespace dsmath {
@@ -84,27 +83,10 @@ void merge_item(const DecodeParams& p, int64_t bh) {
     attn::store_from_float(p.out, bh * p.Dv + d, attn::merge_splits(o + d, p.Dv, lse, S), p.dtype);
 }
 
-// Run fn(i) for i in [0, n) on up to num_threads threads (dynamic scheduling: split sizes are ragged).
-template <typename F>
-void parallel_for(int64_t n, int num_threads, F fn) {
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    for (int64_t i = next++; i < n; i = next++) fn(i);
-  };
-  if (nt == 1) {
-    worker();
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int t = 0; t < nt; ++t) pool.emplace_back(worker);
-  for (auto& th : pool) th.join();
-}
-
 template <int DT>
 void decode_all(const DecodeParams& p, int num_threads) {
   const int64_t items = static_cast<int64_t>(p.B) * p.Hkv * p.num_splits;
-  parallel_for(items, num_threads, [&](int64_t i) {
+  cpu::parallel_for(items, num_threads, [&](int64_t i) {
     thread_local std::vector<float> buf;
     const int s = static_cast<int>(i % p.num_splits);
     const int kvh = static_cast<int>((i / p.num_splits) % p.Hkv);
@@ -112,7 +94,7 @@ void decode_all(const DecodeParams& p, int num_threads) {
     decode_item<DT>(p, b, kvh, s, buf);
   });
   if (p.num_splits > 1)
-    parallel_for(static_cast<int64_t>(p.B) * p.Hq, num_threads, [&](int64_t bh) { merge_item(p, bh); });
+    cpu::parallel_for(static_cast<int64_t>(p.B) * p.Hq, num_threads, [&](int64_t bh) { merge_item(p, bh); });
 }
 
 }  // namespace
