@@ -181,3 +181,14 @@ def test_serve_tensor_parallel(tmp_path, monkeypatch):
     want = [[o.text for o in llm.generate("3+4=", SamplingParams(max_tokens=8, **kw), use_tqdm=False)[0].outputs]
             for kw in ({"temperature": 0.0, "n": 1}, {"temperature": 1.0, "seed": 7, "n": 2})]
     assert got == want
+
+
+def test_serve_keeps_a_parallel_engine_in_process():
+    """Under tensor / expert parallelism rank 0's engine steps in the process of its process group: `auto` does not
+    split it off, and `--engine-process yes` is refused with a message naming the flags."""
+    from model.serve.cli import parse, use_engine_process
+
+    assert not use_engine_process(parse(["--model", "m", "--tensor-parallel-size", "2"]))
+    assert not use_engine_process(parse(["--model", "m", "--enable-expert-parallel"]))
+    with pytest.raises(SystemExit, match="--engine-process yes.*--tensor-parallel-size"):
+        use_engine_process(parse(["--model", "m", "--enable-expert-parallel", "--engine-process", "yes"]))
