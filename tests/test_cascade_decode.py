@@ -273,10 +273,13 @@ def test_triton_kernel_plain_and_cascade(case):
         expect = dense(q, ks, vs, 0.3)
     sp = dk.shared_prefix(bt, sl, bs, num_q_heads=Hq, num_kv_heads=Hkv, kernel="triton")
     assert sp is not None and sp.heads_per_tile == min(Hq // Hkv, 64)
+    assert (bt[-1, 1:] == 2**30).all()  # bad ids past every length (the empty loner's row): never flagged
     for c in (None, sp):
         out = torch.full((len(ks), Hq, v4.shape[-1]), 7.0)
-        cas._run_gpu(q, k4, v4, bt, sl, 0.3, splits, None, c, out)
+        flags = torch.zeros(1, dtype=torch.int32)
+        cas._run_gpu(q, k4, v4, bt, sl, 0.3, splits, None, c, out, flags=flags)
         assert_close(out, expect, atol=2e-5, rtol=2e-5, name=f"triton {'cascade' if c else 'plain'}")
+        assert int(flags) == 0
 
 
 def test_triton_direct_store_only_from_transposed_tiles():
@@ -306,6 +309,57 @@ def test_triton_bad_block_ids_read_nothing():
         out = torch.empty(2, 16, 16)
         cas._run_gpu(q, k4, k4[..., :16], bt, sl, 0.3, splits, None, None, out)
         assert_close(out, expect, atol=2e-5, rtol=2e-5, name=f"invalid reads, {splits} splits")
+
+
+def _flags_of(q, k4, bt, sl, splits, cascade=None, Dv=16):
+    """The bounds bits one Triton decode (both passes with a cascade) ORs into a fresh int32 [1] word."""
+    flags = torch.zeros(1, dtype=torch.int32)
+    cas._run_gpu(q, k4, k4[..., :Dv], bt, sl, 0.3, splits, None, cascade,
+                 torch.empty(q.shape[0], q.shape[1], Dv), flags=flags)
+    return int(flags)
+
+
+@pytest.mark.parametrize("bs", [8, 16])  # per-token table reads / one read per 16-token interpreter tile
+def test_triton_flags_bad_ids_and_lengths(bs):
+    """Principle 4 on the GPU kernel (as raise_device_errors reads it): a bad block id a sequence uses sets bit 1,
+    a length past its table row or a negative one bit 2, on the direct (1 split) and partials (2 splits) paths;
+    a bad id past seq_len (the loner's padding, also inside a tile the sequence reads) sets nothing."""
+    ks, _, kc, _, bt, sl = forked_batch(1, 0, [40], bs, (24,), torch.float32, loners=[20])
+    k4, NB = kc.unsqueeze(2), kc.shape[0]
+    q = torch.randn(2, 16, 24)
+    assert bt[1, -1] == 2**30 and int(sl[1]) == 20  # row 1: padding ids past its 20 tokens
+    expect = dense(q, [k[:, None] for k in ks], [k[:, None, :16] for k in ks], 0.3)
+    bad = bt.clone()
+    bad[0, 1] = NB + 5
+    neg = bt.clone()
+    neg[1, 0] = -1
+    past = torch.tensor([bt.shape[1] * bs + 1, 20], dtype=torch.int32)  # row 0 holds bt.shape[1] * bs tokens
+    for splits in (1, 2):
+        flags = torch.zeros(1, dtype=torch.int32)
+        out = torch.empty(2, 16, 16)
+        cas._run_gpu(q, k4, k4[..., :16], bt, sl, 0.3, splits, None, None, out, flags=flags)
+        assert int(flags) == 0
+        assert_close(out, expect, atol=2e-5, rtol=2e-5, name=f"valid call, {splits} splits")
+        assert _flags_of(q, k4, bad, sl, splits) == 1
+        assert _flags_of(q, k4, neg, sl, splits) == 1
+        assert _flags_of(q, k4, bt, past, splits) == 2
+        assert _flags_of(q, k4, bt, torch.tensor([-3, 20], dtype=torch.int32), splits) == 2
+        assert _flags_of(q, k4, bad, past, splits) == 3
+
+
+def test_triton_flags_shared_prefix_pass():
+    """A bad id in a group's shared blocks is read only by the cascade's shared pass (the suffix pass starts after
+    the prefix): that pass flags it; 64-row tiles (128 heads) flag too."""
+    ks, _, kc, _, bt, sl = forked_batch(3, 16, [3, 5, 1], 8, (24,), torch.float32)
+    k4 = kc.unsqueeze(2)
+    for Hq in (16, 128):
+        q = torch.randn(3, Hq, 24)
+        sp = dk.shared_prefix(bt, sl, 8, num_q_heads=Hq, kernel="triton")
+        assert sp is not None and int(sp.prefix_lens.min()) == 16
+        bad = bt.clone()
+        bad[int(sp.tiles[0, 0]), 1] = kc.shape[0]  # the prefix's second block, in the table row the tiles read
+        assert _flags_of(q, k4, bad, sl, 1, sp) == 1
+        assert _flags_of(q, k4, bt, sl, 1, sp) == 0
 
 
 def test_cpu_bad_block_ids_raise_by_name():

@@ -123,6 +123,42 @@ def test_cascade_decode_in_a_cuda_graph():
     assert_close(out, _dense(q.cpu(), rows, 512, 576**-0.5), atol=1.6e-2, rtol=1.6e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [16, 128])
+def test_gpu_tiled_decode_flags_bad_ids(H, monkeypatch):
+    """Principle 4 on the default MLA path (the Triton tiled kernel): no host sync in the call, a bad block id / a
+    length past the table row / a bad id in the shared pass of a cascade reach raise_device_errors() as a ValueError
+    naming the argument; a valid call (bad ids only past the lengths) raises nothing."""
+    monkeypatch.delenv("DSMATH_CHECK_BOUNDS", raising=False)
+    monkeypatch.delenv("DSMATH_DECODE_BACKEND", raising=False)
+    torch.manual_seed(0)
+    kv = torch.randn(8, 64, 576).bfloat16().cuda()
+    bt = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 2**30]], dtype=torch.int32).cuda()  # row 1: 3 blocks used
+    sl = torch.tensor([250, 170], dtype=torch.int32).cuda()
+    q = torch.randn(2, H, 576).bfloat16().cuda()
+    sp = dk.shared_prefix(bt.cpu(), sl.cpu(), 64, num_q_heads=H, device="cuda")
+    assert sp is not None
+    bad = bt.clone()
+    bad[0, 2] = 99
+    shared_bad = bt.clone()
+    shared_bad[int(sp.tiles[0, 0]), 1] = -1  # a shared block: read by the cascade's shared pass only
+    dk.raise_device_errors()  # start clean
+    for cascade in (None, sp):
+        dk.mla_decode(q, kv, bt, sl, 576**-0.5, v_head_dim=512, cascade=cascade)
+        dk.raise_device_errors()  # nothing flagged
+        out = dk.mla_decode(q, kv, bad, sl, 576**-0.5, v_head_dim=512, cascade=cascade)
+        assert out.isfinite().all()
+        with pytest.raises(ValueError, match="^block_tables"):
+            dk.raise_device_errors()
+        dk.mla_decode(q, kv, bt, torch.tensor([257, 170], dtype=torch.int32, device="cuda"), 576**-0.5,
+                      v_head_dim=512, cascade=cascade)
+        with pytest.raises(ValueError, match="^seq_lens"):
+            dk.raise_device_errors()
+    dk.mla_decode(q, kv, shared_bad, sl, 576**-0.5, v_head_dim=512, cascade=sp)
+    with pytest.raises(ValueError, match="^block_tables"):
+        dk.raise_device_errors()
+
+
 def test_compile_sweep_drive_launches_every_mode(monkeypatch):
     """The plugin for issue 12's compile sweep drives the launchers with meta tensors; every launch it records is a
     kernel call with the compile-time shape the real launch would have (nothing compiles here)."""

@@ -25,10 +25,11 @@ mla_decode_triton.py (all heads of a sequence per KV tile, wgmma), on CPU csrc/a
 Bounds: a bad block id, length or slot never reads or writes out of bounds. On CPU every call checks (vectorised,
 no cost worth naming) that seq_lens lie in [0, max_blocks * BS], that the block ids a sequence uses lie in
 [0, NB), that slots lie in [-1, NB * BS) and that cu_seqlens_q rises from 0 to Nq with n_b <= seq_lens[b], and
-raises ValueError naming the argument. On CUDA the kernels guard every block-table read and slot: an id outside
-[0, NB) or a length beyond the table is treated as empty (zeros out, no write) and sets a device-side flag, with
-no host sync; DSMATH_CHECK_BOUNDS=1 (or check_bounds=True) reads the flag after the call and raises the same
-ValueError, and `dsmath_kernels.raise_device_errors()` checks it on demand (say once per step).
+raises ValueError naming the argument. On CUDA the kernels (CUDA C++ and Triton, the tiled MLA / cascade decode
+of mla_decode_triton.py included) guard every block-table read and slot: an id outside [0, NB) or a length beyond
+the table is read as empty (never out of bounds) and sets a device-side flag, with no host sync;
+DSMATH_CHECK_BOUNDS=1 (or check_bounds=True) reads the flag after the call and raises the same ValueError, and
+`dsmath_kernels.raise_device_errors()` checks it on demand (say once per step).
 max_seqlen_q (prefill) must be >= every sequence's query count: on GPU it sizes the grid, and a sequence with more
 queries leaves its rows past it unwritten and sets the device flag; in debug mode (DSMATH_CHECK_BOUNDS=1) and on
 CPU a value below the true maximum raises ValueError before anything runs.
@@ -547,7 +548,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     v_cache [NB, BS, Hkv, Dv], block_tables [B, maxb] int32, seq_lens [B] int32 -> [B, Hq, Dv] in q's dtype.
     out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] cached tokens of kv head h // (Hq/Hkv).
     The cache must already hold the new token. seq_lens[b] == 0 gives zeros. cascade: a SharedPrefix
-    (dsmath_kernels.shared_prefix) of rows sharing leading blocks; their shared blocks are read once per group."""
+    (dsmath_kernels.shared_prefix) of rows sharing leading blocks; their shared blocks are read once per group.
+    Bad ids / lengths: ValueError on CPU; on CUDA every kernel flags them (raise_device_errors(), or check_bounds /
+    DSMATH_CHECK_BOUNDS=1 to raise in the call)."""
     Hq, D, Hkv = _check_gqa_caches(q, k_cache, v_cache)
     B, dev = q.shape[0], q.device
     _check_tables(block_tables, seq_lens, B, dev)
@@ -571,7 +574,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     softmax(scale * q . row) over whole latent rows, weighted sum of the rows' first Dc columns (apply W_UV after).
     scale is the model's softmax scale (1 / sqrt(qk_nope + qk_rope head dim), times the YaRN mscale^2 if any).
     kv_cache may be float8_e4m3fn with kv_scale [NB, BS] float32 (row = fp8 * scale; cascade.mla_cache_write_fp8).
-    cascade: a SharedPrefix (dsmath_kernels.shared_prefix): shared prompt blocks are read once per group."""
+    cascade: a SharedPrefix (dsmath_kernels.shared_prefix): shared prompt blocks are read once per group.
+    Bad ids / lengths: ValueError on CPU; on CUDA the kernels (the tiled Triton one included) read them as empty and
+    flag them for raise_device_errors() (check_bounds / DSMATH_CHECK_BOUNDS=1: raised in the call)."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     fp8 = kv_cache.dtype == _cascade.FP8 if isinstance(kv_cache, torch.Tensor) else False
     if fp8:

@@ -409,7 +409,10 @@ def _plain_tiles(B: int, Hq: int, Hkv: int, ht: int, device: torch.device) -> to
     return torch.stack([b, b, b + 1, h0, torch.zeros_like(b)], 1).to(torch.int32).contiguous()
 
 
-def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out, shared_v: bool | None = None) -> None:
+def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out, shared_v: bool | None = None,
+             flags: torch.Tensor | None = None) -> None:
+    """Both passes and the merge on the Triton kernel. flags: the int32 [1] word its passes OR bounds bits into
+    (default on CUDA: the device's `_ext.bounds_flags`, read by raise_device_errors; elsewhere a scratch word)."""
     from dsmath_kernels import mla_decode_triton as tk
 
     B, Hq, _ = q.shape
@@ -423,7 +426,9 @@ def _run_gpu(q, k, v, bt, sl, scale, splits, kv_scale, cascade, out, shared_v: b
     if not direct:
         po = torch.empty(B, Hq, nslot, v.shape[-1], dtype=torch.float32, device=q.device)
         plse = torch.full((B, Hq, nslot), float("-inf"), dtype=torch.float32, device=q.device)
-    kw = dict(kv_scale=kv_scale, out=out, po=po, plse=plse, num_splits=splits, shared_v=shared_v)
+    if flags is None and q.device.type == "cuda":
+        flags = _ext.bounds_flags(q.device)
+    kw = dict(kv_scale=kv_scale, out=out, po=po, plse=plse, num_splits=splits, shared_v=shared_v, flags=flags)
     if cascade is not None:
         tk.attend(q, k, v, bt, sl, scale, tiles=cascade.tiles, members=cascade.members, tile_len=True,
                   heads_per_tile=cascade.heads_per_tile, slot0=0, min_chunk=MIN_CHUNK_SHARED, **kw)
@@ -503,7 +508,9 @@ def _parts(cascade: SharedPrefix | None) -> tuple:
 
 def _check_ids(block_tables, seq_lens, cache: torch.Tensor, debug: bool) -> None:
     """Block ids and lengths, as every decode call checks them (attention._bounds: ValueError naming the argument):
-    on CPU always (vectorised), on GPU in debug mode (a host sync); the GPU kernels treat bad ids as empty."""
+    on CPU always (vectorised), on GPU in debug mode (a host sync). Otherwise on GPU the Triton kernel reads a bad
+    id's tokens as empty and sets the device's bounds flags (bit 1 block_tables, bit 2 seq_lens), which
+    `raise_device_errors()` turns into the same ValueError."""
     if debug or cache.device.type != "cuda":
         from dsmath_kernels.attention import _bounds
 

@@ -24,7 +24,10 @@ warpgroups split O's 512 columns: 128 fp32 accumulator registers per thread). Th
 columns of the key tile already loaded (no second load). Splits are sized per sequence from its actual length
 (`num_splits` only fixes the grid), so one CUDA-graph plan serves any context length without starving short ones.
 
-Block tables are validated on the fly: an id outside [0, NB) makes its tokens empty (never an out-of-bounds read).
+Block tables are validated on the fly: an id outside [0, NB) makes its tokens empty (never an out-of-bounds read)
+and sets bit 1 of the device's bounds flag word (`_ext.BOUNDS_FLAGS`, read by `raise_device_errors`); a KV range
+past the block-table row (or negative) sets bit 2. Each program ORs its bad-id lanes up across the loop and issues
+one predicated atomic after it (none when everything is in range).
 fp8-e4m3 caches carry one fp32 scale per token (`kv_scale [NB, BS]`): scores and probabilities are scaled per
 token, so the fp8 rows are only converted, never dequantized in memory. In the interpreter operands are upcast to
 fp32 before tl.dot (its bf16 dot is broken)."""
@@ -80,6 +83,12 @@ if triton is not None:
         return begin, end
 
     @triton.jit
+    def _length_bits(hi, W, BS: tl.constexpr):
+        """Bounds bit 2 (seq_lens) when a KV range ending at hi is negative or runs past a W-entry table row."""
+        bad = (hi < 0) | ((hi > 0) & ((hi - 1) // BS >= W))
+        return bad.to(tl.int32) * 2
+
+    @triton.jit
     def _tile_rows(t, TILES, MEMBERS, SL, START, Hq, G, HT: tl.constexpr, BLOCK_R: tl.constexpr, TILED: tl.constexpr,
                    MEMBERS_LIST: tl.constexpr, TILE_LEN: tl.constexpr, HAS_START: tl.constexpr):
         """Work tile t -> (block-table row, first head, KV range [lo, hi), per query row: sequence, head, valid).
@@ -119,7 +128,7 @@ if triton is not None:
         return row, h0, lo, hi, seq, heads, r_ok
 
     @triton.jit
-    def _attend_kernel(Q, K, V, KS, BT, SL, START, TILES, MEMBERS, Out, PO, PLSE,
+    def _attend_kernel(Q, K, V, KS, BT, SL, START, TILES, MEMBERS, Out, PO, PLSE, FLAGS,
                        sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, ss_b, s_bt, W, NB, Hq, G, scale_log2,
                        num_splits, slot0, nslot, min_chunk,
                        D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, HT: tl.constexpr,
@@ -137,6 +146,8 @@ if triton is not None:
         begin, end = _split_range(lo, hi, split, num_splits, min_chunk, BLOCK_N)
         if begin >= end:
             if not DIRECT:
+                bits = _length_bits(hi, W, BS)
+                tl.atomic_or(FLAGS, bits, mask=bits != 0)
                 prow = (seq.to(tl.int64) * Hq + heads) * nslot + slot0 + split
                 tl.store(PLSE + prow, tl.full([BLOCK_R], float("-inf"), tl.float32), mask=r_ok)
                 return
@@ -166,6 +177,7 @@ if triton is not None:
                 qb = qb.to(tl.float32)
         bt_row = BT + row.to(tl.int64) * s_bt
         b_ok = DA + offs_b < D
+        bad_id = tl.zeros([BLOCK_N], tl.int1)  # lanes that met a block id outside [0, NB) (bounds bit 1)
         for start in range(begin, end, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
             ok = pos < end
@@ -174,7 +186,9 @@ if triton is not None:
                 blk = tl.load(bt_row + start // BS, mask=start // BS < W, other=-1) + pos * 0
             else:
                 blk = tl.load(bt_row + pos // BS, mask=ok, other=-1)
-            ok = ok & (blk >= 0) & (blk < NB)  # a bad block id reads nothing: its tokens are empty
+            in_nb = (blk >= 0) & (blk < NB)
+            bad_id = bad_id | (ok & (in_nb == 0))
+            ok = ok & in_nb  # a bad block id reads nothing: its tokens are empty (and is flagged after the loop)
             slot = (pos % BS).to(tl.int64)
             base = tl.where(ok, blk, 0).to(tl.int64) * sk_b + slot * sk_t + kvh * sk_h  # [N]
             ka = tl.load(K + base[:, None] + offs_a[None, :], mask=ok[:, None], other=0.0)
@@ -232,9 +246,11 @@ if triton is not None:
             m_i = m_new
         inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        # row ids again rather than kept live through the loop (registers)
-        _, _, _, _, seq, heads, r_ok = _tile_rows(t, TILES, MEMBERS, SL, START, Hq, G, HT, BLOCK_R, TILED,
-                                                  MEMBERS_LIST, TILE_LEN, HAS_START)
+        # row ids and the range again rather than kept live through the loop (registers)
+        _, _, _, hi, seq, heads, r_ok = _tile_rows(t, TILES, MEMBERS, SL, START, Hq, G, HT, BLOCK_R, TILED,
+                                                   MEMBERS_LIST, TILE_LEN, HAS_START)
+        bits = tl.max(bad_id.to(tl.int32), 0) | _length_bits(hi, W, BS)
+        tl.atomic_or(FLAGS, bits, mask=bits != 0)  # one predicated atomic per program: bounds bits 1 / 2
         nsl = 1 if DIRECT else nslot
         prow = (seq.to(tl.int64) * Hq + heads) * nsl + slot0 + split  # output row of each query row
         obase = (slot0 + split) * DV
@@ -310,14 +326,18 @@ def kernel_config(rows: int, Dv: int, capability: tuple[int, int] = (9, 0)) -> d
 def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_per_tile: int, kv_scale=None,
            start=None, tiles=None, members=None, tile_len: bool = False, out=None, po=None, plse=None,
            slot0: int = 0, num_splits: int = 1, min_chunk: int = MIN_CHUNK,
-           shared_v: bool | None = None) -> None:
+           shared_v: bool | None = None, flags: torch.Tensor | None = None) -> None:
     """Launch one pass. q [B, Hq, D]; k_cache [NB, BS, Hkv, D]; v_cache [NB, BS, Hkv, Dv] (a view of k_cache for
     MLA); kv_scale [NB, BS] fp32 for fp8 caches. Work: tiles [T, 5] int32 (with members [M] int32 and
     tile_len=True: the shared pass over each tile's [0, length); without members: (b, b, b + 1, first head, 0)
     per-sequence tiles), or none (head tile t % (Hq / HT) of sequence t // (Hq / HT)); per-sequence KV range
     [start[b] or 0, seq_lens[b]). Writes `out` [B, Hq, Dv] directly when po is None (transposed tiles only: a
     ValueError otherwise), else partials po [B, Hq, nslot, Dv] / plse [B, Hq, nslot] at slots slot0 + split.
-    shared_v: v_cache is k_cache's first Dv columns (default: detected from the pointers)."""
+    shared_v: v_cache is k_cache's first Dv columns (default: detected from the pointers). flags: int32 [1] on q's
+    device the kernel ORs bounds bits into (`_ext.BOUNDS_FLAGS`: 1 = a block id a sequence uses lies outside
+    [0, NB), 2 = a KV range is negative or runs past its block-table row; on CUDA pass `_ext.bounds_flags(device)`,
+    which `raise_device_errors()` reads); the bad tokens themselves are read as empty (never out of bounds).
+    Default: a scratch word nobody reads."""
     B, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     HT = heads_per_tile
@@ -336,12 +356,17 @@ def attend(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *, heads_p
     direct = po is None
     fp8 = kv_scale is not None
     dummy = seq_lens
+    if flags is None:
+        flags = torch.zeros(1, dtype=torch.int32, device=q.device)
+    elif flags.dtype != torch.int32 or flags.numel() < 1 or flags.device != q.device:
+        raise ValueError(f"flags: expected an int32 [1] tensor on {q.device}, got {flags.dtype} "
+                         f"{list(flags.shape)} on {flags.device}")
     interp = _interpreting()
     _attend_kernel[(T, num_splits)](
         q, k_cache, v_cache, kv_scale if fp8 else dummy, block_tables, seq_lens,
         start if start is not None else dummy, tiles if tiles is not None else dummy,
         members if members is not None else dummy, out if direct else dummy, po if not direct else dummy,
-        plse if not direct else dummy,
+        plse if not direct else dummy, flags,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), kv_scale.stride(0) if fp8 else 0,
         block_tables.stride(0), block_tables.shape[1], k_cache.shape[0], Hq, Hq // Hkv,
@@ -399,7 +424,7 @@ def compile_sm90(name: str, page_size: int = 64, capability: int = 90, num_warps
     da, db = _dim_split(D)
     kv = "*fp8e4nv" if cache == "fp8" else "*bf16"
     ptrs = {"Q": "*bf16", "K": kv, "V": kv, "KS": "*fp32", "BT": "*i32", "SL": "*i32", "START": "*i32",
-            "TILES": "*i32", "MEMBERS": "*i32", "Out": "*bf16", "PO": "*fp32", "PLSE": "*fp32"}
+            "TILES": "*i32", "MEMBERS": "*i32", "Out": "*bf16", "PO": "*fp32", "PLSE": "*fp32", "FLAGS": "*i32"}
     consts = {"D": D, "DV": Dv, "BS": page_size, "HT": ht, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_N": cfg["BLOCK_N"],
               "DA": da, "DB": db, "HAS_B": D > da, "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
               "TRANS": cfg["TRANS"], "SHARED_V": Hkv == 1 and Dv == da, "FP8": cache == "fp8",
