@@ -195,49 +195,91 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
             "latency": last - t0}
 
 
-class RawClient:
-    """The light client (--client raw, the default): one keep-alive HTTP/1.1 connection on asyncio streams that POSTs
-    a JSON body and reads the chunked event stream, timing every event and parsing only the JSON of the usage
-    event. httpx (--client httpx) spends ~100 µs of CPU per streamed event — as much as the server's per-token
-    work — and on a 2-core machine the clients' CPU is taken from the server's; this one spends a few µs."""
+class _ChunkedEvents(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, parsed as bytes arrive (one callback per read, no await per event):
+    the status line and headers, the chunked body, and the server-sent events in it, each timed on arrival."""
 
-    def __init__(self, url: str):
-        host, port = url.split("//", 1)[1].rsplit(":", 1)
-        self.host, self.port, self.reader, self.writer = host, int(port), None, None
+    def __init__(self):
+        self.transport, self.buf, self.waiter = None, b"", None
 
-    async def stream(self, path: str, body: dict) -> tuple[list[float], dict | None]:
-        """(arrival time of every data event but [DONE] and the usage event, the usage dict)."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        data = json.dumps(body).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
-        if not head.startswith("http/1.1 200"):
-            n = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0]) if "content-length:" in head else 0
-            raise RuntimeError(f"{head.splitlines()[0]}: {await self.reader.readexactly(n)}")
-        if "transfer-encoding: chunked" not in head:
-            raise RuntimeError(f"expected a chunked event stream, got headers {head!r}")
-        times, usage, buf = [], None, b""
-        while True:
-            size = int(await self.reader.readuntil(b"\r\n"), 16)
-            chunk = await self.reader.readexactly(size + 2)
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"the server closed the connection ({exc})"))
+
+    def start(self, request: bytes) -> asyncio.Future:
+        self.head, self.times, self.usage, self.body, self.events = None, [], None, b"", b""
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.head is None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.head, self.buf = self.buf[:end].decode("latin-1").lower(), self.buf[end + 4:]
+            if not self.head.startswith("http/1.1 200"):
+                n = int(self.head.split("content-length:", 1)[1].split("\r\n", 1)[0]) \
+                    if "content-length:" in self.head else 0
+                self.error = self.head.splitlines()[0]
+                self.need = n
+            elif "transfer-encoding: chunked" not in self.head:
+                self.waiter.set_exception(RuntimeError(f"expected a chunked event stream, got {self.head!r}"))
+                return
+        if not self.head.startswith("http/1.1 200"):
+            if len(self.buf) >= self.need:
+                self.waiter.set_exception(RuntimeError(f"{self.error}: {self.buf[:self.need]!r}"))
+            return
+        now = time.perf_counter()
+        while True:                                   # whole chunks: size line, data, CRLF
+            line = self.buf.find(b"\r\n")
+            if line < 0:
+                return
+            size = int(self.buf[:line], 16)
+            if len(self.buf) < line + 2 + size + 2:
+                return
+            chunk, self.buf = self.buf[line + 2:line + 2 + size], self.buf[line + 2 + size + 2:]
             if size == 0:
-                return times, usage
-            buf += chunk[:-2]
-            *events, buf = buf.split(b"\n\n")
-            now = time.perf_counter()
+                self.waiter.set_result((self.times, self.usage))
+                return
+            self.events += chunk
+            *events, self.events = self.events.split(b"\n\n")
             for ev in events:
                 if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                     continue
                 if b'"usage":null' in ev:
-                    times.append(now)
+                    self.times.append(now)
                 else:
-                    usage = json.loads(ev[6:]).get("usage")
+                    self.usage = json.loads(ev[6:]).get("usage")
+
+
+class RawClient:
+    """The light client (--client raw, the default): one keep-alive HTTP/1.1 connection (an asyncio Protocol) that
+    POSTs a JSON body and parses the chunked event stream as it arrives, timing every event and parsing only the
+    JSON of the usage event. httpx (--client httpx) spends ~100 µs of CPU per streamed event — as much as the
+    server's per-token work — and on a 2-core machine the clients' CPU is taken from the server's; this one
+    spends a few µs."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.host, self.port, self.proto = host, int(port), None
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+
+    async def stream(self, path: str, body: dict) -> tuple[list[float], dict | None]:
+        """(arrival time of every data event but [DONE] and the usage event, the usage dict)."""
+        if self.proto is None:
+            _, self.proto = await asyncio.get_running_loop().create_connection(_ChunkedEvents, self.host, self.port)
+        data = json.dumps(body).encode()
+        return await self.proto.start(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}Content-Type: "
+                                      f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.proto is not None:
+            self.proto.transport.close()
 
 
 async def one_raw_request(client: RawClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
@@ -251,12 +293,12 @@ async def one_raw_request(client: RawClient, model: str, prompt: str, max_tokens
 
 
 async def drive(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int,
-                client: str = "raw") -> tuple[list, float]:
+                client: str = "raw", api_key: str | None = None) -> tuple[list, float]:
     """Closed-loop: `concurrency` workers, each sending its next request when the last one finished."""
     todo = list(enumerate(prompts))
     results = []
     if client == "raw":
-        conns = [RawClient(url) for _ in range(concurrency)]
+        conns = [RawClient(url, api_key) for _ in range(concurrency)]
 
         async def worker(conn):
             while todo:
