@@ -1,13 +1,15 @@
-"""The HTTP app: FastAPI routes wired to the handlers (serving_completion.py, serving_chat.py), the API key check,
-OpenAI error bodies for every failure, and uvicorn with graceful shutdown.
+"""The HTTP app: the handlers (serving_completion.py, serving_chat.py) behind a lean ASGI route for the two
+generation endpoints (GenerationRoutes) and FastAPI for the rest, the API key check, OpenAI error bodies for
+every failure, and uvicorn with graceful shutdown.
 
-    POST /v1/completions   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics
+    POST /v1/completions   POST /v1/chat/completions  (GenerationRoutes)
+    GET /v1/models   GET /health   GET /metrics         (FastAPI)
 
-Errors: bad JSON or parameters -> 400, wrong or missing API key -> 401, unknown model -> 404, full waiting
-queue -> 429, shutting down -> 503, an engine failure -> 500; always {"error": {message, type, param, code}},
-never a stack trace. /health and /metrics need no key. SIGTERM: the listening socket closes, new requests on
-open connections get 503, running requests finish (up to --shutdown-timeout seconds, then they are aborted),
-then the process exits.
+Errors: bad JSON or parameters -> 400, wrong or missing API key -> 401, unknown model -> 404, a body over 64 MiB
+-> 413, full waiting queue -> 429, shutting down -> 503, an engine failure -> 500; always {"error": {message,
+type, param, code}}, never a stack trace. /health and /metrics need no key. SIGTERM: the listening socket
+closes, new requests on open connections get 503, running requests finish (up to --shutdown-timeout seconds,
+then they are aborted), then the process exits.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import signal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 
 from ..engine import AsyncLLM
@@ -44,24 +46,6 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
-
-
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events sent straight from the request's task: Starlette's StreamingResponse adds a task group
-    and a second receive loop per response to notice a client leaving, which the handlers already do (they
-    abort the client's requests, which ends this stream)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        await self.stream_response(send)
-
-
-def _respond(result) -> Response:
-    if result is None:                                     # the client went away; nobody reads this
-        return Response(status_code=499)
-    if hasattr(result, "model_dump_json"):
-        return Response(result.model_dump_json(), media_type="application/json")
-    return EventStreamResponse(result, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def build_app(engine: AsyncLLM, *, model_name: str, api_key: str | None = None, chat_template: str | None = None,
