@@ -185,6 +185,15 @@ def test_64_concurrent_streams_lose_and_duplicate_nothing(server):
     assert wait_idle(server)["dsmath_kv_cache_blocks_used"] == 0
 
 
+def test_bench_raw_client_sees_every_event(server):
+    """bench/serve.py's light client (it parses the chunked event stream itself) times one event per token and
+    reads the usage, over keep-alive connections reused for several requests each."""
+    results, _ = asyncio.run(bench.drive(server.url, "toy", bench.make_prompts(6, 8), max_tokens=5, concurrency=2,
+                                         api_key=KEY))
+    assert len(results) == 6 and all(r["tokens"] == 5 for r in results)
+    assert all(r["ttft"] > 0 and r["tpot"] >= 0 and r["latency"] >= r["ttft"] for r in results)
+
+
 def test_disconnect_frees_blocks(server):
     aborted = metrics(server)["dsmath_requests_aborted_total"]
     body = {"model": "toy", "prompt": "1+1=", "max_tokens": 900, "ignore_eos": True, "stream": True}

@@ -14,7 +14,7 @@ class RequestError(ValueError):
 
 
 def is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))   # int: the fast path
 
 
 def check_int(name: str, v, lo: int | None = None, hi: int | None = None, *, none: bool = False) -> int | None:
@@ -29,7 +29,7 @@ def check_int(name: str, v, lo: int | None = None, hi: int | None = None, *, non
 
 
 def check_float(name: str, v, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> float:
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+    if type(v) is not float and (not isinstance(v, numbers.Real) or isinstance(v, bool)):
         raise TypeError(f"{name}: expected a number, got {type(v).__name__} {v!r}")
     v = float(v)
     if not math.isfinite(v):

@@ -23,7 +23,7 @@ from .protocol import (
     random_id,
     usage,
 )
-from .serving_engine import SSE_DONE, APIError, OpenAIServing, by_sample, sse
+from .serving_engine import SSE_DONE, APIError, LastChunk, OpenAIServing, by_sample, sse
 
 
 def _top(token: str, logprob: float) -> dict:
@@ -86,7 +86,7 @@ class ServingChat(OpenAIServing):
         encode = ChunkEncoder("chat.completion.chunk", rid, created, self.model_name)
         yield encode([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None, "stop_reason": None} for i in range(req.n)])
-        completion_tokens = 0
+        completion_tokens, last = 0, LastChunk(len(rids) * req.n)
         try:
             async for _, events in self.merged(rids, raw_request):
                 completion_tokens += len(events)
@@ -97,10 +97,12 @@ class ServingChat(OpenAIServing):
                     text = "".join(e.text or "" for e in evs)
                     choices.append({"index": idx, "delta": {"role": None, "content": text}, "logprobs": lps,
                                     "finish_reason": evs[-1].finish_reason, "stop_reason": evs[-1].stop_reason})
-                yield encode(choices)
+                if not last.hold(encode(choices), events):
+                    yield last.pop()
         except APIError as e:
-            yield sse(e.body())
+            last.held += sse(e.body())
+        tail = last.pop()
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
-                                          usage=usage(prompt_tokens, completion_tokens)))
-        yield SSE_DONE
+            tail += sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
+                                            usage=usage(prompt_tokens, completion_tokens)))
+        yield tail + SSE_DONE

@@ -19,7 +19,7 @@ from .protocol import (
     random_id,
     usage,
 )
-from .serving_engine import SSE_DONE, APIError, OpenAIServing, by_sample, sse
+from .serving_engine import SSE_DONE, APIError, LastChunk, OpenAIServing, by_sample, sse
 
 
 def _token(d: dict, t: int) -> str:
@@ -96,7 +96,7 @@ class ServingCompletion(OpenAIServing):
                      raw_request) -> AsyncIterator[str]:
         rid, created = random_id("cmpl"), int(time.time())
         encode = ChunkEncoder("text_completion", rid, created, self.model_name)
-        completion_tokens, echoed = 0, set()
+        completion_tokens, echoed, last = 0, set(), LastChunk(len(rids) * req.n)
         try:
             async for i, events in self.merged(rids, raw_request):
                 completion_tokens += len(events)
@@ -110,14 +110,16 @@ class ServingCompletion(OpenAIServing):
                     if req.logprobs is not None:
                         lps = completion_logprobs([ev.token_id for ev in evs], [ev.logprobs for ev in evs]
                                                   ).model_dump()
-                    last = evs[-1]
+                    end = evs[-1]
                     choices.append({"index": i * req.n + idx, "text": text, "logprobs": lps,
-                                    "finish_reason": last.finish_reason, "stop_reason": last.stop_reason})
-                yield encode(choices)
+                                    "finish_reason": end.finish_reason, "stop_reason": end.stop_reason})
+                if not last.hold(encode(choices), events):
+                    yield last.pop()
         except APIError as e:
-            yield sse(e.body())
+            last.held += sse(e.body())
+        tail = last.pop()
         if req.stream_options is not None and req.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for _, ids in prompt_info)
-            yield sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
-                                         usage=usage(prompt_tokens, completion_tokens)))
-        yield SSE_DONE
+            tail += sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+                                           usage=usage(prompt_tokens, completion_tokens)))
+        yield tail + SSE_DONE

@@ -17,6 +17,7 @@ from .protocol import ErrorInfo, ErrorResponse
 log = logging.getLogger("dsmath.serve")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               413: "invalid_request_error",
                429: "rate_limit_exceeded", 500: "server_error", 503: "service_unavailable"}
 
 
@@ -40,6 +41,25 @@ def sse(payload) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class LastChunk:
+    """Holds back a stream's final token chunk so that it leaves with the usage event and [DONE] in one write:
+    the same events, one socket write and one client wake-up instead of three (per request, on the path from
+    one request's end to the client's next request). `hold(chunk, events)`: keep `chunk` when `events` finish
+    the stream's last sample (True), else hand it on (False, then `pop()` it)."""
+
+    def __init__(self, samples: int):
+        self.left, self.held = samples, ""
+
+    def hold(self, chunk: str, events: list[StreamEvent]) -> bool:
+        self.held += chunk
+        self.left -= sum(ev.finish_reason is not None for ev in events)
+        return self.left <= 0
+
+    def pop(self) -> str:
+        out, self.held = self.held, ""
+        return out
 
 
 def by_sample(events: list[StreamEvent]) -> dict[int, list[StreamEvent]]:
