@@ -5,7 +5,8 @@
 - serving_completion.py POST /v1/completions
 - serving_chat.py       POST /v1/chat/completions
 - metrics.py            GET /metrics (Prometheus text)
-- api_server.py         the FastAPI app wiring routes to the handlers; uvicorn with graceful shutdown
+- api_server.py         the app: GenerationRoutes (a lean ASGI route for the two generation endpoints) in front
+                        of FastAPI (the rest); uvicorn with graceful shutdown
 - cli.py                `dsmath serve` (argparse -> AsyncLLM with the LLM in an engine process -> app)
 
 The handlers talk only to model.engine.AsyncLLM. Importing this package imports no web framework; fastapi and
