@@ -418,11 +418,13 @@ def main(argv=None) -> dict:
                 threads=args.threads) as srv:
         asyncio.run(drive(srv.url, name, prompts[:2], args.max_tokens, 2, args.client))      # warm-up
         # a pinned engine process (dsmath serve --engine-cpus): the clients stay off its CPUs, as remote clients
-        # would be; the in-process runs may use every CPU
+        # would be; the in-process runs use the engine's CPUs
         engine_cpus = srv.engine_cpus()
         all_cpus = os.sched_getaffinity(0) if engine_cpus else None
         local, runs = [], []
         for _ in range(args.reps):      # interleaved, so that both paths see the same (shared machine's) load
+            if engine_cpus:             # the same core computes both paths (vCPUs of one VM need not be equal)
+                os.sched_setaffinity(0, engine_cpus)
             local.append(run_in_process())
             if engine_cpus:
                 os.sched_setaffinity(0, all_cpus - engine_cpus)
