@@ -129,6 +129,29 @@ def test_completions_streamed_equals_non_streamed(server, client):
     assert reasons == {0: "length", 1: "length"} and use.completion_tokens == 24
 
 
+def test_several_prompts_streamed_end_once_with_usage(server):
+    """Two prompts x n = 2, streamed: four choices, each ends once; the usage event and [DONE] come after the last
+    token chunk (they leave in one write with it) and nothing follows [DONE]."""
+    body = {"model": "toy", "prompt": ["1+1=", "2+2="], "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    import json
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24
+    ends = [c["index"] for ch in chunks[:-1] for c in ch["choices"] if c["finish_reason"] is not None]
+    assert sorted(ends) == [0, 1, 2, 3]
+    texts = {}
+    for ch in chunks[:-1]:
+        for c in ch["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    whole = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+
+
 def test_chat_streamed_equals_non_streamed(server, client):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     kw = dict(model="toy", messages=msgs, max_completion_tokens=10, temperature=0.8, seed=3, n=2, logprobs=True,
