@@ -65,11 +65,7 @@ def build_app(engine: AsyncLLM, *, model_name: str, api_key: str | None = None, 
     app = FastAPI(title="dsmath OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     async def check_key(request: Request) -> None:   # async: no thread-pool hop per request
-        if want is not None:
-            got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, want):             # constant time
-                raise APIError(401, "Incorrect or missing API key (Authorization: Bearer KEY)",
-                               code="invalid_api_key")
+        _check_key(request.headers.get("authorization", "").encode(), want)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -105,6 +101,12 @@ def build_app(engine: AsyncLLM, *, model_name: str, api_key: str | None = None, 
                                   "/v1/chat/completions": (ChatCompletionRequest, chat.create)}, want)
 
 
+def _check_key(got: bytes, want: bytes | None) -> None:
+    """401 unless the Authorization header `got` is `want` ("Bearer KEY"; constant-time compare); None: no key."""
+    if want is not None and not hmac.compare_digest(got, want):
+        raise APIError(401, "Incorrect or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+
 class _Receiver:
     """What the handlers need of a request object: `receive` (they watch it for the client leaving)."""
     __slots__ = ("receive",)
@@ -127,9 +129,6 @@ class GenerationRoutes:
     def __init__(self, app: FastAPI, routes: dict, want: bytes | None):
         self.app, self.routes, self.want = app, routes, want
 
-    def __getattr__(self, name):          # app.state, app.routes, ... (tests and the lifespan reach through)
-        return getattr(self.app, name)
-
     async def __call__(self, scope, receive, send) -> None:
         route = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
@@ -139,10 +138,7 @@ class GenerationRoutes:
         started = False
         try:
             if self.want is not None:
-                got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-                if not hmac.compare_digest(got, self.want):            # constant time
-                    raise APIError(401, "Incorrect or missing API key (Authorization: Bearer KEY)",
-                                   code="invalid_api_key")
+                _check_key(next((v for k, v in scope["headers"] if k == b"authorization"), b""), self.want)
             body = await _read_body(receive, self.MAX_BODY)
             try:
                 request = schema.model_validate_json(body)
