@@ -8,7 +8,8 @@ same at most N sequences in flight). Both use the same engine options and torch 
 in this process (asyncio: a light raw HTTP/1.1 client by default, httpx with --client httpx), the server in a
 subprocess (`dsmath serve`, by default with its engine in a child process: --server-args '--engine-process no'
 for the one-process server; that process pinned to CPUs of its own, '--engine-cpus no' to let it float, and then
-the clients run off its CPUs, as remote clients would).
+the clients run off its CPUs, as remote clients would). The clients run at the lowest priority (--client-priority
+idle): stand-ins for remote machines, they take only the CPU time the server leaves.
 Reported: output tokens/s, requests/s, time to first token (TTFT) and time per output token after the first
 (TPOT) p50/p99 per request, and server tok/s / in-process tok/s (target >= 0.9 on the tiny CPU model at 32).
 Each path runs --reps times, interleaved; the fastest run counts (and every rep's ratio is listed). On a shared
@@ -328,25 +329,38 @@ async def drive(url: str, model: str, prompts: list[str], max_tokens: int, concu
         return results, time.perf_counter() - t0
 
 
+POLICIES = {"idle": "SCHED_IDLE", "batch": "SCHED_BATCH"}
+
+
 @contextlib.contextmanager
 def client_priority(kind: str):
     """The clients stand in for remote machines, which would cost the server nothing. Sharing its CPUs here, they
-    should at least not take them from it: "batch" runs them as SCHED_BATCH (Linux), so a client woken by a
-    streamed event waits for the server's turn to end instead of preempting it (measured: client CPU 0.37-0.49 ->
-    0.23-0.29 s for the default workload, fewer and larger reads). "normal": the default policy."""
-    if kind != "batch" or not hasattr(os, "SCHED_BATCH"):
-        yield
+    should at least not take them from it. "idle" (the default) runs them as SCHED_IDLE (Linux): they get the CPU
+    only when the server's front end does not want it, so a wave of finished streams is written out and the next
+    requests are taken in before the clients parse anything. "batch" (SCHED_BATCH): a client woken by a streamed
+    event waits for the server's turn to end instead of preempting it, but then competes as an equal. "normal":
+    the default policy. Measured on the 2-vCPU dev VM, 40 interleaved pairs each (bench/RESULTS.md, 2026-12-02):
+    median server / in-process ratio 0.875 (batch) -> 0.903 (idle), TTFT p50 34-47 -> 30-35 ms; normal -> batch
+    had cut the client CPU 0.37-0.49 -> 0.23-0.29 s. Yields the policy in force; a policy this OS refuses is
+    reported on stderr (the run then uses the normal one, and its JSON says so)."""
+    name = POLICIES.get(kind)
+    if name is None or not hasattr(os, name):
+        if name is not None:
+            print(f"client_priority: {name} is not available here; the clients run with the normal policy",
+                  file=sys.stderr)
+        yield "normal"
         return
     old = os.sched_getscheduler(0), os.sched_getparam(0)
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except OSError:
-        yield
+        os.sched_setscheduler(0, getattr(os, name), os.sched_param(0))
+    except OSError as e:
+        print(f"client_priority: {name} refused ({e}); the clients run with the normal policy", file=sys.stderr)
+        yield "normal"
         return
     try:
-        yield
+        yield kind
     finally:
-        os.sched_setscheduler(0, old[0], old[1])
+        os.sched_setscheduler(0, old[0], old[1])   # the in-process runs must not stay at a lower priority
 
 
 def engine_args(args) -> list[str]:
@@ -394,7 +408,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3, help="runs of each path, interleaved; the fastest counts")
     ap.add_argument("--client", default="raw", choices=["raw", "httpx"],
                     help="raw: the light asyncio-streams client (RawClient); httpx: httpx's AsyncClient")
-    ap.add_argument("--client-priority", default="batch", choices=["batch", "normal"],
+    ap.add_argument("--client-priority", default="idle", choices=["idle", "batch", "normal"],
                     help="scheduling of the clients while they drive the server (see client_priority)")
     ap.add_argument("--server-args", default="", help="more `dsmath serve` options, e.g. '--step-in-thread no'")
     ap.add_argument("--json", default=None, help="also write the result JSON here")
@@ -421,14 +435,14 @@ def main(argv=None) -> dict:
         # would be; the in-process runs use the engine's CPUs
         engine_cpus = srv.engine_cpus()
         all_cpus = os.sched_getaffinity(0) if engine_cpus else None
-        local, runs = [], []
+        local, runs, policies = [], [], set()
         for _ in range(args.reps):      # interleaved, so that both paths see the same (shared machine's) load
             if engine_cpus:             # the same core computes both paths (vCPUs of one VM need not be equal)
                 os.sched_setaffinity(0, engine_cpus)
             local.append(run_in_process())
             if engine_cpus:
                 os.sched_setaffinity(0, all_cpus - engine_cpus)
-            with client_priority(args.client_priority):
+            with client_priority(args.client_priority) as policy:
                 c0, k0 = srv.cpu_seconds(), time.process_time()
                 results, dt = asyncio.run(drive(srv.url, name, prompts, args.max_tokens, args.concurrency,
                                                 args.client))
@@ -437,6 +451,7 @@ def main(argv=None) -> dict:
                 os.sched_setaffinity(0, all_cpus)
             cpu = None if c0 is None or c1 is None else {k: c1[k] - c0[k] for k in c0}
             runs.append((dt, results, cpu, k1 - k0))
+            policies.add(policy)
         dt, results, _, _ = min(runs, key=lambda r: r[0])
         cpus = [r[2] for r in runs if r[2] is not None]
         client_cpu = min(r[3] for r in runs)
@@ -467,11 +482,12 @@ def main(argv=None) -> dict:
               "engine_cpu_vs_in_process": served.get("engine_cpu_vs_in_process"), "server_args": args.server_args,
               "median_ttft_ms": statistics.median(ttft) * 1e3, "load_average": [load0, load_average()],
               "paired_ratios": [round(x, 3) for x in paired], "median_paired_ratio": statistics.median(paired),
-              "client": args.client, "client_priority": args.client_priority,
+              "client": args.client, "client_priority": "/".join(sorted(policies)) or None,
               "engine_cpus": sorted(engine_cpus) if engine_cpus else None,
               "cpus": os.cpu_count()}
     print(f"# {result['device']}  {result['model']}  {n} requests x {args.max_tokens} tokens, prompts "
-          f"{args.prompt_len} chars, {args.concurrency} concurrent, {args.client} client ({args.client_priority}), "
+          f"{args.prompt_len} chars, {args.concurrency} concurrent, {args.client} client "
+          f"({result['client_priority']}), "
           f"load average {result['load_average']}; per-rep wall ratios {result['paired_ratios']} (median "
           f"{result['median_paired_ratio']:.3f}); engine process on CPUs "
           f"{result['engine_cpus'] or 'any'}")

@@ -217,6 +217,18 @@ def test_bench_raw_client_sees_every_event(server):
     assert all(r["ttft"] > 0 and r["tpot"] >= 0 and r["latency"] >= r["ttft"] for r in results)
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("kind, policy", [("idle", "SCHED_IDLE"), ("batch", "SCHED_BATCH"), ("normal", None)])
+def test_bench_client_priority_applies_and_restores(kind, policy):
+    """bench/serve.py drives the server at the clients' policy and must give the in-process runs (same process,
+    between the server runs) their normal policy back."""
+    before = os.sched_getscheduler(0)
+    with bench.client_priority(kind) as used:
+        assert used == kind
+        assert os.sched_getscheduler(0) == (getattr(os, policy) if policy else before)
+    assert os.sched_getscheduler(0) == before
+
+
 def test_disconnect_frees_blocks(server):
     aborted = metrics(server)["dsmath_requests_aborted_total"]
     body = {"model": "toy", "prompt": "1+1=", "max_tokens": 900, "ignore_eos": True, "stream": True}
