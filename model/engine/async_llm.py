@@ -90,9 +90,35 @@ class ServingStats:
     e2e: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))    # arrival -> finished
 
 
+class _Inbox:
+    """A request's items from the engine side to its one consumer: what asyncio.Queue does here (put_nowait, wait
+    for items) without its per-item bookkeeping; `take()` returns everything that arrived since the last call
+    (this runs once per request per step)."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list[tuple[str, object]] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: tuple[str, object]) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[tuple[str, object]]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 @dataclass
 class _Stream:
-    queue: asyncio.Queue
+    queue: _Inbox
     arrival: float
     prompt: str | None
     prompt_ids: list[int]
@@ -235,7 +261,7 @@ class AsyncLLM:
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests waiting); "
                                  "retry later")
-        st = _Stream(asyncio.Queue(), time.monotonic(), req.prompt, req.prompt_ids, params=req.params,
+        st = _Stream(_Inbox(), time.monotonic(), req.prompt, req.prompt_ids, params=req.params,
                      stream_text=stream_text)
         self._streams[req.request_id] = self._handles[req.request_id] = st
         if self._core is not None:
@@ -268,9 +294,10 @@ class AsyncLLM:
         st = self._handles.pop(request_id)
         try:
             while True:
-                items = [await st.queue.get()]
-                while not st.queue.empty():
-                    items.append(st.queue.get_nowait())
+                items = await st.queue.take()
+                if len(items) == 1 and items[0][0] == "events":     # the common wake-up: one step's events
+                    yield items[0][1]
+                    continue
                 events = [ev for kind, x in items if kind == "events" for ev in x]
                 if events:
                     yield events
