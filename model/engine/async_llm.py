@@ -12,7 +12,7 @@ In process: `add_request` validates at once (TypeError / RequestError / QueueFul
 and queues the request; the loop task applies queued adds and aborts between steps, runs the model half of a step
 (LLM.compute_step: schedule, forward, sample) — in a worker thread with step_in_thread, so the event loop keeps
 serving while a GPU works — then the bookkeeping half (LLM.process_step: detokenize, stops) on the loop, and
-hands each request its events through its own asyncio.Queue. Engine state is only mutated by the loop task (adds
+hands each request its events through its own inbox (_Inbox). Engine state is only mutated by the loop task (adds
 and aborts wait for the step's end), and the tokenizer is only used on the event loop, never concurrently.
 With an engine process (engine_core.py, vLLM V1's EngineCore split): the LLM lives in a child process that only
 steps; this process validates and tokenizes (the same LLM code, on an EngineView), sends adds and aborts
@@ -391,10 +391,13 @@ class AsyncLLM:
             st.num_tokens += len(evs)
             stats.generation_tokens += len(evs)
             out = finished.pop(rid, None)
-            st.held += evs
-            if first or out is not None or len(st.held) >= self.stream_interval:
-                st.queue.put_nowait(("events", st.held))
+            if st.held:
+                evs = st.held + evs
+            if first or out is not None or len(evs) >= self.stream_interval:
+                st.queue.put_nowait(("events", evs))
                 st.held = []
+            else:
+                st.held = evs
             if out is not None:
                 for o in out.outputs:
                     stats.finished[o.finish_reason or "none"] += 1

@@ -264,7 +264,17 @@ class ChunkEncoder:
         """One CompletionChoice without log-probs as a chunk: the bytes of __call__([{"index": index, "text": text,
         "logprobs": None, "finish_reason": ..., "stop_reason": ...}]), by string concatenation (the streaming
         hot path: one per request per token)."""
+        return self._one_choice(index, f'"text":{_json_str(text)}', finish_reason, stop_reason)
+
+    def content_chunk(self, index: int, content: str, finish_reason: str | None,
+                      stop_reason: int | str | None) -> str:
+        """text_chunk's counterpart for a ChatStreamChoice: the bytes of __call__([{"index": index, "delta":
+        {"role": None, "content": content}, "logprobs": None, "finish_reason": ..., "stop_reason": ...}])."""
+        return self._one_choice(index, f'"delta":{{"role":null,"content":{_json_str(content)}}}', finish_reason,
+                                stop_reason)
+
+    def _one_choice(self, index: int, body: str, finish_reason: str | None, stop_reason: int | str | None) -> str:
         fr = "null" if finish_reason is None else _dumps(finish_reason)
         sr = "null" if stop_reason is None else _dumps(stop_reason)
-        return (f'{self.head}{{"index":{index},"text":{_json_str(text)},"logprobs":null,'
-                f'"finish_reason":{fr},"stop_reason":{sr}}}],"usage":null}}\n\n')
+        return (f'{self.head}{{"index":{index},{body},"logprobs":null,"finish_reason":{fr},"stop_reason":{sr}}}],'
+                '"usage":null}\n\n')
