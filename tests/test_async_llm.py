@@ -336,3 +336,30 @@ def test_engine_process_runs_on_its_cpus():
             await engine.shutdown()
 
     run(main())
+
+
+def test_inbox_hands_over_everything_that_arrived_and_survives_a_cancelled_wait():
+    from model.engine.async_llm import _Inbox
+
+    async def go():
+        box = _Inbox()
+        box.put_nowait(("events", [1]))
+        box.put_nowait(("events", [2]))
+        assert await box.take() == [("events", [1]), ("events", [2])]   # no wait: both at once, in order
+        waiter = asyncio.ensure_future(box.take())
+        await asyncio.sleep(0)
+        waiter.cancel()                                                  # a consumer cancelled while waiting
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert box.waiter is None
+        box.put_nowait(("done", None))                                   # no waiter: kept for the next take
+        late = asyncio.ensure_future(box.take())
+        await asyncio.sleep(0)
+        assert late.done() and late.result() == [("done", None)]
+        later = asyncio.ensure_future(box.take())
+        await asyncio.sleep(0)
+        assert not later.done()                                          # nothing left: it waits ...
+        box.put_nowait(("aborted", None))
+        assert await later == [("aborted", None)]                        # ... until the next item
+
+    asyncio.run(go())

@@ -12,7 +12,7 @@ In process: `add_request` validates at once (TypeError / RequestError / QueueFul
 and queues the request; the loop task applies queued adds and aborts between steps, runs the model half of a step
 (LLM.compute_step: schedule, forward, sample) — in a worker thread with step_in_thread, so the event loop keeps
 serving while a GPU works — then the bookkeeping half (LLM.process_step: detokenize, stops) on the loop, and
-hands each request its events through its own asyncio.Queue. Engine state is only mutated by the loop task (adds
+hands each request its events through its own inbox (_Inbox). Engine state is only mutated by the loop task (adds
 and aborts wait for the step's end), and the tokenizer is only used on the event loop, never concurrently.
 With an engine process (engine_core.py, vLLM V1's EngineCore split): the LLM lives in a child process that only
 steps; this process validates and tokenizes (the same LLM code, on an EngineView), sends adds and aborts
@@ -90,9 +90,35 @@ class ServingStats:
     e2e: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))    # arrival -> finished
 
 
+class _Inbox:
+    """A request's items from the engine side to its one consumer: what asyncio.Queue does here (put_nowait, wait
+    for items) without its per-item bookkeeping; `take()` returns everything that arrived since the last call
+    (this runs once per request per step)."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list[tuple[str, object]] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: tuple[str, object]) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[tuple[str, object]]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 @dataclass
 class _Stream:
-    queue: asyncio.Queue
+    queue: _Inbox
     arrival: float
     prompt: str | None
     prompt_ids: list[int]
@@ -235,7 +261,7 @@ class AsyncLLM:
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests waiting); "
                                  "retry later")
-        st = _Stream(asyncio.Queue(), time.monotonic(), req.prompt, req.prompt_ids, params=req.params,
+        st = _Stream(_Inbox(), time.monotonic(), req.prompt, req.prompt_ids, params=req.params,
                      stream_text=stream_text)
         self._streams[req.request_id] = self._handles[req.request_id] = st
         if self._core is not None:
@@ -268,9 +294,10 @@ class AsyncLLM:
         st = self._handles.pop(request_id)
         try:
             while True:
-                items = [await st.queue.get()]
-                while not st.queue.empty():
-                    items.append(st.queue.get_nowait())
+                items = await st.queue.take()
+                if len(items) == 1 and items[0][0] == "events":     # the common wake-up: one step's events
+                    yield items[0][1]
+                    continue
                 events = [ev for kind, x in items if kind == "events" for ev in x]
                 if events:
                     yield events
@@ -364,10 +391,13 @@ class AsyncLLM:
             st.num_tokens += len(evs)
             stats.generation_tokens += len(evs)
             out = finished.pop(rid, None)
-            st.held += evs
-            if first or out is not None or len(st.held) >= self.stream_interval:
-                st.queue.put_nowait(("events", st.held))
+            if st.held:
+                evs = st.held + evs
+            if first or out is not None or len(evs) >= self.stream_interval:
+                st.queue.put_nowait(("events", evs))
                 st.held = []
+            else:
+                st.held = evs
             if out is not None:
                 for o in out.outputs:
                     stats.finished[o.finish_reason or "none"] += 1

@@ -13,7 +13,6 @@ top_k, min_p, repetition_penalty), then SamplingParams' — vLLM's behaviour.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import uuid
@@ -243,7 +242,9 @@ def clamp(lp: float) -> float:
     return max(lp, LOGPROB_FLOOR)
 
 
-_dumps = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
+# one encoder for every chunk: json.dumps with non-default arguments builds a new JSONEncoder per call
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json_str = json.encoder.encode_basestring     # what _dumps does for a str (C-accelerated), minus its dispatch
 
 
 class ChunkEncoder:
@@ -258,3 +259,22 @@ class ChunkEncoder:
     def __call__(self, choices: list[dict]) -> str:
         """choices: dicts with the choice model's fields, in its field order."""
         return self.head + ",".join(_dumps(c) for c in choices) + '],"usage":null}\n\n'
+
+    def text_chunk(self, index: int, text: str, finish_reason: str | None, stop_reason: int | str | None) -> str:
+        """One CompletionChoice without log-probs as a chunk: the bytes of __call__([{"index": index, "text": text,
+        "logprobs": None, "finish_reason": ..., "stop_reason": ...}]), by string concatenation (the streaming
+        hot path: one per request per token)."""
+        return self._one_choice(index, f'"text":{_json_str(text)}', finish_reason, stop_reason)
+
+    def content_chunk(self, index: int, content: str, finish_reason: str | None,
+                      stop_reason: int | str | None) -> str:
+        """text_chunk's counterpart for a ChatStreamChoice: the bytes of __call__([{"index": index, "delta":
+        {"role": None, "content": content}, "logprobs": None, "finish_reason": ..., "stop_reason": ...}])."""
+        return self._one_choice(index, f'"delta":{{"role":null,"content":{_json_str(content)}}}', finish_reason,
+                                stop_reason)
+
+    def _one_choice(self, index: int, body: str, finish_reason: str | None, stop_reason: int | str | None) -> str:
+        fr = "null" if finish_reason is None else _dumps(finish_reason)
+        sr = "null" if stop_reason is None else _dumps(stop_reason)
+        return (f'{self.head}{{"index":{index},{body},"logprobs":null,"finish_reason":{fr},"stop_reason":{sr}}}],'
+                '"usage":null}\n\n')

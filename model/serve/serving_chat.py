@@ -90,6 +90,12 @@ class ServingChat(OpenAIServing):
         try:
             async for _, events in self.merged(rids, raw_request):
                 completion_tokens += len(events)
+                if len(events) == 1 and not req.logprobs:   # the common step: the same chunk, built directly
+                    e = events[0]
+                    if not last.hold(encode.content_chunk(e.index, e.text or "", e.finish_reason, e.stop_reason),
+                                     events):
+                        yield last.pop()
+                    continue
                 choices = []
                 for idx, evs in by_sample(events).items():
                     lps = chat_logprobs([e.token_id for e in evs], [e.logprobs for e in evs],

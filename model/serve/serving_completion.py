@@ -100,6 +100,14 @@ class ServingCompletion(OpenAIServing):
         try:
             async for i, events in self.merged(rids, raw_request):
                 completion_tokens += len(events)
+                if len(events) == 1 and req.logprobs is None and (not req.echo or (i, events[0].index) in echoed):
+                    # the common step (one token of one sample, no log-probs): the same chunk without the
+                    # grouping and the choice dict
+                    ev = events[0]
+                    chunk = encode.text_chunk(i * req.n + ev.index, ev.text or "", ev.finish_reason, ev.stop_reason)
+                    if not last.hold(chunk, events):
+                        yield last.pop()
+                    continue
                 choices = []
                 for idx, evs in by_sample(events).items():
                     text = "".join(ev.text or "" for ev in evs)

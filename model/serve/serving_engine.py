@@ -54,7 +54,9 @@ class LastChunk:
 
     def hold(self, chunk: str, events: list[StreamEvent]) -> bool:
         self.held += chunk
-        self.left -= sum(ev.finish_reason is not None for ev in events)
+        for ev in events:
+            if ev.finish_reason is not None:
+                self.left -= 1
         return self.left <= 0
 
     def pop(self) -> str:
