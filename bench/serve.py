@@ -339,8 +339,8 @@ def client_priority(kind: str):
     only when the server's front end does not want it, so a wave of finished streams is written out and the next
     requests are taken in before the clients parse anything. "batch" (SCHED_BATCH): a client woken by a streamed
     event waits for the server's turn to end instead of preempting it, but then competes as an equal. "normal":
-    the default policy. Measured on the 2-vCPU dev VM, 40 interleaved pairs each (bench/RESULTS.md, 2026-12-02):
-    median server / in-process ratio 0.875 (batch) -> 0.903 (idle), TTFT p50 34-47 -> 30-35 ms; normal -> batch
+    the default policy. Measured on the 2-vCPU dev VM, 60 interleaved pairs each (bench/RESULTS.md, 2026-12-02):
+    median server / in-process ratio 0.873 (batch) -> 0.903 (idle), TTFT p50 34-47 -> 29-35 ms; normal -> batch
     had cut the client CPU 0.37-0.49 -> 0.23-0.29 s. Yields the policy in force; a policy this OS refuses is
     reported on stderr (the run then uses the normal one, and its JSON says so)."""
     name = POLICIES.get(kind)
