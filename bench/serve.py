@@ -343,6 +343,8 @@ def client_priority(kind: str):
     median server / in-process ratio 0.873 (batch) -> 0.903 (idle), TTFT p50 34-47 -> 29-35 ms; normal -> batch
     had cut the client CPU 0.37-0.49 -> 0.23-0.29 s. Yields the policy in force; a policy this OS refuses is
     reported on stderr (the run then uses the normal one, and its JSON says so)."""
+    if kind not in (*POLICIES, "normal"):
+        raise ValueError(f"client_priority: kind must be one of {[*POLICIES, 'normal']}, got {kind!r}")
     name = POLICIES.get(kind)
     if name is None or not hasattr(os, name):
         if name is not None:

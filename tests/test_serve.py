@@ -227,6 +227,9 @@ def test_bench_client_priority_applies_and_restores(kind, policy):
         assert used == kind
         assert os.sched_getscheduler(0) == (getattr(os, policy) if policy else before)
     assert os.sched_getscheduler(0) == before
+    with pytest.raises(ValueError, match="client_priority"):
+        with bench.client_priority("lowest"):
+            pass
 
 
 def test_disconnect_frees_blocks(server):
